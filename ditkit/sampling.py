@@ -1,0 +1,188 @@
+"""One function that turns a trained network into images, for the CLI, the server, the training
+loop's grids, FID and the benchmarks alike (EDM2's `generate_images()` habit).
+
+    checkpoint -> net + objective -> denoiser (+ guidance) -> sampler -> uint8 images
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .condition import Condition
+from .errors import DitkitError, UsageError
+from .models import DiTConfig, build_model
+from .objectives import build_objective
+from .samplers import count_calls, get_sampler, guided
+from .train.checkpoint import load_weights, read_state, resolve_checkpoint
+from .utils import ImageRNG, image_seeds, pick_device
+
+DEFAULT_SAMPLER = "dpm++2m"
+DEFAULT_STEPS = 20
+
+
+@dataclass
+class LoadedModel:
+    """A trained network with its objective and resolved config, ready to sample."""
+
+    net: nn.Module
+    objective: Any
+    config: dict[str, Any]
+    run_dir: Optional[Path] = None
+    checkpoint: Optional[Path] = None
+    step: int = 0
+
+    @property
+    def model_config(self) -> DiTConfig:
+        return self.net.config
+
+    @property
+    def num_classes(self) -> int:
+        return self.net.config.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c = self.net.config
+        return (c.in_channels, c.input_size, c.input_size)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.get("data", {}).get("class_names") or [str(i) for i in range(self.num_classes)])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DitkitError(f"{run_dir}/config.json: unreadable ({e})") from None
+    if cfg.get("family") not in (None, "dit"):
+        raise DitkitError(f"{run_dir}: a {cfg.get('family')!r} model; this command needs a DiT run "
+                          "(a class- or un-conditional image diffusion model)")
+    return cfg
+
+
+def load_model(ckpt: str | Path, *, weights: str = "ema", device: str = "auto") -> LoadedModel:
+    """Load a run folder (its latest checkpoint) or one checkpoint folder; EMA weights by default."""
+    run_dir, ck = resolve_checkpoint(ckpt)
+    cfg = read_run_config(run_dir)
+    try:
+        net = build_model(cfg["model"])
+        objective = build_objective(cfg["objective"])
+    except KeyError as e:
+        raise DitkitError(f"{run_dir}/config.json: missing key {e}") from None
+    try:
+        net.load_state_dict(load_weights(ck, weights))
+    except RuntimeError as e:
+        raise DitkitError(f"checkpoint {ck}: weights do not match the model in config.json ({str(e)[:200]})") from None
+    dev = pick_device(device)
+    net.to(dev).eval().requires_grad_(False)
+    return LoadedModel(net, objective, cfg, run_dir, ck, int(read_state(ck).get("step", 0)))
+
+
+def parse_labels(spec: str | Sequence[int] | None, num: int, num_classes: int) -> list[int]:
+    """`3`, `0,1,2` (cycled to `num`), `all` (a balanced set: 0,1,..,K-1,0,1,..) or None (= all)."""
+    if num_classes == 0:
+        if spec not in (None, "", "none"):
+            raise UsageError("--labels: this model is unconditional; leave --labels out")
+        return [-1] * num
+    if spec is None or spec == "all":
+        return [i % num_classes for i in range(num)]
+    if isinstance(spec, str):
+        try:
+            vals = [int(v) for v in spec.split(",") if v.strip() != ""]
+        except ValueError:
+            raise UsageError(f"--labels {spec!r}: give a class id, a comma list like 0,1,2, or 'all'") from None
+    else:
+        vals = [int(v) for v in spec]
+    if not vals:
+        raise UsageError("--labels: empty list; give a class id, a comma list like 0,1,2, or 'all'")
+    bad = [v for v in vals if not 0 <= v < num_classes]
+    if bad:
+        raise UsageError(f"--labels {bad}: class ids must be in 0..{num_classes - 1}")
+    return [vals[i % len(vals)] for i in range(num)]
+
+
+def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale) -> None:
+    spec = get_sampler(sampler)
+    obj = model.objective
+    limit = getattr(obj, "num_timesteps", None)
+    if steps < 1 or (limit is not None and steps > limit):
+        raise UsageError(f"--steps {steps}: must be between 1 and {limit or 'any'}"
+                         + (f" (the model's {limit} training steps)" if limit else ""))
+    scales = np.atleast_1d(np.asarray(cfg_scale, dtype=np.float64))
+    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+        raise UsageError(f"--cfg-scale {cfg_scale}: must be a finite number >= 0 (1 = no guidance)")
+    if np.any(scales != 1) and model.num_classes == 0:
+        raise UsageError("--cfg-scale: this model is unconditional; guidance needs a class model (use 1)")
+    if spec.needs_path and getattr(obj, "path", None) is None:
+        raise UsageError(f"--sampler {sampler}: needs a continuous-time objective (linear, gvp, vp); "
+                         f"this model's objective is {obj.config()['name']!r}")
+
+
+@torch.no_grad()
+def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int], *, sampler: str = DEFAULT_SAMPLER,
+                 steps: int = DEFAULT_STEPS, cfg_scale: float | Sequence[float] = 1.0, spacing: Optional[str] = None,
+                 guidance_interval: Optional[tuple[float, float]] = None, sampler_options: Optional[dict] = None,
+                 callback: Optional[Callable[[dict], None]] = None, stats: Optional[dict] = None) -> torch.Tensor:
+    """One batch: image b is fully determined by (labels[b], seeds[b], settings). Returns float (B,C,H,W) in [-1,1]."""
+    spec = get_sampler(sampler)
+    dev = model.device
+    B = len(seeds)
+    rng = ImageRNG(seeds, dev)
+    noise = rng.randn(model.image_shape)
+    if model.num_classes > 0:
+        cond = Condition.from_labels(torch.tensor(list(labels), dtype=torch.long, device=dev), model.num_classes)
+    else:
+        cond = Condition.none(B)
+    denoiser = model.objective.denoiser(model.net)
+    scale = torch.as_tensor(cfg_scale, dtype=torch.float32)
+    if model.num_classes > 0 and bool((scale != 1).any()):
+        denoiser = guided(denoiser, scale.to(dev) if scale.ndim else float(scale), interval=guidance_interval)
+    counted = count_calls(denoiser)
+    sigmas = model.objective.sigma_grid(steps, spacing or model.objective.default_spacing)
+    x = spec.fn(counted, noise, sigmas, cond=cond, rng=rng, callback=callback, **(sampler_options or {}))
+    if stats is not None:
+        stats["nfe"] = counted.calls
+    return x.clamp(-1, 1)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def generate(model: LoadedModel, *, num: int, labels: str | Sequence[int] | None = None, seed: int = 0,
+             batch_size: int = 100, progress: Optional[Callable[[int], None]] = None, **kw) -> dict[str, Any]:
+    """Generate `num` images. Image i depends only on (seed, i, label i, settings), never on batch size.
+
+    Returns {"images": uint8 (N,H,W,C), "labels": int64 (N,), "seeds": list, "nfe": int, "seconds": float}.
+    """
+    if num < 1:
+        raise UsageError(f"--num {num}: must be >= 1")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
+    validate_sampling(model, kw.get("sampler", DEFAULT_SAMPLER), kw.get("steps", DEFAULT_STEPS), kw.get("cfg_scale", 1.0))
+    labs = parse_labels(labels, num, model.num_classes)
+    seeds = image_seeds(seed, num)
+    out, nfe, t0 = [], 0, time.perf_counter()
+    for start in range(0, num, batch_size):
+        stats: dict = {}
+        x = sample_batch(model, labs[start:start + batch_size], seeds[start:start + batch_size], stats=stats, **kw)
+        nfe = stats["nfe"]
+        out.append(to_uint8(x))
+        if progress is not None:
+            progress(len(seeds[start:start + batch_size]))
+    return {"images": np.concatenate(out), "labels": np.asarray(labs, dtype=np.int64), "seeds": seeds, "nfe": nfe,
+            "seconds": time.perf_counter() - t0}

@@ -1,0 +1,105 @@
+"""The training configuration: one typed dataclass, validated up front, written into every run."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+from ..errors import UsageError
+
+# The demo recipe, chosen by measurement (docs/BENCHMARKS.md, "Choosing the default recipe").
+DEFAULT_MODEL = "DiT-T/4"
+DEFAULT_OBJECTIVE = "linear"
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/demo"
+    model: str = DEFAULT_MODEL
+    dataset: str = "mnist"
+    image_size: Optional[int] = None  # folder datasets: required; MNIST: 28 unless set
+    channels: Optional[int] = None
+    pos_embed: str = "sincos"
+    unconditional: bool = False
+    # objective
+    objective: str = DEFAULT_OBJECTIVE
+    prediction: Optional[str] = None  # default per objective: eps (ddpm), velocity (interpolants)
+    schedule: str = "linear"  # ddpm beta schedule
+    time_sampling: str = "uniform"  # interpolants
+    min_snr_gamma: Optional[float] = None
+    label_dropout: float = 0.1
+    # optimisation
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    beta2: float = 0.99
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    # length (the first limit reached stops the run)
+    max_steps: Optional[int] = None
+    epochs: Optional[float] = None
+    max_minutes: Optional[float] = None
+    # bookkeeping
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 1000
+    sample_every: int = 1000
+    keep_checkpoints: int = 0  # 0 = keep all (the report shows samples across checkpoints)
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    threads: Optional[int] = None
+    progress: bool = True
+    sample_sampler: str = "heun"
+    sample_steps: int = 10
+    sample_cfg_scale: float = 2.0
+
+    def objective_config(self) -> dict[str, Any]:
+        if self.objective == "ddpm":
+            return dict(name="ddpm", prediction=self.prediction or "eps", schedule=self.schedule,
+                        min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout)
+        return dict(name=self.objective, prediction=self.prediction or "velocity",
+                    time_sampling=self.time_sampling, label_dropout=self.label_dropout)
+
+    def validate(self) -> "TrainConfig":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UsageError(msg)
+
+        need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1")
+        need(math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr}: must be a positive number")
+        need(self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0")
+        need(0 < self.beta2 < 1, f"--beta2 {self.beta2}: must be in (0, 1)")
+        need(self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")
+        need(self.grad_clip >= 0, f"--grad-clip {self.grad_clip}: must be >= 0 (0 = off)")
+        need(0 <= self.ema_decay < 1, f"--ema-decay {self.ema_decay}: must be in [0, 1)")
+        need(self.max_steps is None or self.max_steps >= 1, f"--max-steps {self.max_steps}: must be >= 1")
+        need(self.epochs is None or self.epochs > 0, f"--epochs {self.epochs}: must be > 0")
+        need(self.max_minutes is None or self.max_minutes > 0, f"--max-minutes {self.max_minutes}: must be > 0")
+        need(self.max_steps is not None or self.epochs is not None or self.max_minutes is not None,
+             "give at least one of --max-steps, --epochs, --max-minutes")
+        for flag in ("log_every", "ckpt_every", "sample_every"):
+            v = getattr(self, flag)
+            need(v >= 0, f"--{flag.replace('_', '-')} {v}: must be >= 0 (0 = only at the end)")
+        need(self.keep_checkpoints >= 0, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 0")
+        need(self.precision in ("fp32", "bf16"), f"--precision {self.precision!r}: allowed fp32, bf16")
+        need(self.pos_embed in ("sincos", "learned"), f"--pos-embed {self.pos_embed!r}: allowed sincos, learned")
+        need(self.threads is None or self.threads >= 1, f"--threads {self.threads}: must be >= 1")
+        need(self.sample_steps >= 1, f"--sample-steps {self.sample_steps}: must be >= 1")
+        need(math.isfinite(self.sample_cfg_scale) and self.sample_cfg_scale >= 0,
+             f"--sample-cfg-scale {self.sample_cfg_scale}: must be >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    # Fields that may differ between an interrupted run and its resumption without changing the result.
+    RESUMABLE_CHANGES = ("max_steps", "epochs", "max_minutes", "progress", "log_every", "ckpt_every",
+                         "sample_every", "keep_checkpoints", "device", "threads", "out")

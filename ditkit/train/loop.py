@@ -1,0 +1,255 @@
+"""The training loop: dataset -> loader -> objective.loss(net, x, cond) -> AdamW -> EMA -> checkpoints.
+
+Bit-exact resume on CPU: all training randomness comes from one torch.Generator whose state is saved in
+every checkpoint, the data order of epoch e is a permutation seeded by (seed, e), and the position in
+the epoch is saved; so a resumed run draws the same batches and the same noise as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import __version__
+from ..condition import Condition
+from ..data import load_dataset
+from ..errors import DitkitError, UsageError
+from ..models import build_model, model_config
+from ..objectives import build_objective
+from ..utils import atomic_write_json, pick_device
+from .checkpoint import clean_partial, latest_checkpoint, load_training_state, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistContext
+from .ema import EMA
+
+log = logging.getLogger(__name__)
+
+GRID_SEED = 1234  # fixed seeds for the sample grids, so grids of different steps compare
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
+    C, H, W = data.image_shape
+    if H != W:
+        raise UsageError(f"dataset images are {H}x{W}; DiT needs square images (set --image-size)")
+    num_classes = 0 if cfg.unconditional else data.num_classes
+    mcfg = model_config(cfg.model, input_size=H, in_channels=C, num_classes=num_classes, pos_embed=cfg.pos_embed)
+    objective = build_objective(cfg.objective_config())
+    return {
+        "ditkit_version": __version__,
+        "family": "dit",
+        "model_name": cfg.model,
+        "model": mcfg.to_dict(),
+        "objective": objective.config(),
+        "train": cfg.to_dict(),
+        "data": {"name": data.name, "shape": [C, H, W], "num_classes": num_classes,
+                 "class_names": list(data.class_names) if num_classes else [], "num_images": len(data)},
+    }
+
+
+def _check_resume_compatible(old: dict[str, Any], new: dict[str, Any]) -> None:
+    for key in ("model", "objective", "data"):
+        if old.get(key) != new.get(key):
+            raise UsageError(f"--resume: the {key} settings differ from the run's config.json; "
+                             "resume with the same settings or start a new --out")
+    changed = [k for k, v in new["train"].items()
+               if old["train"].get(k) != v and k not in TrainConfig.RESUMABLE_CHANGES]
+    if changed:
+        raise UsageError(f"--resume: these settings differ from the run's config.json: {', '.join(sorted(changed))}; "
+                         "only the run length, logging and device may change")
+    ws_old = old.get("world_size", 1)
+    if ws_old != new.get("world_size", 1):
+        raise UsageError(f"--resume: the run was written by {ws_old} process(es), now {new.get('world_size', 1)}; "
+                         "the global batch is the same, but resume with the same world size for a bit-exact run")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (a kill -9 may leave some)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            break  # a half-written last line
+    from ..utils import atomic_write_bytes
+    atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext] = None) -> Path:
+    """Train a DiT as `cfg` says; returns the run folder. Ctrl-C saves a checkpoint, then re-raises."""
+    cfg.validate()
+    dist = dist or DistContext.from_env()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.out)
+    device = dist.device if dist.world_size > 1 else pick_device(cfg.device)
+    data = load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels)
+    config = resolve_run_config(cfg, data)
+    config["world_size"] = dist.world_size
+    if cfg.batch_size % dist.world_size:
+        raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
+    steps_per_epoch = len(data) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise UsageError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(data)} images)")
+
+    ckpt = None
+    if resume:
+        if not (run_dir / "config.json").exists():
+            raise DitkitError(f"--resume: {run_dir} is not a run folder (no config.json); start without --resume")
+        old = json.loads((run_dir / "config.json").read_text())
+        _check_resume_compatible(old, config)
+        if dist.is_main:
+            clean_partial(run_dir)
+        ckpt = latest_checkpoint(run_dir)
+    elif (run_dir / "config.json").exists():
+        raise DitkitError(f"--out {run_dir} already holds a run; add --resume to continue it or pick another --out")
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(run_dir / "config.json", config)
+    dist.barrier()
+
+    torch.manual_seed(cfg.seed)  # model initialisation
+    model = build_model(config["model"]).to(device)
+    ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    objective = build_objective(config["objective"])
+    gen = torch.Generator().manual_seed(cfg.seed + 1)  # all training noise: t, eps, label dropout
+
+    step, epoch, pos, elapsed_before = 0, 0, 0, 0.0
+    if ckpt is not None:
+        state, rng = load_training_state(ckpt, model, ema.model, opt)
+        step, epoch, pos = state["step"], state["epoch"], state["pos"]
+        ema.num_updates = state["ema_updates"]
+        elapsed_before = state.get("elapsed_s", 0.0)
+        gen.set_state(rng["gen"])
+        log.info("resumed from %s (step %d)", ckpt, step)
+    if dist.is_main:
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+    net = dist.wrap(model)
+
+    limits = []
+    if cfg.max_steps is not None:
+        limits.append(cfg.max_steps)
+    if cfg.epochs is not None:
+        limits.append(math.ceil(cfg.epochs * steps_per_epoch))
+    total_steps = min(limits) if limits else None
+    deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
+
+    def checkpoint_now() -> None:
+        if dist.is_main:
+            save_checkpoint(run_dir, step, model, ema.model, opt,
+                            dict(epoch=epoch, pos=pos, ema_updates=ema.num_updates,
+                                 elapsed_s=elapsed_before + time.monotonic() - t_start, world_size=dist.world_size),
+                            {"gen": gen.get_state()}, keep=cfg.keep_checkpoints)
+        dist.barrier()
+
+    def grid_now() -> None:
+        if dist.is_main:
+            save_sample_grid(run_dir, ema.model, objective, step, cfg)
+
+    bar = None
+    if cfg.progress and dist.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True, mininterval=1.0)
+    metrics_f = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
+    shape = tuple(data.image_shape)
+    B, local_B = cfg.batch_size, cfg.batch_size // dist.world_size
+    lo, hi = dist.rank * local_B, (dist.rank + 1) * local_B
+    perm = epoch_permutation(len(data), cfg.seed, epoch)
+    t_start = time.monotonic()
+    win_t, win_imgs, win_loss, win_n = time.monotonic(), 0, 0.0, 0
+    amp = cfg.precision == "bf16" and device.type == "cuda"
+    model.train()
+    try:
+        while (total_steps is None or step < total_steps) and (deadline is None or time.monotonic() < deadline):
+            idx = perm[pos * B:(pos + 1) * B]
+            x, y = data.batch(idx[lo:hi])
+            x, y = x.to(device, non_blocking=True), y.to(device)
+            cond = Condition.from_labels(y, config["model"]["num_classes"]) if config["model"]["num_classes"] \
+                else Condition.none(local_B)
+            noise = objective.sample_noise(B, shape, gen)  # the global batch's randomness, then our share
+            noise = {k: v[lo:hi] for k, v in noise.items()}
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = objective.loss(net, x, cond, noise=noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                    [p.grad.norm() for p in model.parameters() if p.grad is not None])))
+            opt.step()
+            ema.update(model)
+            step += 1
+            pos += 1
+            if pos == steps_per_epoch:
+                epoch, pos = epoch + 1, 0
+                perm = epoch_permutation(len(data), cfg.seed, epoch)
+            loss_v = dist.mean(loss.detach())
+            win_imgs += B
+            win_loss += loss_v
+            win_n += 1
+            if bar is not None:
+                bar.update(1)
+            if metrics_f is not None and cfg.log_every and step % cfg.log_every == 0:
+                now = time.monotonic()
+                rec = dict(step=step, epoch=epoch + pos / steps_per_epoch, loss=loss_v, loss_avg=win_loss / win_n,
+                           grad_norm=grad_norm, lr=lr, img_per_s=win_imgs / max(now - win_t, 1e-9),
+                           elapsed_s=elapsed_before + now - t_start)
+                metrics_f.write(json.dumps(rec) + "\n")
+                metrics_f.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{rec['loss_avg']:.4f}", img_s=f"{rec['img_per_s']:.0f}")
+                win_t, win_imgs, win_loss, win_n = now, 0, 0.0, 0
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                grid_now()
+            if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                checkpoint_now()
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        log.warning("interrupted: saving a checkpoint at step %d", step)
+        checkpoint_now()
+        raise
+    finally:
+        if metrics_f is not None:
+            metrics_f.close()
+    if bar is not None:
+        bar.close()
+    checkpoint_now()
+    grid_now()
+    return run_dir
+
+
+@torch.no_grad()
+def save_sample_grid(run_dir: Path, ema_model, objective, step: int, cfg: TrainConfig) -> Optional[Path]:
+    """A 10x10 grid of EMA samples (fixed seeds; one class per column) at this step."""
+    from ..sampling import LoadedModel, generate
+    from ..viz.grids import save_grid
+
+    was_training = ema_model.training
+    ema_model.eval()
+    nc = ema_model.config.num_classes
+    n = 10 * max(1, min(nc, 10)) if nc else 64
+    lm = LoadedModel(ema_model, objective, {})
+    out = generate(lm, num=n, labels=None, seed=GRID_SEED, batch_size=n, sampler=cfg.sample_sampler,
+                   steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale if nc else 1.0)
+    ema_model.train(was_training)
+    return save_grid(out["images"], Path(run_dir) / "samples" / f"step_{step:07d}.png", nrow=min(nc, 10) if nc else 8)

@@ -1,0 +1,141 @@
+"""Small shared helpers: per-image randomness, atomic file writes, device choice."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from .errors import UsageError
+
+# ---------------------------------------------------------------------------------------------
+# Randomness: one seed per image (DESIGN.md contract 3).
+# ---------------------------------------------------------------------------------------------
+
+
+def image_seeds(seed: int, num: int, start: int = 0) -> list[int]:
+    """Seeds of images start..start+num-1 of a request with base `seed`.
+
+    Image i always gets the same seed whatever batch it lands in; seeds are mixed through a
+    64-bit hash so consecutive base seeds do not share images.
+    """
+    out = []
+    for i in range(start, start + num):
+        h = (seed * 0x9E3779B97F4A7C15 + i * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2**64 - 1)
+        h ^= h >> 31
+        h = (h * 0xD6E8FEB86659FD93) & (2**64 - 1)
+        h ^= h >> 32
+        out.append(h & (2**63 - 1))
+    return out
+
+
+class ImageRNG:
+    """A bank of torch generators, one per image of a batch.
+
+    `randn(shape)` returns a (B, *shape) tensor whose row b is drawn from image b's generator only,
+    so an image's noise (initial and per-step) never depends on its batch neighbours.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.seeds = [int(s) for s in seeds]
+        self.device = torch.device(device)
+        self.generators = []
+        for s in self.seeds:
+            g = torch.Generator(device="cpu")  # CPU generators: identical streams on every device
+            g.manual_seed(s)
+            self.generators.append(g)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        rows = [torch.randn(tuple(shape), generator=g, dtype=dtype) for g in self.generators]
+        return torch.stack(rows).to(self.device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape[1:], dtype=x.dtype).to(x.device)
+
+    def rand(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        rows = [torch.rand(tuple(shape), generator=g, dtype=dtype) for g in self.generators]
+        return torch.stack(rows).to(self.device)
+
+    def subset(self, index: Iterable[int]) -> "ImageRNG":
+        """A view over some images' generators (shares state: draws advance the originals)."""
+        sub = ImageRNG([], self.device)
+        for i in index:
+            sub.seeds.append(self.seeds[i])
+            sub.generators.append(self.generators[i])
+        return sub
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes: write to a temp file in the same folder, fsync, rename.
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices.
+# ---------------------------------------------------------------------------------------------
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; an explicit name must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise UsageError(f"--device {name!r}: allowed values are auto, cpu, cuda, cuda:N, mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine (use auto or cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps: MPS is not available on this machine (use auto or cpu)")
+    return torch.device(name)
+
+
+def default_cache_dir() -> Path:
+    """Where datasets and reference statistics are cached: $DITKIT_CACHE, else ~/.cache/ditkit."""
+    env = os.environ.get("DITKIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ditkit"
