@@ -97,6 +97,7 @@ def _add_train(sub) -> None:
     p.add_argument("--image-size", type=_positive_int("--image-size"), help="image size (folders; MNIST: 28)")
     p.add_argument("--channels", type=int, choices=[1, 3], help="image channels (folders)")
     p.add_argument("--out", default=d.out, help="run folder")
+    p.add_argument("--subset", type=_positive_int("--subset"), help="train on the first N images only")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--unconditional", action="store_true", help="ignore class labels")
     p.add_argument("--pos-embed", default=d.pos_embed, choices=["sincos", "learned"])
@@ -221,12 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_train(sub)
     _add_sample(sub)
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    import importlib
+
+    for mod in _COMMAND_MODULES:  # each defines register(sub, parser_class): its flags, then calls the library
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("ditkit"):
+                continue  # that part of ditkit is not installed in this build
+            raise
+        module.register(sub, _Parser)
     return p
 
 
-_EXTRA_COMMANDS: list = []  # (added below by the eval, report and serve modules' CLI hooks)
+# Subcommands whose flags live next to their library code (thin: parse, call, print).
+_COMMAND_MODULES = ("ditkit.eval.cli", "ditkit.viz.cli", "ditkit.serve.cli")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

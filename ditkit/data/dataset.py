@@ -54,6 +54,11 @@ class ImageDataset:
         c, h, w = self.images.shape[1:]
         return (int(c), int(h), int(w))
 
+    def subset(self, n: int) -> "ImageDataset":
+        """The first `n` images (all of them if there are fewer)."""
+        return ImageDataset(self.images[:n], self.labels[:n], self.num_classes, list(self.class_names),
+                            f"{self.name}[:{n}]" if n < len(self) else self.name)
+
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `index` as float32 in [-1, 1], (B, C, H, W), and their labels (B,) int64."""
         x = self.images[index].to(torch.float32) / 127.5 - 1.0  # 0 → -1, 255 → 1

@@ -14,13 +14,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# CPU GEMM kernels take a different reduction order for very small row counts, so an image's output
+# would change (in the last bits) with the number of images beside it. Running every linear map on at
+# least this many rows (zero rows are appended and dropped) makes each image's result independent of
+# its batch: the "one seed, one image" contract of DESIGN.md then holds bit for bit. Cost: nil at
+# training batch sizes; on the per-sample condition path a (64, D) matmul instead of (B, D).
+MIN_GEMM_ROWS = 64
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose per-row result does not depend on how many rows are computed together."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if 0 < rows < MIN_GEMM_ROWS and x.device.type == "cpu":
+            flat = x.reshape(rows, x.shape[-1])
+            flat = torch.cat([flat, flat.new_zeros(MIN_GEMM_ROWS - rows, flat.shape[1])])
+            return F.linear(flat, self.weight, self.bias)[:rows].reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation (DiT eq. in sec. 3.2): x * (1 + scale) + shift, per sample. x (B,N,D), shift/scale (B,D)."""
     return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
 
 
 class PatchEmbed(nn.Module):
-    """Image (B, C, H, W) -> tokens (B, N, D) with N = (H/P)(W/P), by a stride-P convolution."""
+    """Image (B, C, H, W) -> tokens (B, N, D) with N = (H/P)(W/P): a stride-P convolution, computed as a
+    linear map on `patchify`'s (P, P, C) flattening (the same numbers, and batch-invariant)."""
 
     def __init__(self, patch_size: int, in_channels: int, dim: int):
         super().__init__()
@@ -28,7 +49,14 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        w = self.proj.weight  # (D, C, P, P) -> (D, P*P*C) in patchify's order
+        w = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+        tokens = patchify(x, self.patch_size)  # (B, N, P*P*C)
+        rows = tokens.shape[0] * tokens.shape[1]
+        if rows < MIN_GEMM_ROWS and x.device.type == "cpu":
+            flat = torch.cat([tokens.reshape(rows, -1), tokens.new_zeros(MIN_GEMM_ROWS - rows, tokens.shape[2])])
+            return F.linear(flat, w, self.proj.bias)[:rows].reshape(*tokens.shape[:2], -1)
+        return F.linear(tokens, w, self.proj.bias)
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
@@ -58,7 +86,7 @@ class TimestepEmbedder(nn.Module):
         half = freq_dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
         self.register_buffer("freqs", freqs, persistent=False)
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         args = t.float()[:, None] * self.freqs[None]  # (B, freq_dim/2)
@@ -100,8 +128,8 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by the number of heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim)
+        self.proj = Linear(dim, dim)
         self.capture: Optional[list] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +146,8 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
@@ -138,7 +166,7 @@ class AdaLNZeroBlock(nn.Module):
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
@@ -155,8 +183,8 @@ class FinalLayer(nn.Module):
     def __init__(self, dim: int, patch_size: int, out_channels: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
         for layer in (self.linear, self.adaLN_modulation[-1]):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

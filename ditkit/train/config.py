@@ -20,6 +20,7 @@ class TrainConfig:
     dataset: str = "mnist"
     image_size: Optional[int] = None  # folder datasets: required; MNIST: 28 unless set
     channels: Optional[int] = None
+    subset: Optional[int] = None  # train on the first N images only (tests, quick looks)
     pos_embed: str = "sincos"
     unconditional: bool = False
     # objective
@@ -83,6 +84,7 @@ class TrainConfig:
         for flag in ("log_every", "ckpt_every", "sample_every"):
             v = getattr(self, flag)
             need(v >= 0, f"--{flag.replace('_', '-')} {v}: must be >= 0 (0 = only at the end)")
+        need(self.subset is None or self.subset >= 1, f"--subset {self.subset}: must be >= 1")
         need(self.keep_checkpoints >= 0, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 0")
         need(self.precision in ("fp32", "bf16"), f"--precision {self.precision!r}: allowed fp32, bf16")
         need(self.pos_embed in ("sincos", "learned"), f"--pos-embed {self.pos_embed!r}: allowed sincos, learned")

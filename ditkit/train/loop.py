@@ -98,6 +98,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     run_dir = Path(cfg.out)
     device = dist.device if dist.world_size > 1 else pick_device(cfg.device)
     data = load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels)
+    if cfg.subset is not None:
+        data = data.subset(cfg.subset)
     config = resolve_run_config(cfg, data)
     config["world_size"] = dist.world_size
     if cfg.batch_size % dist.world_size:

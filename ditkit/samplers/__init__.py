@@ -1,0 +1,20 @@
+"""Samplers: pure functions with one signature, kept in one registry by name (DESIGN.md, "Sampler").
+
+    fn(denoiser, noise, sigmas, *, cond, rng=None, callback=None, **options) -> x at sigma = 0
+
+    from ditkit.samplers import get_sampler, guided
+    spec = get_sampler("dpm++2m")
+    x0 = spec.fn(guided(denoiser, 4.0), noise, sigmas, cond=cond, rng=rng)
+"""
+
+from .continuous import (sample_ddim, sample_ddpm, sample_dpmpp_1, sample_dpmpp_2m, sample_dpmpp_2s,
+                         sample_euler, sample_heun)
+from .guidance import guided
+from .registry import SAMPLERS, CountingDenoiser, SamplerSpec, count_calls, get_sampler
+from .sde import DIFFUSIONS, ODE_METHODS, sample_adaptive, sample_euler_maruyama
+
+__all__ = [
+    "SAMPLERS", "SamplerSpec", "get_sampler", "CountingDenoiser", "count_calls", "guided",
+    "sample_ddpm", "sample_ddim", "sample_dpmpp_1", "sample_dpmpp_2m", "sample_dpmpp_2s", "sample_euler",
+    "sample_heun", "sample_euler_maruyama", "sample_adaptive", "DIFFUSIONS", "ODE_METHODS",
+]

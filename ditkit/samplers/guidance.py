@@ -1,0 +1,99 @@
+"""Classifier-free guidance as a wrapper around any denoiser (Ho & Salimans 2022; DESIGN.md contract 2).
+
+    D_w(x, sigma, c) = D(x, sigma, null) + w (D(x, sigma, c) - D(x, sigma, null))
+
+The conditional and unconditional halves run in ONE batched forward on Condition.cat(cond, null).
+The result is a plain `Denoiser`, so every sampler uses it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+from ..condition import Condition
+from ..errors import UsageError
+from ..objectives.base import Denoiser
+
+Scale = Union[float, torch.Tensor]
+
+
+def _check_scale(scale: Scale) -> Union[float, torch.Tensor]:
+    if isinstance(scale, torch.Tensor):
+        if scale.ndim > 1 or scale.is_complex():
+            raise UsageError(f"guidance scale must be a float or a (B,) tensor, got shape {tuple(scale.shape)}")
+        s = scale.detach().to(torch.float64)
+        if bool(torch.isnan(s).any()) or bool((s < 0).any()) or bool(torch.isinf(s).any()):
+            raise UsageError(f"guidance scale must be finite and >= 0 (1 = no guidance), got {scale.tolist()}")
+        return s if s.ndim == 1 else float(s)
+    try:
+        v = float(scale)
+    except (TypeError, ValueError):
+        raise UsageError(f"guidance scale {scale!r} is not a number") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise UsageError(f"guidance scale {scale!r} must be finite and >= 0 (1 = no guidance)")
+    return v
+
+
+def _check_interval(interval) -> Optional[tuple[float, float]]:
+    if interval is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise UsageError(f"guidance interval {interval!r} must be a pair (sigma_lo, sigma_hi)") from None
+    if not (0 <= lo < hi):  # also rejects NaN; hi may be inf
+        raise UsageError(f"guidance interval {interval!r} must satisfy 0 <= sigma_lo < sigma_hi")
+    return lo, hi
+
+
+def guided(denoiser: Denoiser, scale: Scale, interval: Optional[tuple[float, float]] = None) -> Denoiser:
+    """The classifier-free-guided denoiser.
+
+    scale: a float, or a (B,) tensor of per-image scales (a server mixes requests in one batch);
+      1 is the conditional model exactly, 0 the unconditional one; NaN / negative -> UsageError.
+    interval: (sigma_lo, sigma_hi): guide only where sigma_lo <= sigma <= sigma_hi and use the
+      conditional prediction elsewhere (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval").
+    Images that need no guidance (scale 1, or sigma outside the interval) get the conditional prediction
+    bit for bit, and the unconditional half is run only for the images that do need it (none: one plain
+    conditional forward).
+    """
+    w_all = _check_scale(scale)
+    band = _check_interval(interval)
+
+    def fn(x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        B = x.shape[0]
+        if isinstance(w_all, torch.Tensor):
+            if w_all.shape[0] != B:
+                raise UsageError(f"guidance scale has {w_all.shape[0]} entries for a batch of {B} images")
+            w = w_all.to(device=x.device)
+        else:
+            w = torch.full((B,), w_all, dtype=torch.float64, device=x.device)
+        need = w != 1  # (B,) images whose output differs from the conditional prediction
+        if band is not None:
+            sg = sigma.detach().to(torch.float64)
+            need = need & (sg >= band[0]) & (sg <= band[1])
+        if cond.labels is None and cond.tokens is None:
+            need = torch.zeros_like(need)  # no condition: null == cond, so D_u == D_c and guidance is a no-op
+        if not bool(need.any()):
+            return denoiser(x, sigma, cond)
+        idx = need.nonzero().squeeze(1)  # (K,) images that need the unconditional half
+        try:
+            null = cond.null() if bool(need.all()) else cond.null().index(idx)
+        except ValueError as e:
+            raise UsageError(f"classifier-free guidance needs a null condition: {e}") from None
+        all_rows = bool(need.all())
+        x_u = x if all_rows else x[idx]
+        s_u = sigma if all_rows else sigma[idx]
+        out = denoiser(torch.cat([x, x_u]), torch.cat([sigma, s_u]), Condition.cat(cond, null))  # one forward
+        d_c, d_u = out[:B], out[B:]
+        d_c_need = d_c if all_rows else d_c[idx]
+        wk = w[idx].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+        g = d_u + wk * (d_c_need - d_u)  # (K, C, H, W)
+        res = d_c.clone()
+        res[idx] = g
+        return res
+
+    return denoiser.wrap(fn)

@@ -1,0 +1,709 @@
+"""The HTTP server: FastAPI over the same `sample_batch` that `ditkit sample` calls.
+
+    create_app(model=None, ckpt=None, settings=ServeSettings()) -> FastAPI
+
+Routes
+    POST /v1/generate   images for class labels or a prompt ("7", "seven"); PNG or JSON
+    GET  /v1/model      what the loaded model accepts (classes, samplers, limits)
+    GET  /healthz       liveness: the process answers (never touches the model)
+    GET  /readyz        readiness: 200 once the model is loaded and warmed up; 503 while loading or draining
+    GET  /metrics       Prometheus text format (a registry per app)
+    GET  /              the playground page (self-contained: no script, style or font from the network)
+    GET  /docs, /openapi.json
+
+Request path: GuardMiddleware (body size 413, API key 401, token bucket 429) -> validation (422) ->
+admission (503 while loading/draining or when the queue is full) -> the Batcher (one worker thread) ->
+deadline (504) or the client's disconnect (work cancelled) -> PNG encoding off the event loop.
+
+The app is self-contained (its own registry, batcher, worker thread and limiter), so tests can build
+several, and a Ray Serve deployment can wrap the same FastAPI app.
+"""
+
+import asyncio
+import base64
+import json
+import logging
+import math
+import secrets
+import signal
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Sequence
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from ..errors import DitkitError, UsageError
+from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, LoadedModel, load_model, sample_batch, to_uint8, \
+    validate_sampling
+from ..samplers import SAMPLERS
+from ..utils import image_seeds
+from ..viz.grids import make_grid, png_bytes
+from .batcher import Batch, Batcher, Job, QueueFull, ServiceStopping
+from .limits import ApiKeys, GuardMiddleware, RateLimiter, retry_after_header
+
+log = logging.getLogger("ditkit.serve")
+
+MAX_SEED = 2**63 - 1
+RANDOM_SEED_BITS = 53  # drawn seeds stay exact in JavaScript numbers (the playground shows and reuses them)
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+# -----------------------------------------------------------------------------------------------
+# Settings
+# -----------------------------------------------------------------------------------------------
+@dataclass
+class ServeSettings:
+    """Everything `ditkit serve` can be told; defaults are the CLI's."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 64  # images per model batch; 1 = batching off
+    max_wait_ms: float = 10.0  # how long the oldest waiting request waits for companions
+    max_queue: int = 256  # requests waiting for the model; beyond: 503 + Retry-After
+    rate_limit: float = 10.0  # requests per second per client; 0 = off
+    burst: int = 5  # token bucket size per client
+    api_keys: tuple[str, ...] = ()  # none: no key needed on /v1/*
+    timeout_s: float = 60.0  # per-request deadline, from arrival to images; beyond: 504
+    grace_s: float = 30.0  # SIGTERM: how long in-flight requests get to finish
+    max_body_bytes: int = 64 * 1024  # beyond: 413
+    max_num_samples: int = 16  # images per request
+    max_steps: int = 1000  # sampler steps per request
+    max_guidance_scale: float = 20.0
+    weights: str = "ema"  # when the app loads the checkpoint itself
+    device: str = "auto"
+    warmup: bool = True  # run one tiny batch before /readyz says ready
+
+    def validate(self) -> None:
+        """Refuse bad values up front, naming the flag and the allowed range."""
+        checks = [
+            (1 <= self.max_batch_size <= 4096, f"--max-batch-size {self.max_batch_size}: must be in 1..4096"),
+            (0 <= self.max_wait_ms <= 10_000 and math.isfinite(self.max_wait_ms),
+             f"--max-wait-ms {self.max_wait_ms}: must be in 0..10000"),
+            (1 <= self.max_queue <= 1_000_000, f"--max-queue {self.max_queue}: must be in 1..1000000"),
+            (0 <= self.rate_limit and math.isfinite(self.rate_limit),
+             f"--rate-limit {self.rate_limit}: must be a finite number >= 0 (0 = off)"),
+            (self.rate_limit == 0 or self.burst >= 1, f"--burst {self.burst}: must be >= 1 when rate limiting is on"),
+            (0 < self.timeout_s <= 86_400, f"--timeout-s {self.timeout_s}: must be in (0, 86400]"),
+            (0 <= self.grace_s <= 86_400, f"--grace-s {self.grace_s}: must be in 0..86400"),
+            (0 <= self.port <= 65535, f"--port {self.port}: must be in 0..65535"),
+            (self.max_body_bytes >= 1024, f"max_body_bytes {self.max_body_bytes}: must be >= 1024"),
+            (1 <= self.max_num_samples <= 256, f"max_num_samples {self.max_num_samples}: must be in 1..256"),
+            (1 <= self.max_steps, f"--max-steps {self.max_steps}: must be >= 1"),
+            (0 <= self.max_guidance_scale and math.isfinite(self.max_guidance_scale),
+             f"max_guidance_scale {self.max_guidance_scale}: must be a finite number >= 0"),
+            (self.weights in ("ema", "model"), f"--weights {self.weights!r}: allowed values are ema, model"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        for key in self.api_keys:
+            if len(key) < 8 or any(c.isspace() for c in key):
+                raise UsageError("--api-key: a key needs at least 8 characters and no spaces")
+
+
+# -----------------------------------------------------------------------------------------------
+# What the model accepts
+# -----------------------------------------------------------------------------------------------
+def serving_samplers(model: Optional[LoadedModel]) -> list[str]:
+    """Samplers the server offers: fixed-grid ones (the adaptive ODE couples the images of a batch, so a
+    request's images would depend on its neighbours) that this model's objective supports."""
+    names = []
+    for name, spec in SAMPLERS.items():
+        if spec.nfe(2) is None:
+            continue
+        if model is not None:
+            try:
+                validate_sampling(model, name, 1, 1.0)
+            except UsageError:
+                continue
+        names.append(name)
+    return names
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    step: int
+    num_classes: int
+    class_names: list[str]
+    image_shape: tuple[int, int, int]
+    samplers: list[str]
+    max_steps: int
+
+    @staticmethod
+    def of(model: LoadedModel, settings: ServeSettings) -> "ModelInfo":
+        limit = getattr(model.objective, "num_timesteps", None)
+        return ModelInfo(name=str(model.config.get("model_name", "DiT")), step=model.step,
+                         num_classes=model.num_classes, class_names=model.class_names if model.num_classes else [],
+                         image_shape=tuple(model.image_shape), samplers=serving_samplers(model),
+                         max_steps=min(settings.max_steps, limit) if limit else settings.max_steps)
+
+    def as_json(self, settings: ServeSettings) -> dict[str, Any]:
+        return {"model": self.name, "step": self.step, "num_classes": self.num_classes,
+                "class_names": self.class_names, "image_shape": list(self.image_shape), "samplers": self.samplers,
+                "default_sampler": _default_sampler(self.samplers), "default_steps": min(DEFAULT_STEPS, self.max_steps),
+                "max_steps": self.max_steps, "max_num_samples": settings.max_num_samples,
+                "max_guidance_scale": settings.max_guidance_scale if self.num_classes else 1.0,
+                "guidance": self.num_classes > 0}
+
+
+def _default_sampler(samplers: Sequence[str]) -> str:
+    return DEFAULT_SAMPLER if DEFAULT_SAMPLER in samplers or not samplers else samplers[0]
+
+
+def parse_prompt(prompt: str, class_names: Sequence[str]) -> Optional[int]:
+    """A class id for a prompt: a class name ("7", "cat"), a class id, or a digit's English name ("seven")
+    when the classes are the digits. None when it names no class."""
+    p = " ".join(prompt.strip().lower().split()).rstrip(".!")
+    names = [c.lower() for c in class_names]
+    if p in names:
+        return names.index(p)
+    if p in DIGIT_WORDS and str(DIGIT_WORDS.index(p)) in names:
+        return names.index(str(DIGIT_WORDS.index(p)))
+    if p.isdigit() and int(p) < len(names):
+        return int(p)
+    return None
+
+
+# -----------------------------------------------------------------------------------------------
+# The HTTP schema
+# -----------------------------------------------------------------------------------------------
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what was wrong and, where it helps, what is allowed")
+
+
+class GenerateResponse(BaseModel):
+    images: list[str] = Field(description="one base64-encoded PNG per image")
+    labels: list[int] = Field(description="the class id of each image (-1: unconditional)")
+    seed: int = Field(description="the request's seed (drawn at random when the request gave none)")
+    seeds: list[int] = Field(description="each image's own generator seed: image_seeds(seed, num_samples)")
+    sampler: str
+    steps: int
+    guidance_scale: float
+    latency_ms: float = Field(description="from arrival to images ready, PNG encoding included")
+    queue_ms: float = Field(description="time spent waiting for a batch")
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready", "loading", "draining", "failed", "stopped"]
+    detail: str = ""
+
+
+def build_request_model(settings: ServeSettings, info: Optional[ModelInfo]) -> type[BaseModel]:
+    """The request body model; its bounds come from the settings and, when known, the model, so
+    /openapi.json tells clients the real limits (a fuzzer's schema-valid bodies are then accepted)."""
+    samplers = info.samplers if info is not None else serving_samplers(None)
+    sampler_type = Literal[tuple(samplers)]  # type: ignore[valid-type]
+    label_max = info.num_classes - 1 if info is not None and info.num_classes > 0 else None
+    max_steps = info.max_steps if info is not None else settings.max_steps
+    guide_max = settings.max_guidance_scale if info is None or info.num_classes > 0 else 1.0
+    n_max = settings.max_num_samples
+    Label = Annotated[StrictInt, Field(ge=0, le=label_max)]
+
+    class GenerateRequest(BaseModel):
+        """Generate `num_samples` images for class `labels` (cycled) or a `prompt`."""
+
+        model_config = ConfigDict(extra="forbid", json_schema_extra={
+            "examples": [{"prompt": "seven", "num_samples": 4, "steps": 20, "guidance_scale": 4.0, "seed": 1,
+                          "format": "json"}]})
+
+        labels: Optional[list[Label]] = Field(
+            None, min_length=1, max_length=n_max,
+            description="class ids, cycled to num_samples (give labels or prompt, not both)")
+        prompt: Optional[str] = Field(
+            None, min_length=1, max_length=100,
+            description="a class model: a class name or id, or a digit's English name (\"7\", \"seven\")")
+        num_samples: Optional[StrictInt] = Field(
+            None, ge=1, le=n_max, description="images to generate (default: the number of labels, else 1)")
+        sampler: sampler_type = Field(_default_sampler(samplers), description="the sampling method")
+        steps: StrictInt = Field(min(DEFAULT_STEPS, max_steps), ge=1, le=max_steps, description="sampler steps")
+        guidance_scale: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
+            1.0, ge=1.0 if guide_max == 1.0 else 0.0, le=guide_max,
+            description="classifier-free guidance (1 = off, 0 = unconditional)")
+        seed: Optional[StrictInt] = Field(
+            None, ge=0, le=MAX_SEED, description="the same seed gives the same images; drawn at random if absent")
+        format: Literal["png", "json"] = Field(
+            "png", description="png: one image, or a grid of several; json: base64 PNGs, seeds and timings")
+
+    return GenerateRequest
+
+
+# -----------------------------------------------------------------------------------------------
+# Metrics
+# -----------------------------------------------------------------------------------------------
+class ServeMetrics:
+    """Prometheus metrics in a registry of this app's own. Also the batcher's observer."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("ditkit_http_requests", "HTTP requests by route, method and status code",
+                                ["route", "method", "code"], registry=r)
+        self.duration = Histogram("ditkit_http_request_duration_seconds", "HTTP request duration", ["route"],
+                                  buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120),
+                                  registry=r)
+        self.queue_wait = Histogram("ditkit_queue_wait_seconds", "time a request waits for its first batch",
+                                    buckets=(.001, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60),
+                                    registry=r)
+        self.queue_depth = Gauge("ditkit_queue_depth", "requests waiting for the model", registry=r)
+        self.queue_images = Gauge("ditkit_queue_images", "images waiting for the model", registry=r)
+        self.batch_size = Histogram("ditkit_batch_size_images", "images per model batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
+        self.batch_seconds = Histogram("ditkit_batch_duration_seconds", "model time per batch",
+                                       buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=r)
+        self.rejections = Counter("ditkit_rejections", "requests refused or abandoned, by reason", ["reason"],
+                                  registry=r)
+        self.images = Counter("ditkit_images_generated", "images returned to clients", registry=r)
+        self.inflight = Gauge("ditkit_inflight_requests", "generate requests admitted and not yet answered",
+                              registry=r)
+        self.ready = Gauge("ditkit_ready", "1 when the model is loaded, warmed up and not draining", registry=r)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)  # present from the start, at 0
+
+    # BatchObserver
+    def queue_changed(self, jobs: int, images: int) -> None:
+        self.queue_depth.set(jobs)
+        self.queue_images.set(images)
+
+    def batch_started(self, batch: Batch) -> None:
+        self.batch_size.observe(len(batch))
+        for job, start, _ in batch.pieces:
+            if start == 0 and job.queue_wait_s is not None:
+                self.queue_wait.observe(job.queue_wait_s)
+
+    def batch_finished(self, batch: Batch, seconds: float, error: Optional[BaseException]) -> None:
+        self.batch_seconds.observe(seconds)
+
+
+REJECTION_REASONS = ("queue_full", "rate_limited", "deadline", "client_disconnected", "unauthorized",
+                     "body_too_large", "draining", "not_ready", "invalid", "internal")
+
+
+class MetricsMiddleware:
+    """Counts every request by route template (unknown paths: "other", so labels stay bounded)."""
+
+    def __init__(self, app, metrics: ServeMetrics, routes: frozenset[str]):
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in self.routes else "other"
+        method = scope.get("method", "GET") if scope.get("method") in _METHODS else "OTHER"
+        code = 500
+        t0 = time.perf_counter()
+
+        async def send_wrapper(message) -> None:
+            nonlocal code
+            if message["type"] == "http.response.start":
+                code = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.requests.labels(route, method, str(code)).inc()
+            self.metrics.duration.labels(route).observe(time.perf_counter() - t0)
+
+
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+# -----------------------------------------------------------------------------------------------
+# The service: model, batcher, readiness, admission
+# -----------------------------------------------------------------------------------------------
+def run_model_batch(model: LoadedModel, batch: Batch) -> np.ndarray:
+    """The worker thread's job: the library's sample_batch, one seed and one guidance scale per image."""
+    x = sample_batch(model, batch.labels, batch.seeds, sampler=batch.sampler, steps=batch.steps,
+                     cfg_scale=batch.scales, callback=batch.check_abandoned)
+    return to_uint8(x)  # (B, H, W, C) uint8
+
+
+@dataclass
+class _Admission:
+    job: Job
+    future: asyncio.Future
+    t0: float  # monotonic arrival time
+    seed: int  # the request's seed (given or drawn)
+
+
+class Service:
+    """One app's state. `state`: loading -> ready -> draining -> stopped (or failed)."""
+
+    def __init__(self, settings: ServeSettings, model: Optional[LoadedModel], ckpt: Optional[str]):
+        self.settings = settings
+        self.model = model
+        self.ckpt = ckpt
+        self.info: Optional[ModelInfo] = ModelInfo.of(model, settings) if model is not None else None
+        self.metrics = ServeMetrics()
+        self.limiter = RateLimiter(settings.rate_limit, settings.burst)
+        self.api_keys = ApiKeys(settings.api_keys)
+        self.batcher = Batcher(self._run_batch, max_batch_size=settings.max_batch_size,
+                               max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
+                               observer=self.metrics)
+        self.state = "loading"
+        self.detail = "the model is loading"
+        self.inflight = 0
+        self._startup: Optional[asyncio.Task] = None
+
+    def _run_batch(self, batch: Batch) -> np.ndarray:
+        return run_model_batch(self.model, batch)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.batcher.start()
+        self._startup = asyncio.get_running_loop().create_task(self._load_and_warm_up(), name="ditkit-load")
+
+    async def _load_and_warm_up(self) -> None:
+        try:
+            if self.model is None:
+                self.model = await asyncio.to_thread(load_model, self.ckpt, weights=self.settings.weights,
+                                                     device=self.settings.device)
+                self.info = ModelInfo.of(self.model, self.settings)
+            if not self.info.samplers:
+                raise DitkitError("no fixed-grid sampler supports this model's objective")
+            if self.settings.warmup:  # the first batch pays for lazy initialisation; not a client
+                K = self.info.num_classes
+                batch = Batch([0 if K else -1], [0], [2.0 if K else 1.0], _default_sampler(self.info.samplers),
+                              min(2, self.info.max_steps), pieces=[])
+                t0 = time.perf_counter()
+                await self.batcher.run_direct(batch)
+                log.info("warm-up batch took %.2f s", time.perf_counter() - t0)
+        except Exception as e:  # readiness says why; liveness stays up so the operator can look
+            log.exception("model loading failed")
+            self.state, self.detail = "failed", f"model loading failed: {e}"
+            return
+        if self.state == "loading":
+            self.state, self.detail = "ready", ""
+            self.metrics.ready.set(1)
+
+    def begin_drain(self) -> None:
+        """Stop admitting work; /readyz answers 503 from now on."""
+        if self.state in ("loading", "ready", "failed"):
+            self.state, self.detail = "draining", "the server is shutting down"
+            self.metrics.ready.set(0)
+
+    async def drain(self, grace_s: float) -> bool:
+        """Stop admitting work and wait up to `grace_s` for admitted requests; True if all finished.
+        Past the grace period the remaining work is abandoned and its clients answered 503."""
+        self.begin_drain()
+        end = time.monotonic() + grace_s
+        while (self.inflight > 0 or not self.batcher.idle) and time.monotonic() < end:
+            await asyncio.sleep(0.02)
+        drained = self.inflight == 0 and self.batcher.idle
+        if not drained:
+            log.warning("grace period of %.1f s over: abandoning %d request(s)", grace_s, self.inflight)
+            await self.batcher.stop()
+            end = time.monotonic() + 2.0
+            while self.inflight > 0 and time.monotonic() < end:  # let their handlers answer 503
+                await asyncio.sleep(0.02)
+        return drained
+
+    async def stop(self) -> None:
+        if self.state != "stopped":
+            await self.drain(self.settings.grace_s)
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+        await self.batcher.stop()
+        self.state, self.detail = "stopped", "the server has stopped"
+        self.metrics.ready.set(0)
+
+    def abort(self) -> None:
+        """Abandon everything now (a second SIGTERM); safe to call from a signal handler."""
+        self.batcher._stopping = True
+
+    # ---- requests ----------------------------------------------------------------------------
+    def reject(self, status: int, reason: str, detail: str, retry_after_s: Optional[float] = None) -> HTTPException:
+        self.metrics.rejections.labels(reason).inc()
+        headers = {"Retry-After": retry_after_header(retry_after_s)} if retry_after_s is not None else None
+        return HTTPException(status, detail, headers=headers)
+
+    def invalid(self, loc: tuple, msg: str, value: Any) -> RequestValidationError:
+        """A 422 in FastAPI's own shape, for checks that need the model (label range, sampler, prompt)."""
+        return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}])
+
+    def resolve_labels(self, req: BaseModel) -> list[int]:
+        info = self.info
+        n_given = req.num_samples
+        if info.num_classes == 0:
+            for name in ("labels", "prompt"):
+                if getattr(req, name) is not None:
+                    raise self.invalid((name,), "this model is unconditional: leave labels and prompt out",
+                                       getattr(req, name))
+            return [-1] * (n_given or 1)
+        if req.labels is not None and req.prompt is not None:
+            raise self.invalid(("prompt",), "give labels or prompt, not both", req.prompt)
+        if req.prompt is not None:
+            label = parse_prompt(req.prompt, info.class_names)
+            if label is None:
+                names = ", ".join(info.class_names[:20])
+                words = " or a digit's English name" if all(c.isdigit() for c in info.class_names) else ""
+                raise self.invalid(("prompt",), f"names no class of this model; give a class name or id "
+                                   f"({names}){words}", req.prompt)
+            labels = [label]
+        elif req.labels is not None:
+            labels = list(req.labels)
+            for i, v in enumerate(labels):
+                if not 0 <= v < info.num_classes:
+                    raise self.invalid(("labels", i), f"class ids are 0..{info.num_classes - 1}", v)
+        else:
+            raise self.invalid(("labels",), "give labels (class ids) or a prompt", None)
+        n = n_given or len(labels)
+        if len(labels) > n:
+            raise self.invalid(("labels",), f"{len(labels)} labels for num_samples={n}: give at most "
+                               "num_samples labels (they are cycled)", labels)
+        return [labels[i % len(labels)] for i in range(n)]
+
+    def admit(self, req: BaseModel) -> _Admission:
+        """Validate against the model and queue the work; raises the HTTP answer when refused."""
+        t0 = time.monotonic()
+        if self.state == "draining" or self.state == "stopped":
+            raise self.reject(503, "draining", "the server is shutting down; retry on another replica", 1)
+        if self.state != "ready":
+            raise self.reject(503, "not_ready", self.detail or "the model is not ready", 1)
+        labels = self.resolve_labels(req)
+        if req.sampler not in self.info.samplers:
+            raise self.invalid(("sampler",), f"allowed: {', '.join(self.info.samplers)}", req.sampler)
+        try:
+            validate_sampling(self.model, req.sampler, req.steps, req.guidance_scale)
+        except UsageError as e:
+            field_name = "guidance_scale" if "cfg-scale" in str(e) else "steps"
+            raise self.invalid((field_name,), str(e).replace("--cfg-scale", "guidance_scale")
+                               .replace("--steps", "steps"), getattr(req, field_name)) from None
+        seed = req.seed if req.seed is not None else secrets.randbits(RANDOM_SEED_BITS)
+        n = len(labels)
+        job = Job(labels, image_seeds(seed, n), [float(req.guidance_scale)] * n, req.sampler, req.steps)
+        try:
+            future = self.batcher.submit(job)
+        except QueueFull:
+            wait = self.batcher.batch_seconds_ewma or 1.0
+            raise self.reject(503, "queue_full", f"the server is busy: {self.batcher.queue_depth} requests are "
+                              "waiting; retry later", wait) from None
+        except ServiceStopping:
+            raise self.reject(503, "draining", "the server is shutting down; retry on another replica", 1) from None
+        return _Admission(job, future, t0, seed)
+
+    async def generate(self, req: BaseModel, request: Request) -> Response:
+        adm = self.admit(req)
+        self.inflight += 1
+        self.metrics.inflight.inc()
+        disconnected = asyncio.get_running_loop().create_task(_wait_disconnect(request))
+        try:
+            left = adm.t0 + self.settings.timeout_s - time.monotonic()
+            done, _ = await asyncio.wait({adm.future, disconnected}, timeout=max(left, 0.0),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if adm.future not in done:
+                self.batcher.cancel(adm.job)
+                if disconnected in done:
+                    self.metrics.rejections.labels("client_disconnected").inc()
+                    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+                raise self.reject(504, "deadline", f"not done within the server's deadline of "
+                                  f"{self.settings.timeout_s:g} s")
+            try:
+                images = adm.future.result()
+            except ServiceStopping as e:
+                raise self.reject(503, "draining", f"{e}; retry on another replica", 1) from None
+            except Exception as e:  # the model failed: an honest 500, logged by the batcher
+                self.metrics.rejections.labels("internal").inc()
+                raise HTTPException(500, f"the model failed on this batch ({type(e).__name__})") from None
+            return await self._respond(req, adm, images)
+        except asyncio.CancelledError:
+            self.batcher.cancel(adm.job)
+            raise
+        finally:
+            disconnected.cancel()
+            self.inflight -= 1
+            self.metrics.inflight.dec()
+
+    async def _respond(self, req: BaseModel, adm: _Admission, images: np.ndarray) -> Response:
+        job = adm.job
+        seed = adm.seed
+        if req.format == "png":
+            body = await asyncio.to_thread(lambda: png_bytes(images[0] if job.n == 1 else make_grid(images)))
+            latency_ms = (time.monotonic() - adm.t0) * 1000
+            self.metrics.images.inc(job.n)
+            headers = {"X-Seed": str(seed), "X-Image-Seeds": ",".join(map(str, job.seeds)),
+                       "X-Labels": ",".join(map(str, job.labels)), "X-Latency-Ms": f"{latency_ms:.1f}",
+                       "X-Queue-Ms": f"{(job.queue_wait_s or 0) * 1000:.1f}", "Cache-Control": "no-store"}
+            return Response(body, media_type="image/png", headers=headers)
+        encoded = await asyncio.to_thread(lambda: [base64.b64encode(png_bytes(im)).decode() for im in images])
+        latency_ms = (time.monotonic() - adm.t0) * 1000
+        self.metrics.images.inc(job.n)
+        out = GenerateResponse(images=encoded, labels=job.labels, seed=seed, seeds=job.seeds, sampler=job.sampler,
+                               steps=job.steps, guidance_scale=job.scales[0], latency_ms=round(latency_ms, 3),
+                               queue_ms=round((job.queue_wait_s or 0) * 1000, 3))
+        return JSONResponse(out.model_dump(), headers={"Cache-Control": "no-store"})
+
+
+async def _wait_disconnect(request: Request) -> None:
+    """Returns when the client goes away (the body has been read, so `receive` only reports that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# -----------------------------------------------------------------------------------------------
+# The app
+# -----------------------------------------------------------------------------------------------
+_ERRORS = {401: "missing or invalid API key", 413: "request body too large",
+           429: "over the client's rate limit (see Retry-After)",
+           503: "loading, draining, or the queue is full (see Retry-After)",
+           504: "the server-side deadline passed"}
+
+
+def create_app(model: Optional[LoadedModel] = None, ckpt: Optional[str | Path] = None,
+               settings: Optional[ServeSettings] = None) -> FastAPI:
+    """The server for a loaded `model`, or for a checkpoint `ckpt` that the app loads after it starts
+    (/readyz says 503 until then). Test hooks: `app.state.service.batcher.pause()` / `.resume()`."""
+    settings = settings or ServeSettings()
+    settings.validate()
+    if model is None and ckpt is None:
+        raise UsageError("create_app: give a loaded model or a checkpoint")
+    service = Service(settings, model, None if ckpt is None else str(ckpt))
+    Request_ = build_request_model(settings, service.info)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    from .. import __version__
+    app = FastAPI(title="ditkit", version=__version__, lifespan=lifespan,
+                  description="Diffusion Transformer image generation. Class models take `labels` or a `prompt`.")
+    app.state.service = service
+    app.state.settings = settings
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own answer, except that it must stay valid JSON: a body may carry NaN or Infinity
+        # (Python's json module reads them), and echoing them back as `input` would fail to encode.
+        service.metrics.rejections.labels("invalid").inc()
+        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+
+    @app.post("/v1/generate", response_model=None, tags=["generate"],
+              summary="Generate images",
+              responses={200: {"model": GenerateResponse, "description": "format=json: the images as base64 PNGs; "
+                               "format=png: one PNG (a grid when several)",
+                               "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                         **{code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()},
+                         500: {"model": ErrorResponse, "description": "the model itself failed"}})
+    async def generate(body: Request_, request: Request) -> Response:  # type: ignore[valid-type]
+        return await service.generate(body, request)
+
+    @app.get("/v1/model", tags=["generate"], summary="What the model accepts",
+             responses={503: {"model": ErrorResponse, "description": "the model is not loaded yet"}})
+    async def model_info() -> dict[str, Any]:
+        if service.info is None:
+            raise HTTPException(503, "the model is loading", headers={"Retry-After": "1"})
+        return service.info.as_json(settings)
+
+    @app.get("/healthz", tags=["probes"], summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["probes"], summary="Readiness", response_model=ReadyResponse,
+             responses={503: {"model": ReadyResponse, "description": "loading, draining or failed"}})
+    async def readyz() -> JSONResponse:
+        body = ReadyResponse(status=service.state, detail=service.detail).model_dump()
+        return JSONResponse(body, status_code=200 if service.state == "ready" else 503)
+
+    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics",
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}, response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    page = _playground_template()
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        config = service.info.as_json(settings) if service.info is not None else None
+        data = json.dumps({"info": config, "auth": bool(settings.api_keys)}).replace("<", "\\u003c")
+        return HTMLResponse(page.replace("/*__DITKIT_CONFIG__*/null", data), headers={
+            "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                       "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'",
+            "Cache-Control": "no-store"})
+
+    routes = frozenset(r.path for r in app.routes)
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_keys=service.api_keys,
+                       limiter=service.limiter, on_reject=lambda reason: service.metrics.rejections.labels(reason).inc())
+    app.add_middleware(MetricsMiddleware, metrics=service.metrics, routes=routes)
+    return app
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats as strings ("nan", "inf"), so the value encodes as standard JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def _playground_template() -> str:
+    return resources.files("ditkit.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+# -----------------------------------------------------------------------------------------------
+# Running it: uvicorn with a draining SIGTERM
+# -----------------------------------------------------------------------------------------------
+try:
+    import uvicorn
+except ModuleNotFoundError:  # pragma: no cover - uvicorn is a dependency; the app itself does not need it
+    uvicorn = None
+
+
+if uvicorn is not None:
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, but the first SIGTERM/SIGINT drains instead of closing the listener at once: /readyz
+        turns 503 (load balancers see it, since connections are still accepted), new work is refused
+        with 503, admitted requests finish within `grace_s`, then the server exits (status 0). A second
+        signal exits at once."""
+
+        def __init__(self, config: "uvicorn.Config", service: Service, grace_s: float):
+            super().__init__(config)
+            self.service = service
+            self.grace_s = grace_s
+            self._drain_requested = False
+            self._drain_task: Optional[asyncio.Task] = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self._drain_requested or self.should_exit:
+                self.service.abort()
+                self.force_exit = True
+                self.should_exit = True
+                return
+            log.warning("signal %s: draining (grace period %.0f s)", signal.Signals(sig).name, self.grace_s)
+            self._drain_requested = True  # picked up by on_tick within 0.1 s, on the event loop
+
+        async def on_tick(self, counter: int) -> bool:
+            if self._drain_requested and self._drain_task is None:
+                self._drain_task = asyncio.get_running_loop().create_task(self.service.drain(self.grace_s))
+            if self._drain_task is not None and self._drain_task.done():
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+    def make_server(app: FastAPI, *, host: Optional[str] = None, port: Optional[int] = None,
+                    log_level: str = "info", access_log: bool = True, **uvicorn_kw: Any) -> DrainingServer:
+        """A DrainingServer for an app made by create_app (host/port default to the app's settings)."""
+        settings: ServeSettings = app.state.settings
+        config = uvicorn.Config(app, host=host or settings.host, port=settings.port if port is None else port,
+                                lifespan="on", log_level=log_level, access_log=access_log, server_header=False,
+                                timeout_graceful_shutdown=5, **uvicorn_kw)
+        return DrainingServer(config, app.state.service, settings.grace_s)

@@ -1,0 +1,116 @@
+"""The DiT network: patchify, adaLN-Zero, the null class, presets."""
+
+import numpy as np
+import pytest
+import torch
+
+from ditkit.condition import Condition
+from ditkit.errors import UsageError
+from ditkit.models import PRESETS, DiTConfig, build_model, model_config
+from ditkit.models.layers import AdaLNZeroBlock, patchify, sincos_pos_embed_2d, unpatchify
+
+
+@pytest.mark.parametrize("c,h,p", [(1, 28, 4), (3, 32, 2), (1, 28, 7), (3, 16, 4)])
+def test_patchify_unpatchify_inverse(c, h, p):
+    x = torch.randn(2, c, h, h)
+    tokens = patchify(x, p)
+    assert tokens.shape == (2, (h // p) ** 2, p * p * c)
+    assert torch.equal(unpatchify(tokens, p, c, h, h), x)
+    # token 1 is the second patch of the first row
+    assert torch.equal(tokens[0, 1].view(p, p, c).permute(2, 0, 1), x[0, :, :p, p:2 * p])
+
+
+def test_patchify_matches_patch_embedding_conv():
+    """The model's stride-P conv equals a linear map on patchify's (P, P, C) flattening."""
+    net = build_model(model_config("DiT-T/4", in_channels=3, input_size=16))
+    x = torch.randn(2, 3, 16, 16)
+    w = net.x_embedder.proj.weight  # (D, C, P, P)
+    lin = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # (D, P*P*C)
+    ref = patchify(x, 4) @ lin.T + net.x_embedder.proj.bias
+    torch.testing.assert_close(net.x_embedder(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_blocks_are_identity_and_output_is_zero():
+    torch.manual_seed(0)
+    net = build_model(model_config("DiT-T/4"))
+    x, t = torch.randn(4, 1, 28, 28), torch.rand(4) * 1000
+    cond = Condition.from_labels(torch.tensor([0, 3, 9, 10]), 10)
+    tokens = torch.randn(4, net.num_tokens, 128)
+    c = net.embed_condition(t, cond)
+    for block in net.blocks:
+        assert isinstance(block, AdaLNZeroBlock)
+        assert torch.equal(block(tokens, c), tokens)
+    assert torch.count_nonzero(net(x, t, cond)) == 0
+
+
+def test_zero_init_gates_open_after_a_step():
+    torch.manual_seed(0)
+    net = build_model(model_config("DiT-T/4"))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, t = torch.randn(4, 1, 28, 28), torch.rand(4) * 1000
+    cond = Condition.from_labels(torch.tensor([1, 2, 3, 4]), 10)
+    (net(x, t, cond) - x).pow(2).mean().backward()
+    opt.step()
+    assert torch.count_nonzero(net(x, t, cond)) > 0
+
+
+def test_null_class_id_comes_from_config():
+    for k in (10, 7):
+        net = build_model(model_config("DiT-T/4", num_classes=k))
+        assert net.null_label == k
+        assert net.y_embedder.table.num_embeddings == k + 1
+        cond = Condition.from_labels(torch.tensor([0, k - 1]), k)
+        assert cond.null().labels.tolist() == [k, k]
+    # a null label is a real, trainable embedding distinct from the classes
+    net = build_model(model_config("DiT-T/4", num_classes=10))
+    emb = net.y_embedder(torch.arange(11))
+    assert emb.shape == (11, 128) and not torch.allclose(emb[10], emb[0])
+
+
+def test_class_model_needs_labels_and_unconditional_model_ignores_them():
+    net = build_model(model_config("DiT-T/4"))
+    with pytest.raises(ValueError, match="class-conditional"):
+        net(torch.randn(1, 1, 28, 28), torch.ones(1), Condition.none(1))
+    unc = build_model(model_config("DiT-T/4", num_classes=0))
+    assert unc.y_embedder is None and unc.null_label is None
+    assert unc(torch.randn(2, 1, 28, 28), torch.ones(2), Condition.none(2)).shape == (2, 1, 28, 28)
+
+
+def test_sincos_position_embedding():
+    pe = sincos_pos_embed_2d(16, 3, 3)
+    assert pe.shape == (9, 16)
+    # first quarter: sin of the column index at frequency 1 -> row-major grid order
+    np.testing.assert_allclose(pe[:3, 0], np.sin([0, 1, 2]))
+    np.testing.assert_allclose(pe[::3, 8], np.sin([0, 1, 2]))
+    net = build_model(model_config("DiT-T/4", pos_embed="learned"))
+    assert isinstance(net.pos_embed, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("name,depth,width,heads,patch", [
+    ("DiT-T/4", 4, 128, 4, 4), ("DiT-S/2", 12, 384, 6, 2), ("DiT-B/2", 12, 768, 12, 2),
+    ("DiT-L/2", 24, 1024, 16, 2), ("DiT-XL/2", 28, 1152, 16, 2)])
+def test_presets(name, depth, width, heads, patch):
+    cfg = model_config(name, input_size=32)
+    assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.patch_size) == (depth, width, heads, patch)
+
+
+def test_paper_parameter_counts():
+    # DiT-S/2 and DiT-XL/2 at 256px (latent 32x32x4, 1000 classes): 33M and 675M parameters (paper, table 1)
+    for name, expected in (("DiT-S/2", 33e6), ("DiT-XL/2", 675e6)):
+        cfg = model_config(name, input_size=32, in_channels=3, num_classes=1000)
+        with torch.device("meta"):
+            net = build_model(cfg)
+        n = sum(p.numel() for p in net.parameters())
+        assert abs(n - expected) / expected < 0.02, (name, n)
+    assert set(PRESETS) >= {"DiT-T/4", "DiT-T/7", "DiT-T/2", "DiT-S/4", "DiT-B/4"}
+
+
+def test_bad_model_configs_are_refused():
+    with pytest.raises(UsageError, match="allowed"):
+        model_config("DiT-Q/3")
+    with pytest.raises(UsageError, match="multiple of the patch size"):
+        model_config("DiT-T/4", input_size=30)
+    with pytest.raises(UsageError, match="in_channels"):
+        model_config("DiT-T/4", in_channels=2)
+    with pytest.raises(UsageError, match="unknown DiT config"):
+        DiTConfig.from_dict({"depth": 2, "bogus": 1})

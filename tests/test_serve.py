@@ -1,0 +1,753 @@
+"""The HTTP server (issue 6): the API, batching, limits, draining, the playground page and a schema fuzz.
+
+Apps are built in-process around the session's tiny trained run. Most tests talk to them through
+httpx's ASGI transport; the ones about sockets (client disconnect, SIGTERM, the browser, the fuzzer, the
+CLI) run a real uvicorn server on a free 127.0.0.1 port. Model work is kept to a few sampler steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ditkit.sampling import load_model, sample_batch, to_uint8
+from ditkit.serve import ServeSettings, create_app
+from ditkit.serve.app import make_server, parse_prompt
+from ditkit.serve.batcher import Batch, Batcher, Job, QueueFull
+from ditkit.serve.limits import RateLimiter
+from ditkit.utils import image_seeds
+
+FAST = {"steps": 3}  # sampler steps in requests that run the model: a few ms each for DiT-T/4
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a small shared CPU, two threads spin against each other (far slower)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_run):
+    return load_model(tiny_run, device="cpu")
+
+
+def settings(**kw) -> ServeSettings:
+    base = {"rate_limit": 0.0, "timeout_s": 30.0, "grace_s": 10.0}
+    base.update(kw)
+    return ServeSettings(**base)
+
+
+async def wait_for(cond, timeout_s: float = 20.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+@asynccontextmanager
+async def asgi_client(app, client_addr=("127.0.0.1", 40000)):
+    """The app's lifespan plus an httpx client on the ASGI transport; waits until /readyz says ready."""
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, client=client_addr)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=60) as c:
+            await wait_for(lambda: app.state.service.state in ("ready", "failed"), what="readiness")
+            yield c
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+@asynccontextmanager
+async def live_server(app):
+    """A real uvicorn server on this event loop (main thread: it installs its signal handlers)."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    server = make_server(app, log_level="warning", access_log=False)
+    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    try:
+        await wait_for(lambda: server.started or task.done(), what="server start")
+        await wait_for(lambda: app.state.service.state == "ready", what="readiness")
+        yield server, task, f"http://127.0.0.1:{port}"
+    finally:
+        if not task.done():
+            server.should_exit = True
+            await asyncio.wait_for(task, 20)
+        sock.close()
+
+
+@contextmanager
+def server_thread(app):
+    """A real uvicorn server in a background thread (for synchronous clients: a browser, a fuzzer)."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    server = make_server(app, log_level="warning", access_log=False)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the server did not become ready")
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """The value of one sample in Prometheus text format (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if "{" in key:
+            sample, _, rest = key.partition("{")
+            got = ",".join(sorted(rest.rstrip("}").split(",")))
+        else:
+            sample, got = key, ""
+        if sample == name and got == want:
+            return float(value)
+    return 0.0
+
+
+def library_images(model, labels, seed, scale, *, steps, sampler="dpm++2m") -> np.ndarray:
+    """What `ditkit sample` computes for a request: the library called directly, the request's images as one batch."""
+    n = len(labels)
+    x = sample_batch(model, labels, image_seeds(seed, n), sampler=sampler, steps=steps, cfg_scale=[scale] * n)
+    return to_uint8(x)[..., 0]  # (n, H, W) for 1-channel MNIST
+
+
+# -------------------------------------------------------------------------------------------------
+# The API
+# -------------------------------------------------------------------------------------------------
+def test_probes_docs_and_metrics(model):
+    async def main():
+        app = create_app(model=model, settings=settings())
+        async with asgi_client(app) as c:
+            assert (await c.get("/healthz")).json() == {"status": "ok"}
+            r = await c.get("/readyz")
+            assert r.status_code == 200 and r.json()["status"] == "ready"
+            info = (await c.get("/v1/model")).json()
+            assert info["num_classes"] == 10 and info["class_names"][7] == "7"
+            assert "adaptive" not in info["samplers"] and "dpm++2m" in info["samplers"]
+            spec = (await c.get("/openapi.json")).json()
+            body = spec["components"]["schemas"]["GenerateRequest"]["properties"]
+            assert body["num_samples"]["anyOf"][0]["maximum"] == 16
+            assert body["labels"]["anyOf"][0]["items"]["maximum"] == 9
+            assert (await c.get("/docs")).status_code == 200
+            r = await c.post("/v1/generate", json={"labels": [3], **FAST})
+            assert r.status_code == 200
+            text = (await c.get("/metrics")).text
+            assert metric(text, "ditkit_http_requests_total", route="/v1/generate", method="POST", code="200") == 1
+            assert metric(text, "ditkit_http_requests_total", route="/healthz", method="GET", code="200") == 1
+            assert metric(text, "ditkit_http_request_duration_seconds_count", route="/v1/generate") == 1
+            assert metric(text, "ditkit_queue_wait_seconds_count") == 1
+            assert metric(text, "ditkit_batch_size_images_sum") == 1
+            assert metric(text, "ditkit_queue_depth") == 0
+            assert metric(text, "ditkit_ready") == 1
+            assert "ditkit_rejections_total" in text
+            await c.get("/no/such/page")
+            text = (await c.get("/metrics")).text
+            assert metric(text, "ditkit_http_requests_total", route="other", method="GET", code="404") == 1
+    asyncio.run(main())
+
+
+def test_generate_png_and_json_match_the_library(model):
+    async def main():
+        app = create_app(model=model, settings=settings())
+        async with asgi_client(app) as c:
+            r = await c.post("/v1/generate", json={"prompt": "seven", "num_samples": 3, "seed": 11,
+                                                   "guidance_scale": 3.0, "format": "json", **FAST})
+            assert r.status_code == 200, r.text
+            d = r.json()
+            assert d["labels"] == [7, 7, 7] and d["seed"] == 11 and d["seeds"] == image_seeds(11, 3)
+            assert d["latency_ms"] >= d["queue_ms"] >= 0
+            got = np.stack([png_pixels(base64.b64decode(s)) for s in d["images"]])
+            assert got.shape == (3, 28, 28)
+            # Alone in its batch, a request is exactly the library's batch: bit-identical images.
+            np.testing.assert_array_equal(got, library_images(model, [7, 7, 7], 11, 3.0, steps=3))
+
+            r = await c.post("/v1/generate", json={"labels": [4], "seed": 5, **FAST})
+            assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+            assert r.headers["x-seed"] == "5" and r.headers["x-labels"] == "4"
+            np.testing.assert_array_equal(png_pixels(r.content), library_images(model, [4], 5, 1.0, steps=3)[0])
+
+            r = await c.post("/v1/generate", json={"labels": [0, 1], "num_samples": 4, **FAST})  # a grid, labels cycled
+            assert r.status_code == 200 and png_pixels(r.content).shape == (2 + 2 * 30, 2 + 2 * 30)
+            assert r.headers["x-labels"] == "0,1,0,1"
+            seed = int(r.headers["x-seed"])  # drawn at random, reported, and reusable
+            assert 0 <= seed < 2**53
+            again = await c.post("/v1/generate", json={"labels": [0, 1], "num_samples": 4, "seed": seed, **FAST})
+            assert again.content == r.content
+    asyncio.run(main())
+
+
+def test_prompts():
+    names = [str(i) for i in range(10)]
+    assert parse_prompt("7", names) == 7
+    assert parse_prompt("seven", names) == 7
+    assert parse_prompt("  Seven. ", names) == 7
+    assert parse_prompt("zero", names) == 0
+    assert parse_prompt("eleven", names) is None
+    assert parse_prompt("10", names) is None
+    assert parse_prompt("cat", ["cat", "dog"]) == 0
+    assert parse_prompt("1", ["cat", "dog"]) == 1
+    assert parse_prompt("seven", ["cat", "dog"]) is None
+
+
+BAD_BODIES = [
+    ({"labels": [10]}, ["body", "labels", 0]),
+    ({"labels": [-1]}, ["body", "labels", 0]),
+    ({"labels": []}, ["body", "labels"]),
+    ({"labels": ["3"]}, ["body", "labels", 0]),
+    ({"labels": [3.5]}, ["body", "labels", 0]),
+    ({"labels": [True]}, ["body", "labels", 0]),
+    ({"labels": [1] * 17}, ["body", "labels"]),
+    ({"labels": [1], "num_samples": 0}, ["body", "num_samples"]),
+    ({"labels": [1], "num_samples": 17}, ["body", "num_samples"]),
+    ({"labels": [1, 2, 3], "num_samples": 2}, ["body", "labels"]),
+    ({"labels": [1], "steps": 0}, ["body", "steps"]),
+    ({"labels": [1], "steps": 1001}, ["body", "steps"]),
+    ({"labels": [1], "steps": "20"}, ["body", "steps"]),
+    ({"labels": [1], "guidance_scale": -1}, ["body", "guidance_scale"]),
+    ({"labels": [1], "guidance_scale": 21}, ["body", "guidance_scale"]),
+    ({"labels": [1], "guidance_scale": "4"}, ["body", "guidance_scale"]),
+    ({"labels": [1], "sampler": "nope"}, ["body", "sampler"]),
+    ({"labels": [1], "sampler": "adaptive"}, ["body", "sampler"]),
+    ({"labels": [1], "seed": -1}, ["body", "seed"]),
+    ({"labels": [1], "seed": 2**63}, ["body", "seed"]),
+    ({"labels": [1], "format": "gif"}, ["body", "format"]),
+    ({"labels": [1], "colour": "red"}, ["body", "colour"]),
+    ({"prompt": "eleven"}, ["body", "prompt"]),
+    ({"prompt": ""}, ["body", "prompt"]),
+    ({"prompt": "7", "labels": [7]}, ["body", "prompt"]),
+    ({}, ["body", "labels"]),
+]
+
+
+def test_validation_errors_are_422_with_the_field(model):
+    async def main():
+        app = create_app(model=model, settings=settings())
+        async with asgi_client(app) as c:
+            for body, loc in BAD_BODIES:
+                r = await c.post("/v1/generate", json=body)
+                assert r.status_code == 422, (body, r.text)
+                locs = [e["loc"] for e in r.json()["detail"]]
+                assert loc in locs, (body, locs)
+                assert all(e["msg"] for e in r.json()["detail"])
+            for raw in (b"{not json", b"[1, 2]", b"null", b'"seven"', b'{"labels": [1], "guidance_scale": NaN}'):
+                r = await c.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+                assert r.status_code == 422, (raw, r.text)
+            r = await c.post("/v1/generate", content=b'{"labels": [1]}' + b" " * 70_000,
+                             headers={"content-type": "application/json"})
+            assert r.status_code == 413
+
+            async def chunks():  # no Content-Length: the cap still holds
+                for _ in range(40):
+                    yield b" " * 2048
+            r = await c.post("/v1/generate", content=chunks(), headers={"content-type": "application/json"})
+            assert r.status_code == 413
+            assert (await c.get("/v1/generate")).status_code == 405
+            text = (await c.get("/metrics")).text
+            assert metric(text, "ditkit_rejections_total", reason="body_too_large") == 2
+            assert metric(text, "ditkit_batch_size_images_count") == 0  # nothing reached the model
+    asyncio.run(main())
+
+
+def test_api_key(model):
+    async def main():
+        app = create_app(model=model, settings=settings(api_keys=("secret-key-1", "secret-key-2")))
+        async with asgi_client(app) as c:
+            body = {"labels": [1], **FAST}
+            r = await c.post("/v1/generate", json=body)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert (await c.post("/v1/generate", json=body, headers={"X-API-Key": "wrong-key-1"})).status_code == 401
+            assert (await c.post("/v1/generate", json=body,
+                                 headers={"Authorization": "Bearer secret-key-1"})).status_code == 200
+            assert (await c.post("/v1/generate", json=body, headers={"X-API-Key": "secret-key-2"})).status_code == 200
+            assert (await c.get("/v1/model")).status_code == 401
+            for open_path in ("/healthz", "/readyz", "/metrics", "/", "/openapi.json"):
+                assert (await c.get(open_path)).status_code == 200, open_path
+    asyncio.run(main())
+
+
+# -------------------------------------------------------------------------------------------------
+# Limits
+# -------------------------------------------------------------------------------------------------
+def test_token_bucket():
+    now = [100.0]
+    rl = RateLimiter(10, 5, clock=lambda: now[0], max_clients=3)
+    assert [rl.acquire("a") for _ in range(5)] == [0.0] * 5  # the burst
+    wait = rl.acquire("a")
+    assert wait == pytest.approx(0.1)
+    assert rl.acquire("b") == 0.0  # another client has its own bucket
+    now[0] += 0.1  # one token back
+    assert rl.acquire("a") == 0.0 and rl.acquire("a") > 0
+    now[0] += 10  # long idle: full again, but never more than the burst
+    assert [rl.acquire("a") for _ in range(6)].count(0.0) == 5
+    for k in "cdef":
+        rl.acquire(k)
+    assert len(rl) <= 3  # bounded memory
+    off = RateLimiter(0, 0)
+    assert all(off.acquire("x") == 0.0 for _ in range(100))
+
+
+def test_rate_limit_429_per_client(model):
+    async def main():
+        # 10 requests/s with bursts of 5, the tutorial's numbers; invalid bodies still spend tokens, so no
+        # model work is needed. The 6th request inside one burst window is refused.
+        app = create_app(model=model, settings=settings(rate_limit=10, burst=5))
+        async with app.router.lifespan_context(app):
+            a = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.1.1.1", 1)), base_url="http://t")
+            b = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.1.1.2", 1)), base_url="http://t")
+            async with a, b:
+                codes = [(await a.post("/v1/generate", json={})).status_code for _ in range(6)]
+                assert codes[:5] == [422] * 5 and codes[5] == 429, codes
+                r = await a.post("/v1/generate", json={})
+                assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+                assert (await b.post("/v1/generate", json={})).status_code == 422  # its own bucket
+                assert (await a.get("/healthz")).status_code == 200  # probes are never limited
+                await asyncio.sleep(0.25)  # two tokens back at 10/s
+                assert (await a.post("/v1/generate", json={})).status_code == 422
+                text = (await a.get("/metrics")).text
+                assert metric(text, "ditkit_rejections_total", reason="rate_limited") == 2
+
+        app = create_app(model=model, settings=settings(rate_limit=0))  # --rate-limit 0: off
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                assert {(await c.post("/v1/generate", json={})).status_code for _ in range(30)} == {422}
+    asyncio.run(main())
+
+
+def test_queue_full_is_503_then_the_queue_drains(model):
+    async def main():
+        app = create_app(model=model, settings=settings(max_queue=4))
+        svc = app.state.service
+        async with asgi_client(app) as c:
+            svc.batcher.pause()  # hold the worker: nothing leaves the queue
+            queued = [asyncio.create_task(c.post("/v1/generate", json={"labels": [i], "seed": i, **FAST}))
+                      for i in range(4)]
+            await wait_for(lambda: svc.batcher.queue_depth == 4, what="4 queued requests")
+            for _ in range(3):
+                r = await c.post("/v1/generate", json={"labels": [9], **FAST})
+                assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+                assert "busy" in r.json()["detail"]
+            assert not any(t.done() for t in queued)
+            text = (await c.get("/metrics")).text
+            assert metric(text, "ditkit_queue_depth") == 4
+            assert metric(text, "ditkit_rejections_total", reason="queue_full") == 3
+            svc.batcher.resume()
+            results = await asyncio.gather(*queued)
+            assert [r.status_code for r in results] == [200] * 4
+            text = (await c.get("/metrics")).text
+            assert metric(text, "ditkit_batch_size_images_count") == 1  # the four ran as one batch
+            assert metric(text, "ditkit_batch_size_images_sum") == 4
+            assert metric(text, "ditkit_queue_depth") == 0
+            assert (await c.post("/v1/generate", json={"labels": [9], **FAST})).status_code == 200
+    asyncio.run(main())
+
+
+def test_deadline_is_504_and_leaves_the_queue(model):
+    async def main():
+        app = create_app(model=model, settings=settings(timeout_s=0.3))
+        svc = app.state.service
+        async with asgi_client(app) as c:
+            svc.batcher.pause()
+            t0 = time.monotonic()
+            r = await c.post("/v1/generate", json={"labels": [1], **FAST})
+            assert r.status_code == 504 and 0.3 <= time.monotonic() - t0 < 5, r.text
+            assert svc.batcher.queue_depth == 0
+            svc.batcher.resume()
+            assert (await c.post("/v1/generate", json={"labels": [1], **FAST})).status_code == 200
+            text = (await c.get("/metrics")).text
+            assert metric(text, "ditkit_rejections_total", reason="deadline") == 1
+    asyncio.run(main())
+
+
+def test_client_disconnect_cancels_the_work_then_the_server_recovers(model):
+    async def main():
+        app = create_app(model=model, settings=settings())
+        svc = app.state.service
+        async with live_server(app) as (_, _, url):
+            port = int(url.rsplit(":", 1)[1])
+            svc.batcher.pause()
+            body = json.dumps({"labels": [2], "num_samples": 4, **FAST}).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            await wait_for(lambda: svc.batcher.queue_depth == 1, what="the request queued")
+            writer.close()  # the client goes away
+            await wait_for(lambda: svc.batcher.queue_depth == 0 and svc.inflight == 0, what="the work dropped")
+            svc.batcher.resume()
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                r = await c.post("/v1/generate", json={"labels": [2], **FAST})
+                assert r.status_code == 200
+                text = (await c.get("/metrics")).text
+            assert metric(text, "ditkit_rejections_total", reason="client_disconnected") == 1
+            assert metric(text, "ditkit_batch_size_images_sum") == 1  # the abandoned 4 images never ran
+
+            # A client that leaves mid-batch: its batch (nobody else's) is aborted between two steps.
+            seen = []
+            original = svc.batcher.run_batch
+
+            def slow(batch):
+                seen.append(batch)
+                return original(batch)
+            svc.batcher.run_batch = slow
+            body = json.dumps({"labels": [2], "num_samples": 16, "steps": 1000}).encode()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            await wait_for(lambda: svc.batcher._busy, what="the batch running")
+            t0 = time.monotonic()
+            writer.close()
+            await wait_for(lambda: svc.batcher.idle, what="the batch aborted")
+            assert time.monotonic() - t0 < 10 and seen[-1].abandoned()
+            svc.batcher.run_batch = original
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                assert (await c.post("/v1/generate", json={"labels": [2], **FAST})).status_code == 200
+    asyncio.run(main())
+
+
+def test_same_seed_same_image_under_concurrent_load(model):
+    """Each request alone, then all at once (batched together, with mixed labels, guidance and seeds,
+    plus duplicates): every request gets its images back.
+
+    CPU matmul kernels for very small batches (M < 16 rows, e.g. the conditioning MLP on B images) sum
+    in another order than for larger ones, so floats agree to ~1e-6, not bit for bit; after rounding to
+    8 bits a rare pixel may land one level apart. The check allows that and nothing more.
+    """
+    requests = [{"labels": [d % 10], "num_samples": 1 + d % 3, "seed": 1000 + d, "guidance_scale": [1.0, 2.5, 4.0][d % 3],
+                 "format": "json", **FAST} for d in range(8)]
+
+    async def main():
+        app = create_app(model=model, settings=settings(max_wait_ms=50))
+        svc = app.state.service
+        async with asgi_client(app) as c:
+            alone = []
+            for body in requests:
+                r = await c.post("/v1/generate", json=body)
+                alone.append(r.json())
+            svc.batcher.pause()  # let every request arrive before the first batch
+            tasks = [asyncio.create_task(c.post("/v1/generate", json=b)) for b in requests + requests]
+            await wait_for(lambda: svc.batcher.queue_depth == len(tasks), what="all requests queued")
+            svc.batcher.resume()
+            together = [r.json() for r in await asyncio.gather(*tasks)]
+            text = (await c.get("/metrics")).text
+        assert metric(text, "ditkit_batch_size_images_count") == len(requests) + 1  # 8 alone + 1 batch of all
+        for i, res in enumerate(together):
+            ref = alone[i % len(requests)]
+            assert res["seeds"] == ref["seeds"] and res["labels"] == ref["labels"]
+            for a, b in zip(ref["images"], res["images"]):
+                pa, pb = png_pixels(base64.b64decode(a)).astype(int), png_pixels(base64.b64decode(b)).astype(int)
+                assert np.abs(pa - pb).max() <= 1 and (pa != pb).mean() < 0.01, i
+        for i in range(len(requests)):  # identical requests in the same batch: identical bytes
+            assert together[i]["images"] == together[i + len(requests)]["images"]
+    asyncio.run(main())
+
+
+def test_batcher_groups_by_sampler_and_steps_and_splits_large_requests():
+    """The batching rules on a stand-in model: image b's value encodes (label, seed, scale)."""
+    ran: list[Batch] = []
+
+    def run(batch: Batch) -> np.ndarray:
+        ran.append(batch)
+        return np.array([[[[lab, seed % 251, int(s * 10)]]] for lab, seed, s in
+                         zip(batch.labels, batch.seeds, batch.scales)], dtype=np.uint8)
+
+    def job(label, n, sampler="euler", steps=3, scale=1.0, seed=0):
+        return Job([label] * n, [seed + i for i in range(n)], [scale] * n, sampler, steps)
+
+    async def main():
+        b = Batcher(run, max_batch_size=4, max_wait_ms=1000, max_queue=10)
+        b.start()
+        b.pause()
+        jobs = [job(1, 2), job(2, 1, sampler="heun"), job(3, 3, scale=2.0, seed=10), job(4, 1, steps=5),
+                job(5, 1, sampler="heun")]
+        futs = [b.submit(j) for j in jobs]
+        with pytest.raises(QueueFull):
+            for _ in range(10):
+                b.submit(job(9, 1))
+        for j in list(b._queue)[len(jobs):]:
+            b.cancel(j)
+        assert b.queue_depth == len(jobs)
+        b.resume()
+        out = await asyncio.wait_for(asyncio.gather(*futs), 10)
+        await b.stop()
+        keys = [(x.sampler, x.steps, len(x)) for x in ran]
+        # oldest first; same (sampler, steps) together; the 3-image request split 2 + 1 across batches
+        assert keys == [("euler", 3, 4), ("heun", 3, 2), ("euler", 3, 1), ("euler", 5, 1)], keys
+        assert ran[0].labels == [1, 1, 3, 3] and ran[2].labels == [3]
+        np.testing.assert_array_equal(out[2][:, 0, 0], [[3, 10, 20], [3, 11, 20], [3, 12, 20]])
+        assert all(len(o) == j.n for o, j in zip(out, jobs))
+
+    asyncio.run(main())
+
+
+def test_max_batch_size_one_turns_batching_off(model):
+    async def main():
+        app = create_app(model=model, settings=settings(max_batch_size=1))
+        svc = app.state.service
+        async with asgi_client(app) as c:
+            svc.batcher.pause()
+            tasks = [asyncio.create_task(c.post("/v1/generate", json={"labels": [i], "num_samples": 2, "seed": i,
+                                                                      "format": "json", **FAST})) for i in range(2)]
+            await wait_for(lambda: svc.batcher.queue_depth == 2, what="queued")
+            svc.batcher.resume()
+            res = [r.json() for r in await asyncio.gather(*tasks)]
+            text = (await c.get("/metrics")).text
+        assert metric(text, "ditkit_batch_size_images_count") == 4 and metric(text, "ditkit_batch_size_images_sum") == 4
+        ref = library_images(model, [1, 1], 1, 1.0, steps=3)
+        got = np.stack([png_pixels(base64.b64decode(s)) for s in res[1]["images"]])
+        assert np.abs(got.astype(int) - ref).max() <= 1
+    asyncio.run(main())
+
+
+# -------------------------------------------------------------------------------------------------
+# Lifecycle
+# -------------------------------------------------------------------------------------------------
+def test_sigterm_drains_in_flight_work(model):
+    async def main():
+        app = create_app(model=model, settings=settings(grace_s=20))
+        svc = app.state.service
+        async with live_server(app) as (server, task, url):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                svc.batcher.pause()
+                in_flight = asyncio.create_task(c.post("/v1/generate", json={"labels": [5], **FAST}))
+                await wait_for(lambda: svc.batcher.queue_depth == 1, what="the request queued")
+                assert signal.getsignal(signal.SIGTERM) == server.handle_exit  # never kill the test run
+                os.kill(os.getpid(), signal.SIGTERM)
+                await wait_for(lambda: svc.state == "draining", what="draining")
+                r = await c.get("/readyz")
+                assert r.status_code == 503 and r.json()["status"] == "draining"
+                assert (await c.get("/healthz")).status_code == 200
+                r = await c.post("/v1/generate", json={"labels": [5], **FAST})
+                assert r.status_code == 503 and "retry-after" in r.headers
+                assert not task.done()  # still serving while the admitted request waits
+                svc.batcher.resume()
+                assert (await in_flight).status_code == 200
+            await asyncio.wait_for(task, 15)  # then the server exits by itself
+        assert svc.state == "stopped"
+    asyncio.run(main())
+
+
+def test_app_loads_a_checkpoint_itself(tiny_run):
+    async def main():
+        app = create_app(ckpt=tiny_run, settings=settings())
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                await wait_for(lambda: app.state.service.state != "loading", what="loading")
+                assert (await c.get("/readyz")).status_code == 200
+                assert (await c.post("/v1/generate", json={"prompt": "two", **FAST})).status_code == 200
+        bad = create_app(ckpt="/nonexistent/run", settings=settings())
+        async with bad.router.lifespan_context(bad):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=bad), base_url="http://t") as c:
+                await wait_for(lambda: bad.state.service.state != "loading", what="loading")
+                r = await c.get("/readyz")
+                assert r.status_code == 503 and r.json()["status"] == "failed"
+                assert (await c.get("/healthz")).status_code == 200
+                assert (await c.post("/v1/generate", json={"prompt": "two"})).status_code == 503
+    asyncio.run(main())
+
+
+def test_cli_serve_runs_and_exits_cleanly_on_sigterm(tiny_run, tmp_path):
+    from ditkit.cli import main as cli_main
+
+    assert cli_main(["serve", "--ckpt", str(tmp_path / "missing")]) in (1, 2)
+    with pytest.raises(SystemExit):
+        cli_main(["serve", "--ckpt", str(tiny_run), "--rate-limit", "-1"])
+
+    sock = free_socket()  # a port that is free now; the child binds it after we let go
+    port = sock.getsockname()[1]
+    sock.close()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DITKIT_API_KEYS="env-key-123")
+    proc = subprocess.Popen([sys.executable, "-m", "ditkit", "serve", "--ckpt", str(tiny_run), "--port", str(port),
+                             "--threads", "1", "--grace-s", "10", "--no-access-log", "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 60
+        while time.monotonic() < end and proc.poll() is None:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        r = httpx.post(url + "/v1/generate", json={"prompt": "one", **FAST}, headers={"X-API-Key": "env-key-123"},
+                       timeout=30)
+        assert r.status_code == 200 and r.content[:4] == b"\x89PNG"
+        assert httpx.post(url + "/v1/generate", json={"prompt": "one"}, timeout=30).status_code == 401
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert f"http://127.0.0.1:{port}" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -------------------------------------------------------------------------------------------------
+# The playground page, in a real browser
+# -------------------------------------------------------------------------------------------------
+class _CDP:
+    """Just enough of the Chrome DevTools Protocol: commands by id, events ignored."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self.next_id = 0
+
+    async def call(self, method: str, session: str | None = None, **params):
+        self.next_id += 1
+        msg = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            msg["sessionId"] = session
+        await self.ws.send(json.dumps(msg))
+        while True:
+            reply = json.loads(await asyncio.wait_for(self.ws.recv(), 30))
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise AssertionError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+
+def test_playground_page_in_headless_chromium(model, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (Debian package 'chromium')")
+    websockets = pytest.importorskip("websockets")
+    app = create_app(model=model, settings=settings(rate_limit=10, burst=5))
+    with server_thread(app) as url:
+        html = httpx.get(url + "/").text
+        assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "the page must load nothing remote"
+        assert "default-src 'none'" in httpx.get(url + "/").headers["content-security-policy"]
+
+        profile = tmp_path / "chromium"
+        proc = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-dev-shm-usage", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+             f"--user-data-dir={profile}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            port_file = profile / "DevToolsActivePort"
+            end = time.monotonic() + 60
+            while not (port_file.exists() and len(port_file.read_text().split()) >= 2):
+                assert time.monotonic() < end and proc.poll() is None, "chromium did not start"
+                time.sleep(0.1)
+            port, path = port_file.read_text().split()[:2]
+
+            async def drive() -> dict:
+                async with websockets.connect(f"ws://127.0.0.1:{port}{path}", max_size=2**24) as ws:
+                    cdp = _CDP(ws)
+                    target = await cdp.call("Target.createTarget",
+                                            url=f"{url}/?auto=1&label=7&n=2&steps=3&guidance=3&seed=42")
+                    session = (await cdp.call("Target.attachToTarget", targetId=target["targetId"],
+                                              flatten=True))["sessionId"]
+                    probe = ("JSON.stringify({state: document.getElementById('status')?.dataset.state || '',"
+                             " text: document.getElementById('status')?.textContent || '',"
+                             " imgs: [...document.querySelectorAll('img.result')].map(i => ({src: i.src,"
+                             " w: i.naturalWidth, h: i.naturalHeight}))})")
+                    end = time.monotonic() + 60
+                    while time.monotonic() < end:
+                        res = await cdp.call("Runtime.evaluate", session, expression=probe, returnByValue=True)
+                        page = json.loads(res["result"].get("value") or "{}")
+                        if page.get("state") in ("done", "error") and (page["imgs"] or page["state"] == "error"):
+                            if all(i["w"] for i in page["imgs"]):
+                                return page
+                        await asyncio.sleep(0.2)
+                    raise AssertionError(f"the page produced no image: {page}")
+
+            page = asyncio.run(drive())
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # chromium and its helpers: the session we started
+            proc.wait()
+    assert page["state"] == "done", page["text"]
+    assert len(page["imgs"]) == 2 and "seed 42" in page["text"]
+    for img in page["imgs"]:
+        assert img["src"].startswith("data:image/png;base64,") and (img["w"], img["h"]) == (28, 28)
+        pixels = png_pixels(base64.b64decode(img["src"].split(",", 1)[1]))
+        assert pixels.shape == (28, 28) and pixels.std() > 0
+    ref = library_images(model, [7, 7], 42, 3.0, steps=3)
+    got = png_pixels(base64.b64decode(page["imgs"][0]["src"].split(",", 1)[1]))
+    np.testing.assert_array_equal(got, ref[0])
+
+
+# -------------------------------------------------------------------------------------------------
+# Property-based fuzzing of the OpenAPI schema
+# -------------------------------------------------------------------------------------------------
+def test_openapi_fuzz_no_server_errors(model):
+    """schemathesis draws valid and invalid requests for every operation from /openapi.json; none may get
+    a 5xx, every status code and body must be the documented ones, and invalid data must be refused."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (content_type_conformance, negative_data_rejection,
+                                                   response_schema_conformance, status_code_conformance)
+
+    app = create_app(model=model, settings=settings(max_steps=3, max_num_samples=4, rate_limit=0))
+    with server_thread(app) as url:
+        schema = schemathesis.openapi.from_url(url + "/openapi.json")
+        ops = [result.ok() for result in schema.get_all_operations()]
+        assert {op.path for op in ops} >= {"/v1/generate", "/v1/model", "/healthz", "/readyz", "/metrics"}
+        strategy = st.one_of([op.as_strategy(generation_mode=mode) for op in ops
+                              for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
+        statuses: dict[int, int] = {}
+        checks = [not_a_server_error, status_code_conformance, content_type_conformance,
+                  response_schema_conformance, negative_data_rejection]
+
+        @hsettings(max_examples=150, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def fuzz(case):
+            response = case.call(base_url=url, timeout=30)
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            case.validate_response(response, checks=checks)
+
+        fuzz()
+    assert not any(code >= 500 for code in statuses), statuses
+    assert statuses.get(200, 0) > 10 and statuses.get(422, 0) > 10, statuses

@@ -1,0 +1,161 @@
+"""Training: checkpoints, bit-exact resume (also after kill -9), per-image seeds, the CLI's errors,
+and an integration run on real MNIST digits."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ditkit.cli import main as cli_main
+from ditkit.errors import DitkitError, UsageError
+from ditkit.sampling import generate, load_model
+from ditkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_weights
+from ditkit.train.config import TrainConfig
+from ditkit.train.loop import train
+
+SMALL = dict(model="DiT-T/4", batch_size=16, warmup_steps=5, log_every=1, sample_every=0, progress=False,
+             subset=512, threads=1)
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_checkpoint_round_trip(tiny_run):
+    ck = latest_checkpoint(tiny_run)
+    assert ck.name == "step_0000040" and [p.name for p in list_checkpoints(tiny_run)] == ["step_0000020", "step_0000040"]
+    cfg = json.loads((tiny_run / "config.json").read_text())
+    assert cfg["model"]["depth"] == 4 and cfg["objective"]["name"] == "linear" and cfg["data"]["shape"] == [1, 28, 28]
+    m = load_model(tiny_run, weights="model")
+    ref = load_weights(ck, "model")
+    for k, v in m.net.state_dict().items():
+        assert torch.equal(v, ref[k]), k
+    ema = load_model(tiny_run)  # EMA by default, and it differs from the raw weights
+    assert any(not torch.equal(a, b) for a, b in zip(ema.net.state_dict().values(), m.net.state_dict().values()))
+    rec = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "epoch", "loss", "grad_norm", "lr", "img_per_s", "elapsed_s"} <= set(rec)
+    assert (tiny_run / "samples").is_dir()
+
+
+def test_resume_is_bit_exact(tmp_path):
+    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=12, ckpt_every=0, **SMALL))
+    part = TrainConfig(out=str(tmp_path / "part"), max_steps=5, ckpt_every=0, **SMALL)
+    train(part)
+    part.max_steps = 12
+    train(part, resume=True)
+    assert losses(full) == losses(tmp_path / "part")
+    a, b = load_weights(latest_checkpoint(full), "ema"), load_weights(latest_checkpoint(tmp_path / "part"), "ema")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_after_kill_9(tmp_path):
+    """Kill the trainer with SIGKILL mid-run, resume from the last checkpoint: the same loss at every step."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "ditkit", "train", "--subset", "512", "--batch-size", "16", "--warmup-steps", "5",
+            "--log-every", "1", "--sample-every", "0", "--no-progress", "--threads", "1", "--max-steps", "30"]
+    ref = tmp_path / "ref"
+    subprocess.run(args + ["--out", str(ref), "--ckpt-every", "0"], check=True, env=env, capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(run), "--ckpt-every", "4"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ck = latest_checkpoint(run) if (run / "checkpoints").exists() else None
+        if ck is not None and int(ck.name.split("_")[1]) >= 12:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_checkpoint(run) is not None
+    r = subprocess.run(args + ["--out", str(run), "--ckpt-every", "4", "--resume"], env=env, capture_output=True)
+    assert r.returncode == 0, r.stderr.decode()
+    assert losses(ref) == losses(run)
+
+
+def test_resume_refuses_changed_settings(tiny_run, tmp_path):
+    run = train(TrainConfig(out=str(tmp_path / "r"), max_steps=2, ckpt_every=0, **SMALL))
+    with pytest.raises(UsageError, match="lr"):
+        train(TrainConfig(out=str(run), max_steps=4, ckpt_every=0, **{**SMALL, "lr": 5e-4}), resume=True)
+    with pytest.raises(DitkitError, match="already holds a run"):
+        train(TrainConfig(out=str(run), max_steps=4, ckpt_every=0, **SMALL))
+    with pytest.raises(DitkitError, match="not a run folder"):
+        train(TrainConfig(out=str(tmp_path / "nothing"), max_steps=4, **SMALL), resume=True)
+
+
+@pytest.mark.parametrize("sampler,steps", [("dpm++2m", 4), ("ddpm", 5), ("heun", 3)])
+def test_image_depends_only_on_seed_and_index(tiny_run, sampler, steps):
+    m = load_model(tiny_run)
+    kw = dict(num=5, labels="all", seed=7, sampler=sampler, steps=steps, cfg_scale=2.0)
+    a = generate(m, batch_size=5, **kw)
+    b = generate(m, batch_size=2, **kw)
+    assert np.array_equal(a["images"], b["images"])
+    c = generate(m, batch_size=1, **{**kw, "num": 3})
+    assert np.array_equal(a["images"][:3], c["images"])  # image i does not depend on how many were asked
+    d = generate(m, batch_size=5, **{**kw, "seed": 8})
+    assert not np.array_equal(a["images"], d["images"])
+
+
+def test_sample_cli_writes_png_and_npz(tiny_run, tmp_path, capsys):
+    npz, png = tmp_path / "s.npz", tmp_path / "s.png"
+    assert cli_main(["sample", "--ckpt", str(tiny_run), "--out", str(npz), "--out", str(png), "--num", "6",
+                     "--labels", "0,1,2", "--steps", "3"]) == 0
+    z = np.load(npz)
+    assert z["images"].dtype == np.uint8 and z["images"].shape == (6, 28, 28, 1)
+    assert z["labels"].dtype == np.int64 and z["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(argv) -> int:
+    try:
+        return cli_main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return int(e.code)
+
+
+@pytest.mark.parametrize("argv,needle,code", [
+    (["train", "--model", "DiT-Z/9"], "invalid choice", 2),
+    (["train", "--batch-size", "0"], "--batch-size must be >= 1", 2),
+    (["train", "--lr", "nan"], "--lr must be a finite number", 2),
+    (["train", "--objective", "edm"], "invalid choice", 2),
+    (["train", "--bogus"], "unrecognized arguments", 2),
+    (["train", "--dataset", "/nonexistent/folder", "--out", "{tmp}/r"], "mnist", 1),
+    (["sample", "--ckpt", "/nonexistent/run", "--out", "x.png"], "no such folder", 1),
+    (["sample", "--ckpt", "{tmp}", "--out", "x.png"], "not a ditkit run folder", 1),
+    (["sample", "--ckpt", "{run}", "--out", "x.gif"], "must end in .png or .npz", 2),
+    (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--labels", "12"], "class ids must be in 0..9", 2),
+    (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--labels", "a,b"], "--labels", 2),
+    (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--sampler", "magic"], "invalid choice", 2),
+    (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--steps", "0"], "--steps must be >= 1", 2),
+    (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--cfg-scale", "-1"], "--cfg-scale must be >= 0", 2),
+    (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--cfg-scale", "nan"], "finite", 2),
+    (["data", "mnist", "--idx-dir", "/nonexistent", "--cache-dir", "{tmp}/c"], "/nonexistent", 1),
+])
+def test_cli_bad_inputs_exit_nonzero_with_one_clear_line(argv, needle, code, tiny_run, tmp_path, capsys):
+    rc = run_cli([a.format(run=tiny_run, tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == code, err
+    assert needle in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
+    assert not (tmp_path / "c" / "mnist").exists() or not any((tmp_path / "c" / "mnist").iterdir())
+
+
+def test_steps_above_training_steps_refused(tiny_ddpm_run, tmp_path, capsys):
+    rc = cli_main(["sample", "--ckpt", str(tiny_ddpm_run), "--out", str(tmp_path / "x.png"), "--steps", "1001"])
+    assert rc == 2 and "between 1 and 1000" in capsys.readouterr().err
+
+
+def test_integration_loss_falls_on_real_mnist(tmp_path):
+    """DiT-T/4 on 2,000 real MNIST digits: the loss falls well below its start within 150 steps."""
+    run = train(TrainConfig(out=str(tmp_path / "it"), model="DiT-T/4", batch_size=32, max_steps=150,
+                            warmup_steps=20, log_every=10, ckpt_every=0, sample_every=0, progress=False, subset=2000))
+    ls = [l for _, l in losses(run)]
+    assert np.mean(ls[-3:]) < 0.6 * ls[0], ls
