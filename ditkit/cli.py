@@ -115,6 +115,9 @@ def _add_train(sub) -> None:
     p.add_argument("--weight-decay", type=_float("--weight-decay", 0), default=d.weight_decay)
     p.add_argument("--beta2", type=_float("--beta2", 0, True), default=d.beta2, help="AdamW beta2")
     p.add_argument("--warmup-steps", type=_nonneg_int("--warmup-steps"), default=d.warmup_steps)
+    p.add_argument("--lr-decay", type=_float("--lr-decay", 0), default=d.lr_decay,
+                   help="fraction of the run, at its end, over which the lr decays linearly to 0 "
+                        "(with only --max-minutes, the step count is planned from the measured speed)")
     p.add_argument("--grad-clip", type=_float("--grad-clip", 0), default=d.grad_clip, help="0 = off")
     p.add_argument("--ema-decay", type=_float("--ema-decay", 0), default=d.ema_decay)
     p.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false")

@@ -36,6 +36,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     beta2: float = 0.99
     warmup_steps: int = 200
+    lr_decay: float = 0.0  # fraction of the run (at its end) over which the lr falls linearly to 0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
@@ -74,6 +75,7 @@ class TrainConfig:
         need(self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0")
         need(0 < self.beta2 < 1, f"--beta2 {self.beta2}: must be in (0, 1)")
         need(self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")
+        need(0 <= self.lr_decay <= 1, f"--lr-decay {self.lr_decay}: must be in [0, 1] (a fraction of the run)")
         need(self.grad_clip >= 0, f"--grad-clip {self.grad_clip}: must be >= 0 (0 = off)")
         need(0 <= self.ema_decay < 1, f"--ema-decay {self.ema_decay}: must be in [0, 1)")
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps {self.max_steps}: must be >= 1")

@@ -31,7 +31,8 @@ from .ema import EMA
 
 log = logging.getLogger(__name__)
 
-GRID_SEED = 1234  # fixed seeds for the sample grids, so grids of different steps compare
+GRID_SEED = 1234
+PLAN_AFTER_STEPS = 30  # with only --max-minutes and --lr-decay: measure this many steps, then plan the run  # fixed seeds for the sample grids, so grids of different steps compare
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -131,12 +132,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     objective = build_objective(config["objective"])
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # all training noise: t, eps, label dropout
 
-    step, epoch, pos, elapsed_before = 0, 0, 0, 0.0
+    step, epoch, pos, elapsed_before, planned = 0, 0, 0, 0.0, None
     if ckpt is not None:
         state, rng = load_training_state(ckpt, model, ema.model, opt)
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
         ema.num_updates = state["ema_updates"]
         elapsed_before = state.get("elapsed_s", 0.0)
+        planned = state.get("planned_steps")
         gen.set_state(rng["gen"])
         log.info("resumed from %s (step %d)", ckpt, step)
     if dist.is_main:
@@ -150,12 +152,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
         limits.append(math.ceil(cfg.epochs * steps_per_epoch))
     total_steps = min(limits) if limits else None
     deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    if total_steps is not None:
+        planned = total_steps
+    plan_at = step + PLAN_AFTER_STEPS if planned is None and cfg.lr_decay > 0 else None
+
+    def lr_at(step: int) -> float:
+        """Linear warm-up, constant, then (with --lr-decay) a linear decay to 0 over the run's last part."""
+        w = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.lr_decay > 0 and planned:
+            start = planned * (1 - cfg.lr_decay)
+            if step >= start:
+                w *= max(0.0, (planned - step) / max(planned - start, 1.0))
+        return cfg.lr * w
 
     def checkpoint_now() -> None:
         if dist.is_main:
             save_checkpoint(run_dir, step, model, ema.model, opt,
                             dict(epoch=epoch, pos=pos, ema_updates=ema.num_updates,
-                                 elapsed_s=elapsed_before + time.monotonic() - t_start, world_size=dist.world_size),
+                                 elapsed_s=elapsed_before + time.monotonic() - t_start, world_size=dist.world_size,
+                                 planned_steps=planned),
                             {"gen": gen.get_state()}, keep=cfg.keep_checkpoints)
         dist.barrier()
 
@@ -177,7 +192,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     amp = cfg.precision == "bf16" and device.type == "cuda"
     model.train()
     try:
-        while (total_steps is None or step < total_steps) and (deadline is None or time.monotonic() < deadline):
+        while (planned is None or step < planned) and (deadline is None or time.monotonic() < deadline):
             idx = perm[pos * B:(pos + 1) * B]
             x, y = data.batch(idx[lo:hi])
             x, y = x.to(device, non_blocking=True), y.to(device)
@@ -185,7 +200,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
                 else Condition.none(local_B)
             noise = objective.sample_noise(B, shape, gen)  # the global batch's randomness, then our share
             noise = {k: v[lo:hi] for k, v in noise.items()}
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            if plan_at is not None and step == plan_at:
+                # Only a time limit: plan the step count from the speed so far, once, and keep it in
+                # the checkpoints (a resumed run follows the same plan).
+                sec_per_step = (time.monotonic() - t_start) / PLAN_AFTER_STEPS
+                planned = step + int(0.98 * (deadline - time.monotonic()) / sec_per_step)
+                plan_at = None
+                if bar is not None:
+                    bar.total = planned
+            lr = lr_at(step)
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -237,6 +260,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
         bar.close()
     checkpoint_now()
     grid_now()
+    if dist.is_main:
+        from ..viz.plots import plot_loss
+        plot_loss(run_dir)
     return run_dir
 
 

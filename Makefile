@@ -1,0 +1,36 @@
+# ditkit — the two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DITKIT := $(VENV)/bin/ditkit
+DEMO_RUN ?= runs/demo
+DEMO_MINUTES ?= 10
+
+.PHONY: install data demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+data: install
+	$(DITKIT) data mnist
+
+# About DEMO_MINUTES of CPU training of the default recipe, then a guided sample grid and the loss curve.
+demo: data
+	rm -rf $(DEMO_RUN)
+	$(DITKIT) train --out $(DEMO_RUN) --max-minutes $(DEMO_MINUTES)
+	$(DITKIT) sample --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/grid.png --out $(DEMO_RUN)/samples.npz \
+		--num 100 --labels all --cfg-scale 2.0
+	@echo "grid: $(DEMO_RUN)/grid.png   loss curve: $(DEMO_RUN)/loss.png   run folder: $(DEMO_RUN)"
+
+test: install
+	bash scripts/ensure-chromium.sh
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

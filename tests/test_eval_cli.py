@@ -1,0 +1,42 @@
+"""`ditkit eval`: on a run, on an .npz of samples, and its errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ditkit.cli import main as cli_main
+from ditkit.data import load_mnist
+
+
+def test_eval_samples_npz_of_real_digits(tmp_path, capsys):
+    x, y = load_mnist("test")
+    f = tmp_path / "real.npz"
+    np.savez(f, images=x[:500, :, :, None], labels=y[:500])
+    assert cli_main(["eval", "--samples", str(f), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n"] == 500 and res["class_accuracy"]["value"] > 0.98
+    assert res["fid_ratio"] < 1.5  # real test digits sit at the real-data floor
+    assert "not Inception" in res["note"] or "Inception" in res["note"]
+
+
+def test_eval_checkpoint_writes_result_for_the_report(tiny_run, capsys):
+    assert cli_main(["eval", "--ckpt", str(tiny_run), "--num", "40", "--steps", "2", "--cfg-scale", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "FID" in out and "class accuracy" in out and "n = 40" in out
+    files = list((tiny_run / "eval").glob("*.json"))
+    assert files and json.loads(files[0].read_text())["checkpoint_step"] == 40
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval"], "exactly one of --ckpt"),
+    (["eval", "--samples", "/nonexistent.npz"], "no such file"),
+    (["eval", "--samples", "{bad}"], "no 'images' array"),
+    (["eval", "train-classifier"], "needs --out"),
+])
+def test_eval_errors(argv, needle, tmp_path, capsys):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, pictures=np.zeros((3, 28, 28), np.uint8))
+    rc = cli_main([a.format(bad=bad) for a in argv])
+    err = capsys.readouterr().err
+    assert rc in (1, 2) and needle in err and "Traceback" not in err
