@@ -13,21 +13,20 @@ Architecture (`MnistClassifier`), input (B, 1, 28, 28) in [0, 1]:
     flatten · linear(576→128)               → (B, 128)  = the FID features (pre-activation)
     ReLU · dropout · linear(128→10)         → (B, 10)   logits
 
-The features are taken *before* the ReLU: post-ReLU features of a small net have units that are
-zero on every digit, which makes the 128×128 covariance singular and its matrix square root
-ill-conditioned.
+The features are taken *before* the ReLU: after it, 22 of the 128 units of the shipped weights are
+zero on all 10k test digits, which makes the covariance singular and its matrix square root
+ill-conditioned; before it, the smallest covariance eigenvalue is 0.007 (measured).
 
 Training (`train_classifier`): AdamW + one-cycle learning rate, batch 128, random ±2 px shifts,
 one seeded torch.Generator for the data order and the shifts, the model init and dropout under a
 forked, seeded global RNG, `torch.use_deterministic_algorithms(True)`. Two runs with the same
 arguments on the same machine and thread count give bit-identical weights (tested).
-Reproduce the shipped weights with
-    python -m ditkit.eval.classifier --epochs 5 --out ditkit/eval/weights/mnist_classifier.safetensors
+Reproduce the shipped weights with `ditkit eval train-classifier --epochs 5 --out FILE.safetensors`, i.e.
+`train_classifier(epochs=5, seed=0, out=FILE)`, with torch.set_num_threads(2).
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import sys
@@ -48,10 +47,15 @@ from ..utils import atomic_write_bytes
 
 WEIGHTS_PATH = Path(__file__).with_name("weights") / "mnist_classifier.safetensors"
 # sha256 of the shipped weights file, checked before every default load.
-CLASSIFIER_SHA256 = "__FILL_ME__"
+CLASSIFIER_SHA256 = "1625b525cb94b1840f7e06b9b1dd6873b097f24048b30cef43b2fefb75ca93a7"
 
-# What the shipped weights achieved when they were trained (python -m ditkit.eval.classifier).
-TRAINING_RECORD = """__FILL_ME__"""
+# What the shipped weights achieved when they were trained (train_classifier(epochs=5, seed=0, out=...)).
+TRAINING_RECORD = """\
+ditkit-mnist-cnn-v1, 131,050 parameters (527 KB of float32 safetensors), seed 0, 5 epochs at batch 128,
+torch 2.13.0 CPU, 2 threads: test accuracy 99.52% on the 10,000 MNIST test digits (48 errors).
+Training time: epoch 1, with the 2 cores to ourselves, took 36 s (so about 3 minutes for 5 epochs);
+the recorded run as a whole took 1091 s wall (851 s CPU) because the 2-core machine was then shared
+with other jobs (load average 5-7) for epochs 2-5."""
 
 MODEL_NAME = "ditkit-mnist-cnn-v1"
 FEATURE_DIM = 128
@@ -60,6 +64,8 @@ IMAGE_HW = (28, 28)
 # MNIST training-set pixel mean and std in [0, 1]: inputs are standardised inside the network.
 PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
 DEFAULT_EPOCHS = 5
+# Inference batch: on CPU, 100 images (~2.5 MB activations per layer) stay in cache; 500 ran ~1.7× slower.
+DEFAULT_BATCH = 100
 
 
 class ImageInputError(DitkitError, ValueError):
@@ -140,6 +146,12 @@ class MnistClassifier(nn.Module):
         self.head = nn.Linear(FEATURE_DIM, NUM_CLASSES)
         self.sha256: str | None = None  # of the weights file it came from (set by load/train)
 
+    def for_inference(self) -> "MnistClassifier":
+        """Eval mode, no gradients, conv weights in channels_last: with (B, 1, 28, 28) inputs the
+        CPU convolutions then run ~2× faster (measured, batch 100, one thread); outputs agree with
+        the default layout to ~1e-5 relative. Training keeps the default layout (reproducibility)."""
+        return self.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, 28, 28) in [0, 1] → (B, 128) pre-activation features."""
         x = (x - PIXEL_MEAN) / PIXEL_STD
@@ -193,8 +205,7 @@ def load_classifier(path: str | Path | None = None, sha256: str | None = None) -
     except RuntimeError as e:
         raise DitkitError(f"classifier weights {path}: not {MODEL_NAME} weights ({e})") from None
     model.sha256 = digest
-    model.eval().requires_grad_(False)
-    return model
+    return model.for_inference()
 
 
 @functools.lru_cache(maxsize=1)
@@ -224,13 +235,13 @@ def _run(images: Any, model: MnistClassifier | None, batch_size: int, fn: str) -
         model.train(was_training)
 
 
-def classify(images: Any, model: MnistClassifier | None = None, batch_size: int = 500) -> np.ndarray:
+def classify(images: Any, model: MnistClassifier | None = None, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
     """Predicted digit of each image: (N,) int64."""
     logits = _run(images, model, batch_size, "logits")
     return torch.cat(logits).argmax(dim=1).numpy().astype(np.int64)
 
 
-def features(images: Any, model: MnistClassifier | None = None, batch_size: int = 500) -> np.ndarray:
+def features(images: Any, model: MnistClassifier | None = None, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
     """The 128-d penultimate features of each image: (N, 128) float64 (the FID space)."""
     return torch.cat(_run(images, model, batch_size, "features")).double().numpy()
 
@@ -332,7 +343,7 @@ def train_classifier(
     finally:
         torch.use_deterministic_algorithms(deterministic_before)
     train_s = time.perf_counter() - start
-    model.eval().requires_grad_(False)
+    model.for_inference()
     acc = _accuracy(model, x_test, y_test)
     if progress:
         print(f"classifier test accuracy {acc:.4%} on {len(y_test)} digits, trained in {train_s:.0f} s",
@@ -344,19 +355,3 @@ def train_classifier(
         model.sha256 = hashlib.sha256(data).hexdigest()
     return model, acc
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ditkit.eval.classifier", description=__doc__.splitlines()[0])
-    p.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="where to write the .safetensors weights")
-    args = p.parse_args(argv)
-    start = time.perf_counter()
-    model, acc = train_classifier(epochs=args.epochs, seed=args.seed, out=args.out)
-    print(f"test accuracy {acc:.4%}, {time.perf_counter() - start:.0f} s with {torch.get_num_threads()} threads, "
-          f"sha256 {model.sha256}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
