@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +20,6 @@ import sys
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -174,8 +172,8 @@ def test_probes_docs_and_metrics(model):
             assert "adaptive" not in info["samplers"] and "dpm++2m" in info["samplers"]
             spec = (await c.get("/openapi.json")).json()
             body = spec["components"]["schemas"]["GenerateRequest"]["properties"]
-            assert body["num_samples"]["anyOf"][0]["maximum"] == 16
-            assert body["labels"]["anyOf"][0]["items"]["maximum"] == 9
+            assert body["num_samples"]["maximum"] == 16 and body["labels"]["items"]["maximum"] == 9
+            assert set(body["sampler"]["enum"]) == set(info["samplers"])
             assert (await c.get("/docs")).status_code == 200
             r = await c.post("/v1/generate", json={"labels": [3], **FAST})
             assert r.status_code == 200
@@ -339,10 +337,9 @@ def test_rate_limit_429_per_client(model):
         # 10 requests/s with bursts of 5, the tutorial's numbers; invalid bodies still spend tokens, so no
         # model work is needed. The 6th request inside one burst window is refused.
         app = create_app(model=model, settings=settings(rate_limit=10, burst=5))
-        async with app.router.lifespan_context(app):
-            a = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.1.1.1", 1)), base_url="http://t")
+        async with asgi_client(app, client_addr=("10.1.1.1", 1)) as a:
             b = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.1.1.2", 1)), base_url="http://t")
-            async with a, b:
+            async with b:
                 codes = [(await a.post("/v1/generate", json={})).status_code for _ in range(6)]
                 assert codes[:5] == [422] * 5 and codes[5] == 429, codes
                 r = await a.post("/v1/generate", json={})
@@ -355,8 +352,8 @@ def test_rate_limit_429_per_client(model):
                 assert metric(text, "ditkit_rejections_total", reason="rate_limited") == 2
 
         app = create_app(model=model, settings=settings(rate_limit=0))  # --rate-limit 0: off
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        async with asgi_client(app) as c:
+            if True:
                 assert {(await c.post("/v1/generate", json={})).status_code for _ in range(30)} == {422}
     asyncio.run(main())
 
@@ -455,14 +452,10 @@ def test_client_disconnect_cancels_the_work_then_the_server_recovers(model):
 
 def test_same_seed_same_image_under_concurrent_load(model):
     """Each request alone, then all at once (batched together, with mixed labels, guidance and seeds,
-    plus duplicates): every request gets its images back.
-
-    CPU matmul kernels for very small batches (M < 16 rows, e.g. the conditioning MLP on B images) sum
-    in another order than for larger ones, so floats agree to ~1e-6, not bit for bit; after rounding to
-    8 bits a rare pixel may land one level apart. The check allows that and nothing more.
-    """
-    requests = [{"labels": [d % 10], "num_samples": 1 + d % 3, "seed": 1000 + d, "guidance_scale": [1.0, 2.5, 4.0][d % 3],
-                 "format": "json", **FAST} for d in range(8)]
+    plus duplicates): every request gets exactly its images back, byte for byte (DESIGN.md contract 3;
+    the layers keep CPU GEMMs batch-invariant)."""
+    requests = [{"labels": [d % 10], "num_samples": 1 + d % 3, "seed": 1000 + d,
+                 "guidance_scale": [1.0, 2.5, 4.0][d % 3], "format": "json", **FAST} for d in range(8)]
 
     async def main():
         app = create_app(model=model, settings=settings(max_wait_ms=50))
@@ -482,11 +475,7 @@ def test_same_seed_same_image_under_concurrent_load(model):
         for i, res in enumerate(together):
             ref = alone[i % len(requests)]
             assert res["seeds"] == ref["seeds"] and res["labels"] == ref["labels"]
-            for a, b in zip(ref["images"], res["images"]):
-                pa, pb = png_pixels(base64.b64decode(a)).astype(int), png_pixels(base64.b64decode(b)).astype(int)
-                assert np.abs(pa - pb).max() <= 1 and (pa != pb).mean() < 0.01, i
-        for i in range(len(requests)):  # identical requests in the same batch: identical bytes
-            assert together[i]["images"] == together[i + len(requests)]["images"]
+            assert res["images"] == ref["images"], f"request {i}: batched images differ from its images alone"
     asyncio.run(main())
 
 
@@ -503,7 +492,7 @@ def test_batcher_groups_by_sampler_and_steps_and_splits_large_requests():
         return Job([label] * n, [seed + i for i in range(n)], [scale] * n, sampler, steps)
 
     async def main():
-        b = Batcher(run, max_batch_size=4, max_wait_ms=1000, max_queue=10)
+        b = Batcher(run, max_batch_size=4, max_wait_ms=200, max_queue=10)
         b.start()
         b.pause()
         jobs = [job(1, 2), job(2, 1, sampler="heun"), job(3, 3, scale=2.0, seed=10), job(4, 1, steps=5),
@@ -541,9 +530,9 @@ def test_max_batch_size_one_turns_batching_off(model):
             res = [r.json() for r in await asyncio.gather(*tasks)]
             text = (await c.get("/metrics")).text
         assert metric(text, "ditkit_batch_size_images_count") == 4 and metric(text, "ditkit_batch_size_images_sum") == 4
-        ref = library_images(model, [1, 1], 1, 1.0, steps=3)
+        ref = library_images(model, [1, 1], 1, 1.0, steps=3)  # the library's one batch of two
         got = np.stack([png_pixels(base64.b64decode(s)) for s in res[1]["images"]])
-        assert np.abs(got.astype(int) - ref).max() <= 1
+        np.testing.assert_array_equal(got, ref)  # split into two batches of one: the same images
     asyncio.run(main())
 
 
@@ -736,7 +725,7 @@ def test_openapi_fuzz_no_server_errors(model):
         assert {op.path for op in ops} >= {"/v1/generate", "/v1/model", "/healthz", "/readyz", "/metrics"}
         strategy = st.one_of([op.as_strategy(generation_mode=mode) for op in ops
                               for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)])
-        statuses: dict[int, int] = {}
+        statuses: dict[str, dict[int, int]] = {}
         checks = [not_a_server_error, status_code_conformance, content_type_conformance,
                   response_schema_conformance, negative_data_rejection]
 
@@ -745,9 +734,11 @@ def test_openapi_fuzz_no_server_errors(model):
         @given(case=strategy)
         def fuzz(case):
             response = case.call(base_url=url, timeout=30)
-            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+            seen = statuses.setdefault(f"{case.method} {case.path}", {})
+            seen[response.status_code] = seen.get(response.status_code, 0) + 1
             case.validate_response(response, checks=checks)
 
         fuzz()
-    assert not any(code >= 500 for code in statuses), statuses
-    assert statuses.get(200, 0) > 10 and statuses.get(422, 0) > 10, statuses
+    assert not any(code >= 500 for seen in statuses.values() for code in seen), statuses
+    generate = statuses["POST /v1/generate"]
+    assert generate.get(200, 0) >= 10 and generate.get(422, 0) >= 10, statuses

@@ -28,7 +28,7 @@ import secrets
 import signal
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Sequence
@@ -39,7 +39,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..errors import DitkitError, UsageError
 from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, LoadedModel, load_model, sample_batch, to_uint8, \
@@ -198,6 +198,18 @@ class ReadyResponse(BaseModel):
     detail: str = ""
 
 
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's integer: 3 and 3.0 alike; never a string or a boolean (strict mode refuses those)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def json_int(**bounds: Any) -> Any:
+    """An integer field type with bounds (ge=, le=) that the JSON schema shows as minimum / maximum."""
+    return Annotated[int, Field(strict=True, **bounds), BeforeValidator(_json_integer)]
+
+
 def build_request_model(settings: ServeSettings, info: Optional[ModelInfo]) -> type[BaseModel]:
     """The request body model; its bounds come from the settings and, when known, the model, so
     /openapi.json tells clients the real limits (a fuzzer's schema-valid bodies are then accepted)."""
@@ -207,30 +219,34 @@ def build_request_model(settings: ServeSettings, info: Optional[ModelInfo]) -> t
     max_steps = info.max_steps if info is not None else settings.max_steps
     guide_max = settings.max_guidance_scale if info is None or info.num_classes > 0 else 1.0
     n_max = settings.max_num_samples
-    Label = Annotated[StrictInt, Field(ge=0, le=label_max)]
+    Label = json_int(ge=0, le=label_max)
+    schema_extra: dict[str, Any] = {"examples": [{"prompt": "seven", "num_samples": 4, "steps": 20,
+                                                  "guidance_scale": 4.0, "seed": 1, "format": "json"}]}
+    if info is not None and info.num_classes > 0:  # a class model: exactly one of labels and prompt
+        schema_extra["oneOf"] = [{"required": ["labels"]}, {"required": ["prompt"]}]
 
     class GenerateRequest(BaseModel):
         """Generate `num_samples` images for class `labels` (cycled) or a `prompt`."""
 
-        model_config = ConfigDict(extra="forbid", json_schema_extra={
-            "examples": [{"prompt": "seven", "num_samples": 4, "steps": 20, "guidance_scale": 4.0, "seed": 1,
-                          "format": "json"}]})
+        model_config = ConfigDict(extra="forbid", json_schema_extra=schema_extra)
 
-        labels: Optional[list[Label]] = Field(
+        # labels, prompt and num_samples are left out when not wanted (no null), so a schema can say
+        # "exactly one of labels and prompt".
+        labels: list[Label] = Field(
             None, min_length=1, max_length=n_max,
             description="class ids, cycled to num_samples (give labels or prompt, not both)")
-        prompt: Optional[str] = Field(
+        prompt: str = Field(
             None, min_length=1, max_length=100,
             description="a class model: a class name or id, or a digit's English name (\"7\", \"seven\")")
-        num_samples: Optional[StrictInt] = Field(
-            None, ge=1, le=n_max, description="images to generate (default: the number of labels, else 1)")
+        num_samples: json_int(ge=1, le=n_max) = Field(
+            None, description="images to generate (default: the number of labels, else 1)")
         sampler: sampler_type = Field(_default_sampler(samplers), description="the sampling method")
-        steps: StrictInt = Field(min(DEFAULT_STEPS, max_steps), ge=1, le=max_steps, description="sampler steps")
+        steps: json_int(ge=1, le=max_steps) = Field(min(DEFAULT_STEPS, max_steps), description="sampler steps")
         guidance_scale: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
             1.0, ge=1.0 if guide_max == 1.0 else 0.0, le=guide_max,
             description="classifier-free guidance (1 = off, 0 = unconditional)")
-        seed: Optional[StrictInt] = Field(
-            None, ge=0, le=MAX_SEED, description="the same seed gives the same images; drawn at random if absent")
+        seed: Optional[json_int(ge=0, le=MAX_SEED)] = Field(
+            None, description="the same seed gives the same images; drawn at random if absent")
         format: Literal["png", "json"] = Field(
             "png", description="png: one image, or a grid of several; json: base64 PNGs, seeds and timings")
 
@@ -557,7 +573,8 @@ async def _wait_disconnect(request: Request) -> None:
 # -----------------------------------------------------------------------------------------------
 # The app
 # -----------------------------------------------------------------------------------------------
-_ERRORS = {401: "missing or invalid API key", 413: "request body too large",
+_ERRORS = {400: "the body could not be read at all (malformed JSON is a 422)",
+           401: "missing or invalid API key", 413: "request body too large",
            429: "over the client's rate limit (see Retry-After)",
            503: "loading, draining, or the queue is full (see Retry-After)",
            504: "the server-side deadline passed"}
@@ -640,7 +657,8 @@ def create_app(model: Optional[LoadedModel] = None, ckpt: Optional[str | Path] =
 
     routes = frozenset(r.path for r in app.routes)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_keys=service.api_keys,
-                       limiter=service.limiter, on_reject=lambda reason: service.metrics.rejections.labels(reason).inc())
+                       limiter=service.limiter,
+                       on_reject=lambda reason: service.metrics.rejections.labels(reason).inc())
     app.add_middleware(MetricsMiddleware, metrics=service.metrics, routes=routes)
     return app
 

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 
@@ -262,23 +262,32 @@ class Batcher:
     # ---- the batching loop -------------------------------------------------------------------
     async def _loop(self) -> None:
         while True:
-            await self._running.wait()
-            if not self._queue:
-                await self._wait_wake(None)
-                continue
-            head = self._queue[0]
-            close_at = head.enqueued_at + self.max_wait_s
-            # Wait for companions of the same key, until the batch is full or the oldest has waited enough.
-            while (self._running.is_set() and self._queue and self._queue[0] is head
-                   and self._images_waiting(head.key) < self.max_batch_size):
-                left = close_at - time.monotonic()
-                if left <= 0:
-                    break
-                await self._wait_wake(left)
-            if not self._running.is_set() or not self._queue or self._queue[0] is not head:
-                continue  # paused meanwhile, or the head was cancelled: start over
-            batch = self._take(head.key)
-            await self._execute(batch)
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug here must not stall every request until its deadline
+                log.exception("the batching loop failed; going on")
+                await asyncio.sleep(0.1)
+
+    async def _step(self) -> None:
+        """Wait for work, form one batch and run it."""
+        await self._running.wait()
+        if not self._queue:
+            await self._wait_wake(None)
+            return
+        head = self._queue[0]
+        close_at = head.enqueued_at + self.max_wait_s
+        # Wait for companions of the same key, until the batch is full or the oldest has waited enough.
+        while (self._running.is_set() and self._queue and self._queue[0] is head
+               and self._images_waiting(head.key) < self.max_batch_size):
+            left = close_at - time.monotonic()
+            if left <= 0:
+                break
+            await self._wait_wake(left)
+        if not self._running.is_set() or not self._queue or self._queue[0] is not head:
+            return  # paused meanwhile, or the head was cancelled: start over
+        await self._execute(self._take(head.key))
 
     async def _wait_wake(self, timeout: Optional[float]) -> None:
         self._wake.clear()

@@ -73,8 +73,8 @@ class RateLimiter:
             b.tokens = min(float(self.burst), b.tokens + (now - b.updated) * self.rate_per_s)
             b.updated = now
             self._buckets.move_to_end(client)
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
+        if b.tokens >= 1.0 - 1e-9:  # float clocks: 100.1 - 100.0 is a hair under 0.1
+            b.tokens = max(0.0, b.tokens - 1.0)
             return 0.0
         return (1.0 - b.tokens) / self.rate_per_s
 
