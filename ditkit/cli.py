@@ -181,6 +181,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (images, labels); repeatable",
                    action="append")
     p.add_argument("--nrow", type=_positive_int("--nrow"), help="images per grid row")
+    p.add_argument("--trajectory", help="also write the denoising trajectory of the first image "
+                                        "(x_t and predicted x0 at chosen steps) as FILE.png (strip) or FILE.gif")
     p.set_defaults(func=_cmd_sample)
 
 
@@ -195,6 +197,8 @@ def _cmd_sample(args) -> int:
     for out in args.out:
         if Path(out).suffix.lower() not in (".png", ".npz"):
             raise UsageError(f"--out {out}: the file must end in .png or .npz")
+    if args.trajectory and Path(args.trajectory).suffix.lower() not in (".png", ".gif"):
+        raise UsageError(f"--trajectory {args.trajectory}: the file must end in .png or .gif")
     model = load_model(args.ckpt, weights=args.weights, device=args.device)
     with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
         res = generate(model, num=args.num, labels=args.labels, seed=args.seed, batch_size=args.batch_size,
@@ -210,6 +214,12 @@ def _cmd_sample(args) -> int:
             nrow = args.nrow or (min(model.num_classes, 10) if model.num_classes and args.labels == "all" else None)
             save_grid(res["images"], out, nrow=nrow)
         print(f"wrote {out}")
+    if args.trajectory:
+        from .viz.trajectory import save_trajectory
+
+        first = int(res["labels"][0]) if model.num_classes else None
+        save_trajectory(model, first, args.seed, args.sampler, args.steps, args.cfg_scale, args.trajectory)
+        print(f"wrote {args.trajectory}")
     print(f"{args.num} images, {res['nfe']} NFE per image, {res['seconds']:.2f} s")
     return 0
 
