@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -149,7 +150,8 @@ def _cmd_train(args) -> int:
         fields["epochs"] = 1.0
     cfg = TrainConfig(**fields)
     run = train(cfg, resume=args.resume)
-    print(f"run folder: {run}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per rank
+        print(f"run folder: {run}")
     return 0
 
 

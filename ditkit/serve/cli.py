@@ -72,6 +72,15 @@ def register(sub, parser_class=None) -> None:
     p.add_argument("--threads", type=_int_in("--threads", 1, 1024), help="CPU threads for torch (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")
+    g = p.add_argument_group("Ray Serve (an optional extra: pip install 'ditkit[ray]'; docs/SCALING.md)")
+    g.add_argument("--ray", action="store_true",
+                   help="serve replicas of this app behind Ray's HTTP proxy: a local Ray, or the cluster at $RAY_ADDRESS")
+    g.add_argument("--replicas", type=_int_in("--replicas", 1, 100_000), default=1,
+                   help="replicas (with --autoscale: the initial count)")
+    g.add_argument("--gpus-per-replica", type=_number("--gpus-per-replica", 0), default=0.0,
+                   help="GPUs per replica; a fraction shares a GPU (0.5: two replicas per GPU)")
+    g.add_argument("--autoscale", metavar="MIN,MAX",
+                   help="scale between MIN and MAX replicas on the ongoing requests per replica")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -111,6 +120,14 @@ def _cmd_serve(args) -> int:
                              burst=args.burst, api_keys=keys, timeout_s=args.timeout_s, grace_s=args.grace_s,
                              max_steps=args.max_steps, weights=args.weights, device=args.device)
     settings.validate()
+    if args.ray:  # the replicas load the model; this process only starts Ray and waits
+        from .ray_app import parse_autoscale, run_ray
+
+        return run_ray(args.ckpt, settings, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                       autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+                       host=args.host, port=args.port, threads=args.threads)
+    if args.replicas != 1 or args.gpus_per_replica or args.autoscale:
+        raise UsageError("--replicas, --gpus-per-replica and --autoscale need --ray")
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)

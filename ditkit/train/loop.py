@@ -120,6 +120,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
         ckpt = latest_checkpoint(run_dir)
     elif (run_dir / "config.json").exists():
         raise DitkitError(f"--out {run_dir} already holds a run; add --resume to continue it or pick another --out")
+    dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run_dir / "config.json", config)
@@ -214,7 +215,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = objective.loss(net, x, cond, noise=noise)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with dist.collective("the gradient all-reduce"):  # a dead or stalled peer: one clear line
+                loss.backward()
             if cfg.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             else:
@@ -259,6 +261,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     if bar is not None:
         bar.close()
     checkpoint_now()
+    dist.finish(model=model, ema=ema.model)  # every rank holds the same weights and EMA; leave the group
     grid_now()
     if dist.is_main:
         from ..viz.plots import plot_loss
