@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every figure of docs/BENCHMARKS.md, in sequence, on a quiet machine (about 40 minutes).
+#   bash benchmarks/run_all.sh            results and logs under docs/bench/
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=docs/bench
+mkdir -p "$OUT" runs/bench
+log() { echo "== $(date +%H:%M:%S) $*"; }
+
+log throughput vs diffusers
+$PY benchmarks/train_throughput.py --rounds 3 --seconds 6 2>&1 | grep -v Warning | tee $OUT/throughput.txt
+
+log one epoch, DDPM eps, batch 128, peak memory
+rm -rf runs/bench/epoch
+/usr/bin/time -v $PY -m ditkit train --objective ddpm --batch-size 128 --epochs 1 --out runs/bench/epoch \
+  --sample-every 0 --ckpt-every 0 --no-progress 2> $OUT/epoch_time.txt
+grep -E "Elapsed|Maximum resident" $OUT/epoch_time.txt; tail -n 1 runs/bench/epoch/metrics.jsonl
+
+log demo: the default recipe for 10 minutes, then its guided samples
+rm -rf runs/demo
+$PY -m ditkit train --out runs/demo --max-minutes 10 --no-progress
+$PY benchmarks/recipes.py --name demo --runs runs --eval-only --scales 2,2.5,3 --out $OUT/recipes.jsonl
+cp runs/demo/loss.png $OUT/demo_loss.png; cp runs/demo/eval_grid_cfg2.5.png $OUT/demo_grid_cfg2.5.png
+
+log samplers
+$PY benchmarks/samplers.py --ckpt runs/demo --num 500 --nfe 5,10,20,50,100 --cfg-scale 1 --out $OUT/samplers.json | tee $OUT/samplers.txt
+
+log latency
+$PY benchmarks/latency.py --ckpt runs/demo --repeats 100 2>&1 | tee $OUT/latency.txt
+
+log serving
+$PY benchmarks/serve_load.py --ckpt runs/demo --levels 1,8,32,128 --duration-s 12 --soak-minutes 3 --out $OUT/serve.json 2>&1 | tee $OUT/serve.txt
+
+log ddp
+$PY benchmarks/ddp_throughput.py --out $OUT/ddp.json 2>&1 | tee $OUT/ddp.txt
+
+log ray
+$PY benchmarks/ray_serve.py --ckpt runs/demo --clients 8 --duration-s 15 --out $OUT/ray.json 2>&1 | tee $OUT/ray.txt
+
+log report
+$PY benchmarks/report_build.py --run runs/demo 2>&1 | tee $OUT/report.txt
+log done
