@@ -92,13 +92,16 @@ def main() -> None:
         for s in args.samplers.split(","):
             rows.append(run_one(model, s, steps_for(s, nfe), args))
     ddpm = run_one(model, "ddpm", args.ddpm_steps, args) if args.ddpm_steps else None
+    # The adaptive RK45 probability-flow solver (rtol = atol = 1e-3) as the ODE reference; its grid only
+    # sets where it stops (the last positive sigma), so use a fine one.
+    adaptive = run_one(model, "adaptive", 1000, args) if getattr(model.objective, "path", None) is not None else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(ckpt=str(args.ckpt), num=args.num, cfg_scale=args.cfg_scale, rows=rows,
-                                   ddpm=ddpm), indent=2))
+                                   ddpm=ddpm, adaptive=adaptive), indent=2))
     plot(rows, ddpm, out.with_name("samplers_fid_vs_nfe.png"))
     print("\n| sampler | steps | NFE | FID | class acc. | ms/image |\n|---|---|---|---|---|---|")
-    for r in rows + ([ddpm] if ddpm else []):
+    for r in rows + [r for r in (ddpm, adaptive) if r]:
         print(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {100 * r['accuracy']:.1f}% | "
               f"{r['ms_per_image']:.1f} |")
 

@@ -61,8 +61,7 @@ class Condition:
         def _ix(x):
             return None if x is None else x[idx]
         labels = _ix(self.labels)
-        n = labels.shape[0] if labels is not None else (self.tokens[idx].shape[0] if self.tokens is not None
-                                                        else len(range(self.batch)[idx]))
+        n = int(torch.arange(len(self))[idx].numel())  # works for slices, index lists and masks alike
         return Condition(labels=labels, null_label=self.null_label, tokens=_ix(self.tokens), mask=_ix(self.mask),
                          batch=n)
 

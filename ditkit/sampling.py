@@ -7,9 +7,8 @@ loop's grids, FID and the benchmarks alike (EDM2's `generate_images()` habit).
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,6 +26,8 @@ from .utils import ImageRNG, image_seeds, pick_device
 
 DEFAULT_SAMPLER = "dpm++2m"
 DEFAULT_STEPS = 20
+# Euler and Heun run on the Karras grid by default (EDM, Alg. 1-2); the other samplers on the objective's.
+SAMPLER_SPACING = {"euler": "karras", "heun": "karras"}
 
 
 @dataclass
@@ -151,7 +152,7 @@ def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int]
     if model.num_classes > 0 and bool((scale != 1).any()):
         denoiser = guided(denoiser, scale.to(dev) if scale.ndim else float(scale), interval=guidance_interval)
     counted = count_calls(denoiser)
-    sigmas = model.objective.sigma_grid(steps, spacing or model.objective.default_spacing)
+    sigmas = model.objective.sigma_grid(steps, spacing or SAMPLER_SPACING.get(sampler, model.objective.default_spacing))
     x = spec.fn(counted, noise, sigmas, cond=cond, rng=rng, callback=callback, **(sampler_options or {}))
     if stats is not None:
         stats["nfe"] = counted.calls

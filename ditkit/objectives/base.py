@@ -47,7 +47,7 @@ class Denoiser:
 
     x: (B, C, H, W) in sigma-space; sigma: (B,) or a scalar tensor/float (> 0); returns (B, C, H, W).
     `path` is set for continuous-time objectives (None for discrete DDPM, whose own grid lives in the
-    objective). `num_classes` (None for unconditional models) lets guidance build the null condition.
+    objective). Guidance builds the null condition from the condition itself (`Condition.null()`).
     """
 
     def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor], *,
@@ -66,6 +66,12 @@ class Denoiser:
     def wrap(self, fn: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]) -> "Denoiser":
         """A denoiser with the same sigma range and path but a different function (for wrappers)."""
         return Denoiser(fn, sigma_min=self.sigma_min, sigma_max=self.sigma_max, path=self.path)
+
+
+# EDM's sigma_max (Karras et al. 2022, sec. 5): above it the data is a negligible part of x = x0 + sigma
+# eps, and a Heun step that spans sigma 999 -> 20 (the linear interpolant's range) is unstable: its
+# trapezoid averages slopes taken three orders of magnitude apart.
+KARRAS_SIGMA_MAX = 80.0
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:

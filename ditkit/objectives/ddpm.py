@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .base import Denoiser, karras_sigmas, loglinear_sigmas
+from .base import KARRAS_SIGMA_MAX, Denoiser, karras_sigmas, loglinear_sigmas
 
 PREDICTIONS = ("eps", "v", "x0")
 SCHEDULES = ("linear", "cosine")
@@ -151,7 +151,7 @@ class DDPMObjective:
         if not 1 <= steps <= self.num_timesteps:
             raise UsageError(f"--steps {steps}: must be between 1 and the {self.num_timesteps} training steps")
         if spacing == "karras":
-            return karras_sigmas(steps, self.sigma_min, self.sigma_max)
+            return karras_sigmas(steps, self.sigma_min, min(self.sigma_max, KARRAS_SIGMA_MAX))
         if spacing == "logsnr":
             return loglinear_sigmas(steps, self.sigma_min, self.sigma_max)
         if spacing not in SPACINGS:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .base import Denoiser, Path, karras_sigmas, loglinear_sigmas
+from .base import KARRAS_SIGMA_MAX, Denoiser, Path, karras_sigmas, loglinear_sigmas
 from .ddpm import drop_labels
 
 PATHS = ("linear", "gvp", "vp")
@@ -177,7 +177,7 @@ class InterpolantObjective:
         if steps < 1:
             raise UsageError(f"--steps {steps}: must be >= 1")
         if spacing == "karras":
-            return karras_sigmas(steps, self.sigma_min, self.sigma_max)
+            return karras_sigmas(steps, self.sigma_min, min(self.sigma_max, KARRAS_SIGMA_MAX))
         if spacing == "logsnr":
             return loglinear_sigmas(steps, self.sigma_min, self.sigma_max)
         if spacing != "uniform":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -23,7 +22,7 @@ from ..data import load_dataset
 from ..errors import DitkitError, UsageError
 from ..models import build_model, model_config
 from ..objectives import build_objective
-from ..utils import atomic_write_json, pick_device
+from ..utils import atomic_write_bytes, atomic_write_json, pick_device
 from .checkpoint import clean_partial, latest_checkpoint, load_training_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistContext
@@ -86,7 +85,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except ValueError:
             break  # a half-written last line
-    from ..utils import atomic_write_bytes
     atomic_write_bytes(path, ("\n".join(keep) + "\n").encode() if keep else b"")
 
 
