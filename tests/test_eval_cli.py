@@ -1,6 +1,7 @@
 """`ditkit eval`: on a run, on an .npz of samples, and its errors."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -20,11 +21,13 @@ def test_eval_samples_npz_of_real_digits(tmp_path, capsys):
     assert "not Inception" in res["note"] or "Inception" in res["note"]
 
 
-def test_eval_checkpoint_writes_result_for_the_report(tiny_run, capsys):
-    assert cli_main(["eval", "--ckpt", str(tiny_run), "--num", "40", "--steps", "2", "--cfg-scale", "2"]) == 0
+def test_eval_checkpoint_writes_result_for_the_report(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # the shared fixture stays as it was for other tests
+    assert cli_main(["eval", "--ckpt", str(run), "--num", "40", "--steps", "2", "--cfg-scale", "2"]) == 0
     out = capsys.readouterr().out
     assert "FID" in out and "class accuracy" in out and "n = 40" in out
-    files = list((tiny_run / "eval").glob("*.json"))
+    files = list((run / "eval").glob("*.json"))
     assert files and json.loads(files[0].read_text())["checkpoint_step"] == 40
 
 

@@ -157,7 +157,7 @@ def test_metrics_and_eval_read_tolerantly(run_copy):
     assert bad == 1 and len(recs) == len(read_metrics(run_copy)) == 8
     assert plot_loss(run_copy).exists()  # the training loop's call keeps working
     ev = run_copy / "eval"
-    ev.mkdir()
+    ev.mkdir(exist_ok=True)
     (ev / "a.json").write_text(json.dumps({"checkpoint_step": 20, "sampler": "dpm++2m", "steps": 20, "cfg_scale": 2,
                                            "fid": {"value": 41.5, "ci_low": 39.0, "ci_high": 44.0, "n": 2000},
                                            "class_accuracy": {"value": 0.42, "n": 2000}}))
@@ -180,7 +180,7 @@ def _img_srcs(page: str) -> list[str]:
 def test_report_builds_offline_and_renders_in_chromium(run_copy, tmp_path):
     with open(run_copy / "metrics.jsonl", "a") as f:
         f.write('{"step": 45, "lo')
-    (run_copy / "eval").mkdir()
+    (run_copy / "eval").mkdir(exist_ok=True)
     (run_copy / "eval" / "step20.json").write_text(json.dumps(
         {"checkpoint_step": 20, "sampler": "dpm++2m", "steps": 20, "cfg_scale": 2.0,
          "fid": {"value": 55.25, "ci_low": 50.0, "ci_high": 60.0, "n": 2000}, "class_accuracy": {"value": 0.3}}))
