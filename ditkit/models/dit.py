@@ -30,6 +30,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0
     num_classes: int = 10  # 0 = unconditional; the null (guidance) class id is num_classes
     pos_embed: str = "sincos"  # "sincos" (fixed, as in the paper) or "learned"
+    gelu_approximate: str = "none"  # "none" (exact, fast on CPU) or "tanh" (the DiT reference's)
 
     def validate(self) -> "DiTConfig":
         if self.input_size < 1 or self.input_size % self.patch_size:
@@ -42,6 +43,8 @@ class DiTConfig:
             raise UsageError(f"sin-cos position embedding needs hidden_size divisible by 4, got {self.hidden_size}")
         if self.pos_embed not in ("sincos", "learned"):
             raise UsageError(f"pos_embed={self.pos_embed!r}: allowed values are 'sincos' and 'learned'")
+        if self.gelu_approximate not in ("none", "tanh"):
+            raise UsageError(f"gelu_approximate={self.gelu_approximate!r}: allowed 'none' and 'tanh'")
         if self.num_classes < 0:
             raise UsageError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
         return self
@@ -73,7 +76,7 @@ class DiT(nn.Module):
             self.pos_embed = nn.Parameter(pos.clone())  # initialised at the sin-cos values
         else:
             self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
-        self.blocks = nn.ModuleList(AdaLNZeroBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth))
+        self.blocks = nn.ModuleList(AdaLNZeroBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.gelu_approximate) for _ in range(c.depth))
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.in_channels)
         self._init_weights()
 
