@@ -12,6 +12,11 @@ $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=python3.x)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# the test tools (pytest, diffusers for the side-by-side benchmark, schemathesis, Ray Serve, ...)
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
@@ -28,7 +33,7 @@ demo: data
 		--num 100 --labels all --cfg-scale 2.0
 	@echo "grid: $(DEMO_RUN)/grid.png   loss curve: $(DEMO_RUN)/loss.png   run folder: $(DEMO_RUN)"
 
-test: install
+test: $(VENV)/.installed-test
 	bash scripts/ensure-chromium.sh
 	$(PY) -m pytest
 
