@@ -10,7 +10,6 @@ the pixels, not from the label embedding.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,7 +18,8 @@ import torch
 
 from ..condition import Condition
 from ..errors import DitkitError, UsageError
-from ..utils import ImageRNG, atomic_write_bytes, image_seeds
+from ..utils import ImageRNG, image_seeds
+from .plots import save_figure
 from .attention import DEFAULT_ATTN_SIGMA
 
 FEATURE_KINDS = ("final", "patch")
@@ -102,8 +102,4 @@ def plot_tsne(points: np.ndarray, labels: np.ndarray, out: str | Path, *, title:
     if len(uniq) <= 20:
         ax.legend(fontsize=7, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    out = Path(out)
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    return save_figure(fig, out)

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from ..utils import atomic_write_bytes
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (no half-written picture if the run is killed)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    out = Path(out)
+    atomic_write_bytes(out, buf.getvalue())
+    return out
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -52,8 +64,7 @@ def plot_loss(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "loss.png"
-    fig.savefig(out)
+    out = save_figure(fig, Path(out) if out else Path(run_dir) / "loss.png")
     plt.close(fig)
     return out
 
@@ -99,12 +110,8 @@ def _series(recs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 def _save(fig, out: Path) -> Path:
     import io
 
-    from ..utils import atomic_write_bytes
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    return save_figure(fig, out)
 
 
 def plot_curves(recs: list[dict], out: str | Path) -> tuple[Optional[Path], list[str]]:

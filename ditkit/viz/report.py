@@ -12,7 +12,6 @@ trajectory; attention maps; a t-SNE of the network's features; the sampler bench
 from __future__ import annotations
 
 import html
-import io
 import json
 import os
 import re
@@ -29,6 +28,7 @@ import numpy as np
 from ..errors import DitkitError, UsageError
 from ..train.checkpoint import list_checkpoints
 from ..utils import atomic_write_bytes, image_seeds
+from .plots import save_figure
 from .attention import DEFAULT_ATTN_SIGMA
 
 REPORT_FILES = "report_files"
@@ -203,10 +203,7 @@ def _plot_checkpoint_rows(rows: list[tuple[int, np.ndarray]], labels: list[int],
         ax.set_xlabel("image (one fixed seed per column)", fontsize=8)
     ax.tick_params(length=0)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    return save_figure(fig, out)
 
 
 def _tsne_source(model, cfg: dict, n: int, seed: int, opts: ReportOptions) -> tuple[np.ndarray, np.ndarray, str]:

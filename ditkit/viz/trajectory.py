@@ -19,6 +19,7 @@ import torch
 
 from ..errors import UsageError
 from ..utils import atomic_write_bytes, image_seeds
+from .plots import save_figure
 
 DEFAULT_TRAJECTORY_FRAMES = 8  # columns of a strip when no step list is given
 
@@ -131,11 +132,7 @@ def plot_trajectory(traj: Trajectory, out: str | Path, class_names: Optional[Seq
             axes[2 * b + 1, 0].set_ylabel("predicted x0", fontsize=7)
     fig.suptitle(f"denoising trajectory: {traj.sampler}, {traj.total_steps} steps", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    out = Path(out)
-    atomic_write_bytes(out, buf.getvalue())
-    return out
+    return save_figure(fig, out)
 
 
 def trajectory_gif(traj: Trajectory, out: str | Path, scale: int = 6, frame_ms: int = 300) -> Path:
