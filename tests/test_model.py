@@ -114,3 +114,62 @@ def test_bad_model_configs_are_refused():
         model_config("DiT-T/4", in_channels=2)
     with pytest.raises(UsageError, match="unknown DiT config"):
         DiTConfig.from_dict({"depth": 2, "bogus": 1})
+
+
+def _trained_like_net(seed: int = 0):
+    """A DiT-T/4 whose zero-initialised adaLN layers are randomised, so the condition path matters."""
+    torch.manual_seed(seed)
+    net = build_model(model_config("DiT-T/4")).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def test_modulation_cache_changes_nothing_and_is_reused():
+    net = _trained_like_net()
+    x, t = torch.randn(6, 1, 28, 28), torch.tensor([500.0, 500.0, 500.0, 250.0, 250.0, 500.0])
+    cond = Condition.from_labels(torch.tensor([3, 10, 3, 7, 10, 3]), 10)
+    cache = net.modulation_cache
+    with torch.no_grad():
+        net.modulation_cache = None
+        ref = net(x, t, cond)
+        net.modulation_cache = cache
+        first = net(x, t, cond)
+        again = net(x, t, cond)
+        alone = net(x[3:4], t[3:4], cond.index(torch.tensor([3])))
+    assert torch.equal(first, ref) and torch.equal(again, ref)
+    assert torch.equal(alone, ref[3:4])  # one image alone, from the memo: the same bits
+    assert cache.misses == 4 and len(cache) == 4  # (500,3) (500,10) (250,7) (250,10)
+    assert cache.hits == 4 + 1
+
+
+def test_modulation_cache_follows_weight_updates_and_stays_bounded():
+    net = _trained_like_net()
+    x, t = torch.randn(2, 1, 28, 28), torch.full((2,), 100.0)
+    cond = Condition.from_labels(torch.tensor([1, 10]), 10)
+    with torch.no_grad():
+        before = net(x, t, cond)
+    # an optimiser step on the condition path must invalidate the memo
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net.train()
+    net(x, t, cond).square().mean().backward()  # grad enabled: the memo is not used
+    opt.step()
+    net.eval()
+    with torch.no_grad():
+        after = net(x, t, cond)
+        cache, net.modulation_cache = net.modulation_cache, None
+        fresh = net(x, t, cond)
+        net.modulation_cache = cache
+        # load_state_dict back to other weights: invalidated again
+        other = _trained_like_net(seed=1)
+        net.load_state_dict(other.state_dict())
+        assert torch.equal(net(x, t, cond), other(x, t, cond))
+    assert not torch.equal(after, before) and torch.equal(after, fresh)
+    from ditkit.models.dit import ModulationCache
+    small = ModulationCache(max_entries=3)
+    net.modulation_cache = small
+    with torch.no_grad():
+        for step in range(5):
+            net(x, torch.full((2,), float(step)), cond)
+    assert len(small) == 3

@@ -8,8 +8,9 @@ objective's business.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -78,6 +79,7 @@ class DiT(nn.Module):
             self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
         self.blocks = nn.ModuleList(AdaLNZeroBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.gelu_approximate) for _ in range(c.depth))
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.in_channels)
+        self.modulation_cache: Optional[ModulationCache] = ModulationCache()  # None turns the memo off
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -110,14 +112,91 @@ class DiT(nn.Module):
             c = c + self.y_embedder(cond.labels)
         return c
 
+    def modulations(self, t: torch.Tensor, cond: Condition | None) -> list[torch.Tensor]:
+        """The adaLN modulation of every block, then of the final layer: [(B, 6D)] * depth + [(B, 2D)].
+
+        These depend on (t, class) only. Under `torch.no_grad()` on the CPU they are memoised per
+        (t, class) in `self.modulation_cache`: a sampler asks for the same few noise levels and classes
+        at every call, and this path is 7 of the 25 matrix products of a forward (a quarter of the
+        latency of one image). Each entry is computed exactly as without the cache, so results do not change.
+        """
+        if torch.is_grad_enabled() or self.modulation_cache is None or t.device.type != "cpu":
+            c = self.embed_condition(t, cond)
+            return [b.adaLN_modulation(c) for b in self.blocks] + [self.final_layer.adaLN_modulation(c)]
+        return self.modulation_cache.lookup(self, t, cond)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) float time as the objective defines it, cond -> (B, C, H, W)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        c = self.embed_condition(t, cond)
-        for block in self.blocks:
-            tokens = block(tokens, c)
-        out = self.final_layer(tokens, c)  # (B, N, P*P*C)
+        mods = self.modulations(t, cond)
+        for block, mod in zip(self.blocks, mods):
+            tokens = block(tokens, mod=mod)
+        out = self.final_layer(tokens, mod=mods[-1])  # (B, N, P*P*C)
         cfg = self.config
         return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.input_size, cfg.input_size)
+
+
+class ModulationCache:
+    """Inference memo of a DiT's condition path: (t, class) -> the adaLN modulations of all its layers.
+
+    Bounded (least recently used entries go first) and self-invalidating: it is emptied whenever a
+    parameter of the condition path changes (an optimiser or EMA step, `load_state_dict`, `.to()`),
+    detected through the parameters' version counters and storage.
+    """
+
+    def __init__(self, max_entries: int = 4096):
+        if max_entries < 1:
+            raise ValueError(f"max_entries={max_entries}: must be >= 1")
+        self.max_entries = max_entries
+        self._store: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._stamp: Optional[tuple] = None
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def clear(self) -> None:
+        self._store.clear()
+        self._stamp = None
+
+    @staticmethod
+    def _params(net: "DiT") -> list[torch.Tensor]:
+        mods = [net.t_embedder] + ([net.y_embedder] if net.y_embedder is not None else [])
+        mods += [b.adaLN_modulation for b in net.blocks] + [net.final_layer.adaLN_modulation]
+        return [p for m in mods for p in m.parameters()]
+
+    def lookup(self, net: "DiT", t: torch.Tensor, cond: Condition | None) -> list[torch.Tensor]:
+        params = self._params(net)
+        stamp = tuple((p._version, p.data_ptr(), p.dtype) for p in params)
+        if stamp != self._stamp:
+            self._store.clear()
+            self._stamp = stamp
+        labels = cond.labels.tolist() if cond is not None and cond.labels is not None else [None] * t.shape[0]
+        if net.y_embedder is not None and labels and labels[0] is None:
+            net.embed_condition(t, cond)  # raises the clear error
+        keys = list(zip(t.tolist(), labels))
+        unique = list(dict.fromkeys(keys))
+        missing = [k for k in unique if k not in self._store]
+        self.hits += len(unique) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            mt = torch.tensor([k[0] for k in missing], dtype=t.dtype)
+            mcond = None
+            if net.y_embedder is not None:
+                mcond = Condition.from_labels(torch.tensor([k[1] for k in missing], dtype=torch.long), net.config.num_classes)
+            c = net.embed_condition(mt, mcond)
+            rows = torch.cat([b.adaLN_modulation(c) for b in net.blocks] + [net.final_layer.adaLN_modulation(c)], dim=1)
+            for k, row in zip(missing, rows):
+                self._store[k] = row.clone()
+        for k in unique:
+            self._store.move_to_end(k)
+        table = torch.stack([self._store[k] for k in unique])
+        while len(self._store) > self.max_entries:
+            self._store.popitem(last=False)
+        if len(unique) < len(keys):
+            where = {k: i for i, k in enumerate(unique)}
+            table = table[torch.tensor([where[k] for k in keys])]
+        D = net.config.hidden_size
+        return list(table.split([6 * D] * len(net.blocks) + [2 * D], dim=1))

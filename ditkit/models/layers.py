@@ -175,8 +175,11 @@ class AdaLNZeroBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=1)
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None, *, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, N, D); either the condition c (B, D) or its modulation `mod` = adaLN_modulation(c), (B, 6D)."""
+        if mod is None:
+            mod = self.adaLN_modulation(c)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)
         x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
         x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
         return x
@@ -194,8 +197,11 @@ class FinalLayer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None, *, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, N, D); either the condition c (B, D) or its modulation `mod` = adaLN_modulation(c), (B, 2D)."""
+        if mod is None:
+            mod = self.adaLN_modulation(c)
+        shift, scale = mod.chunk(2, dim=1)
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
