@@ -132,7 +132,9 @@ def _add_train(sub) -> None:
     p.add_argument("--keep-checkpoints", type=_nonneg_int("--keep-checkpoints"), default=d.keep_checkpoints,
                    help="0 = keep all")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"], help="bf16 autocast on CUDA")
+    p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
+                   help="bf16 = bf16 autocast for the matrix products (CUDA; CPUs with AMX); auto = bf16 where "
+                        "the hardware runs it natively, else fp32")
     p.add_argument("--threads", type=_positive_int("--threads"), help="CPU threads (default: torch's)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--sample-sampler", default=d.sample_sampler, help="sampler of the periodic sample grids")

@@ -133,6 +133,33 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where bf16 matrix products run natively and faster than fp32: CUDA GPUs with bf16 support,
+    and CPUs with AMX tiles (Intel Sapphire Rapids and later; oneDNN then runs bf16 GEMMs ~5x faster
+    than fp32 on DiT-T/4's shapes, measured)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        init_amx = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+        if init_amx is not None:
+            try:
+                return bool(init_amx())
+            except Exception:
+                return False
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' where `native_bf16(device)`, else 'fp32'; 'fp32' and 'bf16' pass through."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UsageError(f"--precision {precision!r}: allowed auto, fp32, bf16")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if precision == "bf16" and device.type == "mps":
+        raise UsageError("--precision bf16: not supported on mps (use fp32)")
+    return precision
+
+
 def default_cache_dir() -> Path:
     """Where datasets and reference statistics are cached: $DITKIT_CACHE, else ~/.cache/ditkit."""
     env = os.environ.get("DITKIT_CACHE")

@@ -59,6 +59,30 @@ def test_resume_is_bit_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_bf16_autocast_trains_and_resumes_bit_exactly(tmp_path):
+    """--precision bf16 on the CPU: matrix products in bf16 (attention in fp32), still deterministic."""
+    kw = dict(SMALL, precision="bf16", ckpt_every=0, lr_decay=0.0)
+    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=8, **kw))
+    part = TrainConfig(out=str(tmp_path / "part"), max_steps=3, **kw)
+    train(part)
+    part.max_steps = 8
+    train(part, resume=True)
+    assert losses(full) == losses(tmp_path / "part")
+    assert json.loads((full / "config.json").read_text())["precision"] == "bf16"
+    fp32 = train(TrainConfig(out=str(tmp_path / "fp32"), max_steps=8, **dict(kw, precision="fp32")))
+    a, b = dict(losses(full)), dict(losses(fp32))
+    assert a != b and all(abs(a[k] - b[k]) < 0.05 * b[k] for k in b)  # bf16 rounding, the same training
+
+
+def test_precision_resolution():
+    from ditkit.utils import native_bf16, resolve_precision
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == ("bf16" if native_bf16(cpu) else "fp32")
+    with pytest.raises(UsageError, match="allowed auto, fp32, bf16"):
+        resolve_precision("fp16", cpu)
+
+
 def test_resume_after_kill_9(tmp_path):
     """Kill the trainer with SIGKILL mid-run, resume from the last checkpoint: the same loss at every step."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -51,7 +51,7 @@ class TrainConfig:
     sample_every: int = 1000
     keep_checkpoints: int = 0  # 0 = keep all (the report shows samples across checkpoints)
     device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    precision: str = "fp32"  # fp32 | bf16 (autocast; on the CPU attention stays fp32) | auto (bf16 where native)
     threads: Optional[int] = None
     progress: bool = True
     sample_sampler: str = "heun"
@@ -88,7 +88,7 @@ class TrainConfig:
             need(v >= 0, f"--{flag.replace('_', '-')} {v}: must be >= 0 (0 = only at the end)")
         need(self.subset is None or self.subset >= 1, f"--subset {self.subset}: must be >= 1")
         need(self.keep_checkpoints >= 0, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 0")
-        need(self.precision in ("fp32", "bf16"), f"--precision {self.precision!r}: allowed fp32, bf16")
+        need(self.precision in ("auto", "fp32", "bf16"), f"--precision {self.precision!r}: allowed auto, fp32, bf16")
         need(self.pos_embed in ("sincos", "learned"), f"--pos-embed {self.pos_embed!r}: allowed sincos, learned")
         need(self.threads is None or self.threads >= 1, f"--threads {self.threads}: must be >= 1")
         need(self.sample_steps >= 1, f"--sample-steps {self.sample_steps}: must be >= 1")

@@ -22,7 +22,7 @@ from ..data import load_dataset
 from ..errors import DitkitError, UsageError
 from ..models import build_model, model_config
 from ..objectives import build_objective
-from ..utils import atomic_write_bytes, atomic_write_json, pick_device
+from ..utils import atomic_write_bytes, atomic_write_json, pick_device, resolve_precision
 from .checkpoint import clean_partial, latest_checkpoint, load_training_state, save_checkpoint
 from .config import TrainConfig
 from .distributed import DistContext
@@ -101,6 +101,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
         data = data.subset(cfg.subset)
     config = resolve_run_config(cfg, data)
     config["world_size"] = dist.world_size
+    config["precision"] = resolve_precision(cfg.precision, device)  # what "auto" became on this machine
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
     steps_per_epoch = len(data) // cfg.batch_size
@@ -190,7 +191,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     perm = epoch_permutation(len(data), cfg.seed, epoch)
     t_start = time.monotonic()
     win_t, win_imgs, win_loss, win_n = time.monotonic(), 0, 0.0, 0
-    amp = cfg.precision == "bf16" and device.type == "cuda"
+    amp = config["precision"] == "bf16"
     model.train()
     try:
         while (planned is None or step < planned) and (deadline is None or time.monotonic() < deadline):
