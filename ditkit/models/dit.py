@@ -113,7 +113,7 @@ class DiT(nn.Module):
         return c
 
     def modulations(self, t: torch.Tensor, cond: Condition | None) -> list[torch.Tensor]:
-        """The adaLN modulation of every block, then of the final layer: [(B, 6D)] * depth + [(B, 2D)].
+        """`modulation(c)` of every block, then of the final layer: [(B, 6D)] * depth + [(B, 2D)].
 
         These depend on (t, class) only. Under `torch.no_grad()` on the CPU they are memoised per
         (t, class) in `self.modulation_cache`: a sampler asks for the same few noise levels and classes
@@ -122,7 +122,7 @@ class DiT(nn.Module):
         """
         if torch.is_grad_enabled() or self.modulation_cache is None or t.device.type != "cpu":
             c = self.embed_condition(t, cond)
-            return [b.adaLN_modulation(c) for b in self.blocks] + [self.final_layer.adaLN_modulation(c)]
+            return [b.modulation(c) for b in self.blocks] + [self.final_layer.modulation(c)]
         return self.modulation_cache.lookup(self, t, cond)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition | None = None) -> torch.Tensor:
@@ -187,7 +187,7 @@ class ModulationCache:
             if net.y_embedder is not None:
                 mcond = Condition.from_labels(torch.tensor([k[1] for k in missing], dtype=torch.long), net.config.num_classes)
             c = net.embed_condition(mt, mcond)
-            rows = torch.cat([b.adaLN_modulation(c) for b in net.blocks] + [net.final_layer.adaLN_modulation(c)], dim=1)
+            rows = torch.cat([b.modulation(c) for b in net.blocks] + [net.final_layer.modulation(c)], dim=1)
             for k, row in zip(missing, rows):
                 self._store[k] = row.clone()
         for k in unique:

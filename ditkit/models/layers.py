@@ -34,9 +34,12 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN modulation (DiT eq. in sec. 3.2): x * (1 + scale) + shift, per sample. x (B,N,D), shift/scale (B,D)."""
-    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))
+def _one_plus_scale(chunks: int, scale_chunks: tuple[int, ...], dim: int) -> torch.Tensor:
+    """(chunks * dim,): 1 over the `scale` chunks, 0 elsewhere; adding it turns scale into (1 + scale),
+    so that adaLN's x * (1 + scale) + shift (DiT, sec. 3.2) is one fused multiply-add per layer."""
+    v = torch.zeros(chunks, dim)
+    v[list(scale_chunks)] = 1.0
+    return v.reshape(-1)
 
 
 class PatchEmbed(nn.Module):
@@ -181,14 +184,19 @@ class AdaLNZeroBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
+        self.register_buffer("_one_plus", _one_plus_scale(6, (1, 4), dim), persistent=False)
+
+    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+        """c (B, D) -> (B, 6D): [shift_a, 1 + scale_a, gate_a, shift_m, 1 + scale_m, gate_m]."""
+        return self.adaLN_modulation(c) + self._one_plus
 
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None, *, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, N, D); either the condition c (B, D) or its modulation `mod` = adaLN_modulation(c), (B, 6D)."""
+        """x (B, N, D); either the condition c (B, D) or its `modulation(c)` (B, 6D), which a sampler can memoise."""
         if mod is None:
-            mod = self.adaLN_modulation(c)
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=1)
-        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
-        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+            mod = self.modulation(c)
+        shift_a, scale1_a, gate_a, shift_m, scale1_m, gate_m = (v.unsqueeze(1) for v in mod.chunk(6, dim=1))
+        x = torch.addcmul(x, gate_a, self.attn(torch.addcmul(shift_a, self.norm1(x), scale1_a)))
+        x = torch.addcmul(x, gate_m, self.mlp(torch.addcmul(shift_m, self.norm2(x), scale1_m)))
         return x
 
 
@@ -203,13 +211,18 @@ class FinalLayer(nn.Module):
         for layer in (self.linear, self.adaLN_modulation[-1]):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        self.register_buffer("_one_plus", _one_plus_scale(2, (1,), dim), persistent=False)
+
+    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+        """c (B, D) -> (B, 2D): [shift, 1 + scale]."""
+        return self.adaLN_modulation(c) + self._one_plus
 
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None, *, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, N, D); either the condition c (B, D) or its modulation `mod` = adaLN_modulation(c), (B, 2D)."""
+        """x (B, N, D); either the condition c (B, D) or its `modulation(c)` (B, 2D)."""
         if mod is None:
-            mod = self.adaLN_modulation(c)
-        shift, scale = mod.chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))
+            mod = self.modulation(c)
+        shift, scale1 = (v.unsqueeze(1) for v in mod.chunk(2, dim=1))
+        return self.linear(torch.addcmul(shift, self.norm(x), scale1))
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
