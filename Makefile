@@ -30,7 +30,7 @@ demo: data
 	rm -rf $(DEMO_RUN)
 	$(DITKIT) train --out $(DEMO_RUN) --max-minutes $(DEMO_MINUTES)
 	$(DITKIT) sample --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/grid.png --out $(DEMO_RUN)/samples.npz \
-		--num 100 --labels all --cfg-scale 2.0
+		--num 100 --labels all --cfg-scale 1.75
 	@echo "grid: $(DEMO_RUN)/grid.png   loss curve: $(DEMO_RUN)/loss.png   run folder: $(DEMO_RUN)"
 
 test: $(VENV)/.installed-test

@@ -259,7 +259,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--soak-clients", type=int, default=32)
     p.add_argument("--sample-every-s", type=float, default=5.0, help="RSS sampling period in the soak")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--guidance", type=float, default=1.75)
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--threads", type=int, help="torch threads in the server (default: torch's)")
     p.add_argument("--device", default="cpu")

@@ -51,7 +51,7 @@ class TrainConfig:
     sample_every: int = 1000
     keep_checkpoints: int = 0  # 0 = keep all (the report shows samples across checkpoints)
     device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 (autocast; on the CPU attention stays fp32) | auto (bf16 where native)
+    precision: str = "auto"  # fp32 | bf16 (autocast; on the CPU attention stays fp32) | auto (bf16 where native)
     threads: Optional[int] = None
     progress: bool = True
     sample_sampler: str = "heun"
