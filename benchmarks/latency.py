@@ -1,7 +1,8 @@
 """Latency of one image: 20 NFE with classifier-free guidance, batch 1, on this CPU (p50 / p90 / p99),
 and where the time goes (torch.profiler by operator, and the share outside the network).
 
-    python benchmarks/latency.py --ckpt runs/demo [--sampler dpm++2m] [--steps 20] [--cfg-scale 2] [--repeats 100]
+    python benchmarks/latency.py --ckpt runs/demo [--sampler dpm++2m] [--steps 20] [--cfg-scale 1.75] [--repeats 100]
+    python benchmarks/latency.py --ckpt runs/demo --compare-memo   # condition-path memo on/off, interleaved
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ def main() -> None:
     ap.add_argument("--ckpt", required=True)
     ap.add_argument("--sampler", default="dpm++2m")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--cfg-scale", type=float, default=2.0)
+    ap.add_argument("--cfg-scale", type=float, default=1.75)
+    ap.add_argument("--compare-memo", action="store_true",
+                    help="A/B of the DiT's condition-path memo: 8 interleaved rounds of 12 images each way")
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
@@ -30,6 +33,19 @@ def main() -> None:
 
     model = load_model(args.ckpt)
     kw = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale)
+    if args.compare_memo:
+        memo, res = model.net.modulation_cache, {"memo": [], "no memo": []}
+        for _ in range(8):
+            for name in res:
+                model.net.modulation_cache = memo if name == "memo" else None
+                for i in range(12):
+                    t0 = time.perf_counter()
+                    sample_batch(model, [i % 10], [i], **kw)
+                    res[name].append(1000 * (time.perf_counter() - t0))
+        model.net.modulation_cache = memo
+        print(json.dumps({name: dict(p10_ms=float(np.percentile(v[12:], 10)), p50_ms=float(np.percentile(v[12:], 50)))
+                          for name, v in res.items()}, indent=2))
+        return
     for i in range(5):
         sample_batch(model, [i % 10], [i], **kw)
     lat = []
