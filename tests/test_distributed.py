@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # The same settings for every run; only --max-steps (a resumable setting) and --out vary. The final sample
 # grid is kept cheap (1 Euler step), so the runs measure training, not sampling. No lr decay: extending a
 # run from 4 to 6 steps would move the decay's start, and the resume test compares with a 6-step run.
+# fp32: one process and two must agree to 1e-5, and bf16 GEMMs round differently on half batches.
 TRAIN_ARGS = ["--subset", "512", "--batch-size", "16", "--log-every", "1", "--sample-every", "0", "--ckpt-every", "0",
-              "--lr-decay", "0",
+              "--lr-decay", "0", "--precision", "fp32",
               "--no-progress", "--threads", "1", "--sample-sampler", "euler", "--sample-steps", "1"]
 RUN_TIMEOUT_S = 180  # a bound per subprocess, far above the ~20 s a run takes: a hang fails the test
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
