@@ -32,7 +32,7 @@ class TrainConfig:
     label_dropout: float = 0.1
     # optimisation
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     beta2: float = 0.99
     warmup_steps: int = 200
