@@ -74,6 +74,20 @@ def test_bf16_autocast_trains_and_resumes_bit_exactly(tmp_path):
     assert a != b and all(abs(a[k] - b[k]) < 0.05 * b[k] for k in b)  # bf16 rounding, the same training
 
 
+def test_time_limited_run_plans_its_steps_and_ends_decayed(tmp_path):
+    """--max-minutes alone: the step count is planned (and re-planned) from the measured speed, so the
+    lr decay ends with the run, inside the budget, with most of the budget used."""
+    budget_s = 12.0
+    run = train(TrainConfig(out=str(tmp_path / "t"), max_minutes=budget_s / 60, ckpt_every=0, **dict(SMALL, log_every=1)))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    state = json.loads((latest_checkpoint(run) / "state.json").read_text())
+    last = rows[-1]
+    assert last["elapsed_s"] <= budget_s + 1.0
+    assert last["elapsed_s"] >= 0.6 * budget_s, "the plan left much of the budget unused"
+    assert last["lr"] < 0.15 * SMALL.get("lr", TrainConfig().lr)  # decayed to (near) zero at the planned end
+    assert state["planned_steps"] == last["step"]
+
+
 def test_precision_resolution():
     from ditkit.utils import native_bf16, resolve_precision
     cpu = torch.device("cpu")

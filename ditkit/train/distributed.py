@@ -156,6 +156,17 @@ class DistContext:
             else:
                 tdist.barrier()
 
+    def agree(self, value: int) -> int:
+        """Rank 0's value of an integer, on every rank: a decision read from a clock must be one decision."""
+        if self.world_size <= 1:
+            return int(value)
+        import torch.distributed as tdist
+
+        t = torch.tensor([int(value)], dtype=torch.int64, device=self.device if self.backend == "nccl" else "cpu")
+        with self.collective("agreeing on the planned step count"):
+            tdist.broadcast(t, src=0)
+        return int(t.item())
+
     def mean(self, value: torch.Tensor) -> float:
         """The mean of a scalar over ranks (for logging)."""
         if self.world_size > 1:

@@ -31,7 +31,7 @@ from .ema import EMA
 log = logging.getLogger(__name__)
 
 GRID_SEED = 1234
-PLAN_AFTER_STEPS = 30  # with only --max-minutes and --lr-decay: measure this many steps, then plan the run  # fixed seeds for the sample grids, so grids of different steps compare
+PLAN_AFTER_STEPS = 30  # with only --max-minutes: plan the run after this many steps, re-plan at 2x, 4x, ...
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -156,7 +156,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
     if total_steps is not None:
         planned = total_steps
-    plan_at = step + PLAN_AFTER_STEPS if planned is None and cfg.lr_decay > 0 else None
+    # With only a time limit, the step count is planned from the measured speed (so that the lr decay
+    # ends with the run), and re-planned at 30, 60, 120, ... steps while the lr is still constant, each
+    # time from the speed since the last plan: the first steps are slow (allocator and kernel warm-up),
+    # and a plan from them alone left 8-17% of the budget unused. Under DDP, rank 0's plan is everyone's
+    # and the plan, not each rank's own clock, ends the run (ranks that stopped apart would hang).
+    replan = planned is None and deadline is not None and (cfg.lr_decay > 0 or dist.world_size > 1)
+    plan_at = step + PLAN_AFTER_STEPS if replan else None
 
     def lr_at(step: int) -> float:
         """Linear warm-up, constant, then (with --lr-decay) a linear decay to 0 over the run's last part."""
@@ -190,11 +196,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     lo, hi = dist.rank * local_B, (dist.rank + 1) * local_B
     perm = epoch_permutation(len(data), cfg.seed, epoch)
     t_start = time.monotonic()
+    mark_step, mark_t = step, t_start  # where the speed for the next plan is measured from
     win_t, win_imgs, win_loss, win_n = time.monotonic(), 0, 0.0, 0
     amp = config["precision"] == "bf16"
     model.train()
     try:
-        while (planned is None or step < planned) and (deadline is None or time.monotonic() < deadline):
+        while (planned is None or step < planned) and (
+                deadline is None or (dist.world_size > 1 and planned is not None) or time.monotonic() < deadline):
             idx = perm[pos * B:(pos + 1) * B]
             x, y = data.batch(idx[lo:hi])
             x, y = x.to(device, non_blocking=True), y.to(device)
@@ -203,11 +211,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
             noise = objective.sample_noise(B, shape, gen)  # the global batch's randomness, then our share
             noise = {k: v[lo:hi] for k, v in noise.items()}
             if plan_at is not None and step == plan_at:
-                # Only a time limit: plan the step count from the speed so far, once, and keep it in
-                # the checkpoints (a resumed run follows the same plan).
-                sec_per_step = (time.monotonic() - t_start) / PLAN_AFTER_STEPS
-                planned = step + int(0.98 * (deadline - time.monotonic()) / sec_per_step)
-                plan_at = None
+                # (re-)plan; the plan is kept in the checkpoints, and a resumed run follows it
+                now = time.monotonic()
+                sec_per_step = (now - mark_t) / max(step - mark_step, 1)
+                planned = dist.agree(step + int(0.98 * (deadline - now) / sec_per_step))
+                mark_step, mark_t = step, now
+                decay_from = planned * (1 - cfg.lr_decay)
+                plan_at = 2 * step if (cfg.lr_decay == 0 or 2 * step < decay_from) and 2 * step < planned else None
                 if bar is not None:
                     bar.total = planned
             lr = lr_at(step)
