@@ -29,7 +29,8 @@ def checkpoint_minutes(run: Path) -> list[tuple[float, int, Path]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--runs", nargs="+", required=True)
+    ap.add_argument("--runs", nargs="+", default=[])
+    ap.add_argument("--replot", help="draw --plot from this earlier --out JSON instead of measuring")
     ap.add_argument("--minutes", default="5,10,20,30")
     ap.add_argument("--scales", default="1.75")
     ap.add_argument("--sampler", default="dpm++2m")
@@ -41,8 +42,8 @@ def main() -> None:
     from ditkit.eval.metrics import evaluate_images
     from ditkit.sampling import generate, load_model
 
-    rows = []
-    for run in map(Path, args.runs):
+    rows = json.loads(Path(args.replot).read_text()) if args.replot else []
+    for run in map(Path, [] if args.replot else args.runs):
         cks = checkpoint_minutes(run)
         objective = json.loads((run / "config.json").read_text())["objective"]["name"]
         for mark in (float(m) for m in args.minutes.split(",")):
@@ -61,7 +62,7 @@ def main() -> None:
                 rows.append(row)
                 print(f"{run.name:>12} {minutes:5.1f} min step {step:>6} cfg {s:<5g} acc {row['accuracy']:.4f} "
                       f"FID {row['fid']:.2f} floor {row['floor']:.2f} ratio {row['ratio']:.2f}", flush=True)
-    if args.out:
+    if args.out and not args.replot:
         Path(args.out).write_text(json.dumps(rows, indent=1))
     if args.plot and rows:
         import matplotlib
@@ -79,6 +80,7 @@ def main() -> None:
         ax.set_yscale("log")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+        fig.tight_layout()
         save_figure(fig, args.plot)
 
 
