@@ -85,7 +85,8 @@ def test_time_limited_run_plans_its_steps_and_ends_decayed(tmp_path):
     assert last["elapsed_s"] <= budget_s + 1.0
     assert last["elapsed_s"] >= 0.6 * budget_s, "the plan left much of the budget unused"
     assert last["lr"] < 0.15 * SMALL.get("lr", TrainConfig().lr)  # decayed to (near) zero at the planned end
-    assert state["planned_steps"] == last["step"]
+    # the plan ends the run, or the deadline a few steps before it (the machine's speed varies)
+    assert 0.9 * state["planned_steps"] <= last["step"] <= state["planned_steps"]
 
 
 def test_precision_resolution():
