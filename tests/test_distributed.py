@@ -257,14 +257,15 @@ def test_a_rank_that_never_arrives_times_out_with_a_clear_error(monkeypatch):
 
 
 def test_time_limited_ddp_run_ends_on_one_agreed_step(tmp_path):
-    """--max-minutes under DDP: rank 0's plan is every rank's, so no rank stops while another waits."""
+    """--max-minutes under DDP: rank 0's plan and clock are every rank's, so no rank stops while another waits."""
     out = tmp_path / "timed"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ditkit",
-           "train", *TRAIN_ARGS, "--max-minutes", "0.15", "--out", str(out)]
+           "train", *TRAIN_ARGS, "--lr-decay", "0.3", "--max-minutes", "0.15", "--out", str(out)]
     p = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     rc, log = _finish(p)
     assert rc == 0, log[-3000:]
     last = _metrics(out)[-1]
     state = json.loads((latest_checkpoint(out) / "state.json").read_text())
-    assert state["planned_steps"] == last["step"] == state["step"]
+    assert last["step"] == state["step"]  # both ranks stopped on this step (else: a hang, caught above)
+    assert 0.9 * state["planned_steps"] <= state["step"] <= state["planned_steps"]

@@ -159,10 +159,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     # With only a time limit, the step count is planned from the measured speed (so that the lr decay
     # ends with the run), and re-planned at 30, 60, 120, ... steps while the lr is still constant, each
     # time from the speed since the last plan: the first steps are slow (allocator and kernel warm-up),
-    # and a plan from them alone left 8-17% of the budget unused. Under DDP, rank 0's plan is everyone's
-    # and the plan, not each rank's own clock, ends the run (ranks that stopped apart would hang).
-    replan = planned is None and deadline is not None and (cfg.lr_decay > 0 or dist.world_size > 1)
-    plan_at = step + PLAN_AFTER_STEPS if replan else None
+    # and a plan from them alone left 8-17% of the budget unused. Under DDP, rank 0's plan and rank 0's
+    # clock are everyone's (ranks that stopped on different steps would hang in the all-reduce).
+    plan_at = step + PLAN_AFTER_STEPS if planned is None and deadline is not None and cfg.lr_decay > 0 else None
+
+    def out_of_time() -> bool:
+        if deadline is None:
+            return False
+        if dist.world_size == 1:
+            return time.monotonic() >= deadline
+        if step % 10:  # ranks decide together, every 10 steps, on rank 0's clock
+            return False
+        return bool(dist.agree(int(time.monotonic() >= deadline)))
 
     def lr_at(step: int) -> float:
         """Linear warm-up, constant, then (with --lr-decay) a linear decay to 0 over the run's last part."""
@@ -201,8 +209,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     amp = config["precision"] == "bf16"
     model.train()
     try:
-        while (planned is None or step < planned) and (
-                deadline is None or (dist.world_size > 1 and planned is not None) or time.monotonic() < deadline):
+        while (planned is None or step < planned) and not out_of_time():
             idx = perm[pos * B:(pos + 1) * B]
             x, y = data.batch(idx[lo:hi])
             x, y = x.to(device, non_blocking=True), y.to(device)
