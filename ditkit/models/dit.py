@@ -121,9 +121,12 @@ class DiT(nn.Module):
         latency of one image). Each entry is computed exactly as without the cache, so results do not change.
         """
         if torch.is_grad_enabled() or self.modulation_cache is None or t.device.type != "cpu":
-            c = self.embed_condition(t, cond)
-            return [b.modulation(c) for b in self.blocks] + [self.final_layer.modulation(c)]
+            return self.modulations_of(self.embed_condition(t, cond))
         return self.modulation_cache.lookup(self, t, cond)
+
+    def modulations_of(self, c: torch.Tensor) -> list[torch.Tensor]:
+        """The same list from the embedded condition c (B, D)."""
+        return [b.modulation(c) for b in self.blocks] + [self.final_layer.modulation(c)]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition | None = None) -> torch.Tensor:
         """x (B, C, H, W), t (B,) float time as the objective defines it, cond -> (B, C, H, W)."""
@@ -152,6 +155,8 @@ class ModulationCache:
         self.max_entries = max_entries
         self._store: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._stamp: Optional[tuple] = None
+        self._net: Optional["DiT"] = None  # the net whose condition-path parameters are listed below
+        self._params: list[torch.Tensor] = []
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
@@ -161,21 +166,24 @@ class ModulationCache:
         self._store.clear()
         self._stamp = None
 
-    @staticmethod
-    def _params(net: "DiT") -> list[torch.Tensor]:
-        mods = [net.t_embedder] + ([net.y_embedder] if net.y_embedder is not None else [])
-        mods += [b.adaLN_modulation for b in net.blocks] + [net.final_layer.adaLN_modulation]
-        return [p for m in mods for p in m.parameters()]
+    def _condition_params(self, net: "DiT") -> list[torch.Tensor]:
+        if self._net is not net:  # listed once per net, not at every forward
+            mods = [net.t_embedder] + ([net.y_embedder] if net.y_embedder is not None else [])
+            mods += [b.adaLN_modulation for b in net.blocks] + [net.final_layer.adaLN_modulation]
+            self._net, self._params, self._stamp = net, [p for m in mods for p in m.parameters()], None
+        return self._params
 
     def lookup(self, net: "DiT", t: torch.Tensor, cond: Condition | None) -> list[torch.Tensor]:
-        params = self._params(net)
-        stamp = tuple((p._version, p.data_ptr(), p.dtype) for p in params)
+        stamp = tuple((p._version, p.data_ptr(), p.dtype) for p in self._condition_params(net))
         if stamp != self._stamp:
             self._store.clear()
             self._stamp = stamp
-        labels = cond.labels.tolist() if cond is not None and cond.labels is not None else [None] * t.shape[0]
-        if net.y_embedder is not None and labels and labels[0] is None:
+        if net.y_embedder is None:
+            labels = [None] * t.shape[0]  # an unconditional net ignores labels, and so does its memo
+        elif cond is None or cond.labels is None:
             net.embed_condition(t, cond)  # raises the clear error
+        else:
+            labels = cond.labels.tolist()
         keys = list(zip(t.tolist(), labels))
         unique = list(dict.fromkeys(keys))
         missing = [k for k in unique if k not in self._store]
@@ -186,8 +194,7 @@ class ModulationCache:
             mcond = None
             if net.y_embedder is not None:
                 mcond = Condition.from_labels(torch.tensor([k[1] for k in missing], dtype=torch.long), net.config.num_classes)
-            c = net.embed_condition(mt, mcond)
-            rows = torch.cat([b.modulation(c) for b in net.blocks] + [net.final_layer.modulation(c)], dim=1)
+            rows = torch.cat(net.modulations_of(net.embed_condition(mt, mcond)), dim=1)
             for k, row in zip(missing, rows):
                 self._store[k] = row.clone()
         for k in unique:
