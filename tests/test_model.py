@@ -173,3 +173,34 @@ def test_modulation_cache_follows_weight_updates_and_stays_bounded():
         for step in range(5):
             net(x, torch.full((2,), float(step)), cond)
     assert len(small) == 3
+
+
+@pytest.mark.parametrize("k,n", [(512, 128), (128, 512), (1536, 384), (384, 1536)])
+def test_linear_rows_do_not_depend_on_how_many_rows_are_computed(k, n):
+    """The CPU GEMM changes a row's last bits with the row count (split reductions for few rows); the
+    padded Linear must not. K = 1536 (DiT-S's MLP) differs for up to ~186 rows here without padding."""
+    from ditkit.models.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(k, n)
+    x = torch.randn(3000, k)
+    with torch.no_grad():
+        ref = lin(x)
+        for m in (1, 2, 5, 49, 98, 150, 186, 250, 400, 1100):
+            assert torch.equal(lin(x[:m]), ref[:m]), m
+
+
+def test_dit_s_image_does_not_depend_on_its_batch():
+    """One seed, one image on a wider preset too (DiT-S/4: width 384, MLP 1536), at inference."""
+    torch.manual_seed(0)
+    net = build_model(model_config("DiT-S/4")).eval()
+    for p in net.parameters():  # a trained-looking net: adaLN-Zero gates open
+        p.data.normal_(0, 0.05)
+    x = torch.randn(6, 1, 28, 28)
+    t = torch.rand(6)
+    cond = Condition.from_labels(torch.tensor([0, 1, 2, 3, 4, 5]), 10)
+    with torch.no_grad():
+        full = net(x, t, cond)
+        for idx in ([0], [0, 1], [3, 4, 5]):
+            i = torch.tensor(idx)
+            assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), idx

@@ -14,12 +14,57 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# CPU GEMM kernels take a different reduction order for very small row counts, so an image's output
-# would change (in the last bits) with the number of images beside it. Running every linear map on at
-# least this many rows (zero rows are appended and dropped) makes each image's result independent of
-# its batch: the "one seed, one image" contract of DESIGN.md then holds bit for bit. Cost: nil at
-# training batch sizes; on the per-sample condition path a (64, D) matmul instead of (B, D).
+# CPU GEMM kernels (oneDNN / MKL) pick their blocking and, for few rows, split the reduction over
+# threads, so a row's result changes in its last bits with the number of rows computed together: an
+# image's output would depend on the images beside it. Running a linear map on at least
+# `invariant_rows(K, N)` rows (zero rows are appended and dropped) makes each image's result independent
+# of its batch: the "one seed, one image" contract of DESIGN.md then holds bit for bit. How many rows
+# that takes depends on the shape and the thread count (measured here with 2 threads: K = 512 -> 16
+# rows, K = 1536 -> 187, K = 4608 -> 572), so it is probed once per (K, N, dtype, threads) on this
+# machine, from MIN_GEMM_ROWS up in powers of two. Cost: nil at training batch sizes; at inference a
+# few padded rows on small batches.
 MIN_GEMM_ROWS = 64
+_PROBE_ROWS = 2048  # probed row counts stay below this (larger products agree with it: checked to 8192)
+_PROBED = (1, 2, 3, 5, 8, 13, 16, 17, 31, 32, 33, 48, 49, 63, 64, 65, 98, 127, 128, 129, 196, 255, 256, 257,
+           392, 511, 512, 513, 784, 1023, 1024, 1025, 1568)
+_invariant_rows: dict[tuple, int] = {}
+
+
+def invariant_rows(k: int, n: int, dtype: torch.dtype = torch.float32) -> int:
+    """Rows from which this CPU's (M, k) x (k, n) GEMM gives every row the same bits for any M.
+
+    Probed once per (k, n, dtype, thread count) against a 2048-row product, over 33 row counts
+    (~0.1 s for DiT-T's shapes, ~1 s for DiT-XL's)."""
+    key = (k, n, dtype, torch.get_num_threads())
+    rows = _invariant_rows.get(key)
+    if rows is None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(_PROBE_ROWS, k, generator=g).to(dtype)
+        w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to(dtype)
+        b = torch.randn(n, generator=g).to(dtype)
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            ref = F.linear(x, w, b)
+            bad = [m for m in _PROBED if not torch.equal(F.linear(x[:m], w, b), ref[:m])]
+        rows = MIN_GEMM_ROWS
+        while bad and rows <= max(bad):
+            rows *= 2
+        rows = _invariant_rows[key] = min(rows, _PROBE_ROWS)
+    return rows
+
+
+def _padded_linear(flat: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear on (rows, K) computed as part of a product of at least `invariant_rows` rows (CPU).
+
+    Under CPU autocast (bf16 training) the product runs in bf16, whose kernels are not probed: there the
+    fixed MIN_GEMM_ROWS floor applies (training does not need batch invariance; inference runs fp32)."""
+    rows = flat.shape[0]
+    if flat.device.type != "cpu" or rows >= _PROBE_ROWS:
+        return F.linear(flat, weight, bias)
+    need = MIN_GEMM_ROWS if torch.is_autocast_enabled("cpu") else invariant_rows(weight.shape[1], weight.shape[0], flat.dtype)
+    if rows >= need or rows == 0:
+        return F.linear(flat, weight, bias)
+    pad = torch.cat([flat, flat.new_zeros(need - rows, flat.shape[1])])
+    return F.linear(pad, weight, bias)[:rows]
 
 
 class Linear(nn.Linear):
@@ -27,10 +72,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if 0 < rows < MIN_GEMM_ROWS and x.device.type == "cpu":
-            flat = x.reshape(rows, x.shape[-1])
-            flat = torch.cat([flat, flat.new_zeros(MIN_GEMM_ROWS - rows, flat.shape[1])])
-            return F.linear(flat, self.weight, self.bias)[:rows].reshape(*x.shape[:-1], self.out_features)
+        if 0 < rows < _PROBE_ROWS and x.device.type == "cpu":
+            flat = _padded_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
+            return flat.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -56,9 +100,8 @@ class PatchEmbed(nn.Module):
         w = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
         tokens = patchify(x, self.patch_size)  # (B, N, P*P*C)
         rows = tokens.shape[0] * tokens.shape[1]
-        if rows < MIN_GEMM_ROWS and x.device.type == "cpu":
-            flat = torch.cat([tokens.reshape(rows, -1), tokens.new_zeros(MIN_GEMM_ROWS - rows, tokens.shape[2])])
-            return F.linear(flat, w, self.proj.bias)[:rows].reshape(*tokens.shape[:2], -1)
+        if 0 < rows < _PROBE_ROWS and x.device.type == "cpu":
+            return _padded_linear(tokens.reshape(rows, -1), w, self.proj.bias).reshape(*tokens.shape[:2], -1)
         return F.linear(tokens, w, self.proj.bias)
 
 
