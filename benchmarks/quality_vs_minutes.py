@@ -32,7 +32,11 @@ def main() -> None:
     ap.add_argument("--runs", nargs="+", default=[])
     ap.add_argument("--replot", help="draw --plot from this earlier --out JSON instead of measuring")
     ap.add_argument("--minutes", default="5,10,20,30")
-    ap.add_argument("--scales", default="1.75")
+    ap.add_argument("--scales", default="1.75", help="CFG scales (empty: none)")
+    ap.add_argument("--ag-scales", default="", help="autoguidance scales, without CFG (empty: none)")
+    ap.add_argument("--guide-frac", type=float, default=0.25,
+                    help="autoguidance: the weak model of a checkpoint at step S is the run's checkpoint nearest "
+                         "to this fraction of S (as `ditkit train --guide-at` keeps for a run of S steps)")
     ap.add_argument("--sampler", default="dpm++2m")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--num", type=int, default=1000)
@@ -51,16 +55,27 @@ def main() -> None:
             if abs(minutes - mark) > 0.25 * mark:
                 print(f"{run.name}: no checkpoint near {mark:g} min (nearest {minutes:.1f}); skipped", flush=True)
                 continue
-            model = load_model(ck)
-            for s in (float(v) for v in args.scales.split(",")):
+            ag = [float(v) for v in args.ag_scales.split(",") if v.strip()]
+            guide = None
+            if ag:
+                earlier = [c for c in cks if c[1] < step]
+                if not earlier:
+                    print(f"{run.name}: no checkpoint before step {step} to guide with; autoguidance skipped")
+                    ag = []
+                else:
+                    guide = min(earlier, key=lambda c: abs(c[1] - args.guide_frac * step))[2]
+            model = load_model(ck, guide=guide)
+            settings = [(float(v), 1.0) for v in args.scales.split(",") if v.strip()] + [(1.0, w) for w in ag]
+            for s, w in settings:
                 res = generate(model, num=args.num, labels="all", seed=0, batch_size=250, sampler=args.sampler,
-                               steps=args.steps, cfg_scale=s)
+                               steps=args.steps, cfg_scale=s, autoguidance=w)
                 ev = evaluate_images(res["images"], res["labels"])
                 row = dict(run=run.name, objective=objective, mark_min=mark, minutes=round(minutes, 2), step=step,
-                           scale=s, accuracy=ev["class_accuracy"]["value"], fid=ev["fid"], fid_ci=ev["fid_ci"],
+                           scale=s, autoguidance=w, guide_step=model.guide.step if w != 1 else None,
+                           accuracy=ev["class_accuracy"]["value"], fid=ev["fid"], fid_ci=ev["fid_ci"],
                            floor=ev["fid_floor"], ratio=ev["fid_ratio"])
                 rows.append(row)
-                print(f"{run.name:>12} {minutes:5.1f} min step {step:>6} cfg {s:<5g} acc {row['accuracy']:.4f} "
+                print(f"{run.name:>12} {minutes:5.1f} min step {step:>6} cfg {s:<5g} ag {w:<5g} acc {row['accuracy']:.4f} "
                       f"FID {row['fid']:.2f} floor {row['floor']:.2f} ratio {row['ratio']:.2f}", flush=True)
     if args.out and not args.replot:
         Path(args.out).write_text(json.dumps(rows, indent=1))
@@ -72,9 +87,12 @@ def main() -> None:
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for name in dict.fromkeys(r["run"] for r in rows):
-            for s in dict.fromkeys(r["scale"] for r in rows):
-                pts = [(r["minutes"], r["ratio"]) for r in rows if r["run"] == name and r["scale"] == s]
-                ax.plot(*zip(*pts), marker="o", label=f"{name}, guidance {s:g}")
+            for s, w in dict.fromkeys((r["scale"], r.get("autoguidance", 1.0)) for r in rows):
+                pts = [(r["minutes"], r["ratio"]) for r in rows
+                       if r["run"] == name and r["scale"] == s and r.get("autoguidance", 1.0) == w]
+                if pts:
+                    what = f"autoguidance {w:g}" if w != 1 else f"guidance {s:g}"
+                    ax.plot(*zip(*pts), marker="o", label=f"{name}, {what}")
         ax.set_xlabel("training CPU-minutes")
         ax.set_ylabel("FID / real-data floor")
         ax.set_yscale("log")

@@ -2,6 +2,7 @@
 
     python benchmarks/recipes.py --name probe --max-steps 5000 -- --objective linear --batch-size 32
     python benchmarks/recipes.py --name demo --max-minutes 10 --scales 1.5,2,3
+    python benchmarks/recipes.py --name demo --eval-only --scales "" --ag-scales 1.75,2,2.25
 
 Everything after `--` goes to `ditkit train` unchanged. The EMA weights of the final checkpoint draw
 `--num` images (a balanced set of labels, fixed seeds) at each guidance scale with `--sampler/--steps`;
@@ -23,18 +24,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def evaluate_run(run: Path, *, scales: list[float], sampler: str, steps: int, num: int, seed: int = 0) -> list[dict]:
+def evaluate_run(run: Path, *, scales: list[float], sampler: str, steps: int, num: int, seed: int = 0,
+                 ag_scales: tuple[float, ...] = (), guide: str | None = None) -> list[dict]:
+    """Guided samples at each CFG scale in `scales`, then at each autoguidance scale in `ag_scales`
+    (without CFG), all with the same seeds and labels."""
     from ditkit.eval.metrics import evaluate_images
     from ditkit.sampling import generate, load_model
     from ditkit.viz.grids import save_grid
 
-    model = load_model(run)
+    model = load_model(run, guide=guide)
     out = []
-    for s in scales:
-        res = generate(model, num=num, labels="all", seed=seed, batch_size=250, sampler=sampler, steps=steps, cfg_scale=s)
+    settings = [(s, 1.0) for s in scales] + [(1.0, w) for w in ag_scales]
+    for s, w in settings:
+        res = generate(model, num=num, labels="all", seed=seed, batch_size=250, sampler=sampler, steps=steps,
+                       cfg_scale=s, autoguidance=w)
         ev = evaluate_images(res["images"], res["labels"])
-        save_grid(res["images"][:100], run / f"eval_grid_cfg{s}.png", nrow=10)
-        out.append(dict(scale=s, sampler=sampler, steps=steps, nfe=res["nfe"], num=num,
+        save_grid(res["images"][:100], run / (f"eval_grid_ag{w}.png" if w != 1 else f"eval_grid_cfg{s}.png"), nrow=10)
+        out.append(dict(scale=s, autoguidance=w, guide_step=model.guide.step if w != 1 else None,
+                        sampler=sampler, steps=steps, nfe=res["nfe"], num=num,
                         accuracy=ev["class_accuracy"]["value"], fid=ev["fid"], fid_ci=ev["fid_ci"],
                         floor=ev["fid_floor"], ratio=ev["fid_ratio"], sample_s=res["seconds"]))
     return out
@@ -49,7 +56,9 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs" / "recipes"))
     ap.add_argument("--max-steps", type=int)
     ap.add_argument("--max-minutes", type=float)
-    ap.add_argument("--scales", default="1.5,2,3")
+    ap.add_argument("--scales", default="1.5,2,3", help="CFG scales (empty: none)")
+    ap.add_argument("--ag-scales", default="", help="autoguidance scales, without CFG (empty: none)")
+    ap.add_argument("--guide", help="the weak model for autoguidance (default: the run's RUN/guide)")
     ap.add_argument("--sampler", default="dpm++2m")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--num", type=int, default=1000)
@@ -72,15 +81,16 @@ def main() -> None:
         train_s = time.time() - t0
     cfg = json.loads((run / "config.json").read_text())
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-    rows = evaluate_run(run, scales=[float(s) for s in args.scales.split(",")], sampler=args.sampler,
-                        steps=args.steps, num=args.num)
+    floats = lambda text: [float(v) for v in text.split(",") if v.strip()]  # noqa: E731
+    rows = evaluate_run(run, scales=floats(args.scales), sampler=args.sampler, steps=args.steps, num=args.num,
+                        ag_scales=tuple(floats(args.ag_scales)), guide=args.guide)
     with open(args.out, "a") as f:
         for r in rows:
             rec = dict(name=args.name, train_args=" ".join(extra), steps_trained=last["step"],
                        train_elapsed_s=last["elapsed_s"], wall_s=train_s, batch_size=cfg["train"]["batch_size"],
                        objective=cfg["objective"]["name"], **r)
             f.write(json.dumps(rec) + "\n")
-            print(f"{args.name:>18} steps={last['step']:>6} cfg={r['scale']:<4} acc={r['accuracy']:.4f} "
+            print(f"{args.name:>18} steps={last['step']:>6} cfg={r['scale']:<4} ag={r['autoguidance']:<4} acc={r['accuracy']:.4f} "
                   f"fid={r['fid']:.3f} floor={r['floor']:.3f} ratio={r['ratio']:.2f}", flush=True)
 
 

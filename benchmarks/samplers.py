@@ -3,7 +3,8 @@ DDPM ancestral at 1000 steps, on one trained model with the same seeds and label
 
     python benchmarks/samplers.py --ckpt runs/demo [--num 1000] [--nfe 5,10,20,50,100] [--cfg-scale 1]
 
-Writes docs/bench/samplers.json, a markdown table on stdout and docs/bench/samplers_fid_vs_nfe.png.
+Writes docs/bench/samplers.json (--out), a markdown table on stdout and docs/bench/samplers_fid_vs_nfe.png
+(the --out name + _fid_vs_nfe.png).
 For a sampler whose cost is k NFE per step (Heun, DPM-Solver++ 2S: 2 per step but the last), the step
 count is chosen so that the NFE is at most the budget.
 """
@@ -36,7 +37,7 @@ def run_one(model, sampler: str, steps: int, args) -> dict:
 
     t0 = time.perf_counter()
     res = generate(model, num=args.num, labels="all", seed=args.seed, batch_size=args.batch_size, sampler=sampler,
-                   steps=steps, cfg_scale=args.cfg_scale)
+                   steps=steps, cfg_scale=args.cfg_scale, autoguidance=args.autoguidance)
     wall = time.perf_counter() - t0
     ev = evaluate_images(res["images"], res["labels"], n_boot=50)
     row = dict(sampler=sampler, steps=steps, nfe=res["nfe"], fid=ev["fid"], fid_ci=ev["fid_ci"],
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--samplers", default=",".join(SAMPLERS))
     ap.add_argument("--ddpm-steps", type=int, default=1000, help="0 skips the DDPM reference")
     ap.add_argument("--cfg-scale", type=float, default=1.0)
+    ap.add_argument("--autoguidance", type=float, default=1.0, help="by the run's RUN/guide (1 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=250)
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "samplers.json"))
@@ -97,9 +99,9 @@ def main() -> None:
     adaptive = run_one(model, "adaptive", 1000, args) if getattr(model.objective, "path", None) is not None else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(ckpt=str(args.ckpt), num=args.num, cfg_scale=args.cfg_scale, rows=rows,
-                                   ddpm=ddpm, adaptive=adaptive), indent=2))
-    plot(rows, ddpm, out.with_name("samplers_fid_vs_nfe.png"))
+    out.write_text(json.dumps(dict(ckpt=str(args.ckpt), num=args.num, cfg_scale=args.cfg_scale,
+                                   autoguidance=args.autoguidance, rows=rows, ddpm=ddpm, adaptive=adaptive), indent=2))
+    plot(rows, ddpm, out.with_name(f"{out.stem}_fid_vs_nfe.png"))
     print("\n| sampler | steps | NFE | FID | class acc. | ms/image |\n|---|---|---|---|---|---|")
     for r in rows + [r for r in (ddpm, adaptive) if r]:
         print(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {100 * r['accuracy']:.1f}% | "

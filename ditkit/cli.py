@@ -122,6 +122,9 @@ def _add_train(sub) -> None:
     p.add_argument("--grad-clip", type=_float("--grad-clip", 0), default=d.grad_clip, help="0 = off")
     p.add_argument("--ema-decay", type=_float("--ema-decay", 0), default=d.ema_decay)
     p.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false")
+    p.add_argument("--guide-at", type=_float("--guide-at", 0), default=d.guide_at,
+                   help="keep the EMA weights at this fraction of the run as RUN/guide, the weak model of "
+                        "autoguidance (ditkit sample --autoguidance); 0 = keep none")
     p.add_argument("--max-steps", type=_positive_int("--max-steps"))
     p.add_argument("--epochs", type=_float("--epochs", 0, True))
     p.add_argument("--max-minutes", type=_float("--max-minutes", 0, True))
@@ -170,12 +173,21 @@ def _add_sampling_flags(p, *, default_num: int) -> None:
     p.add_argument("--spacing", help="sigma grid: ddpm: trailing|leading|uniform|karras|logsnr; "
                                      "interpolants: uniform|karras|logsnr (default: the objective's)")
     p.add_argument("--cfg-scale", type=_float("--cfg-scale", 0), default=1.0, help="classifier-free guidance (1 = off)")
+    _add_autoguidance_flags(p)
     p.add_argument("--labels", default="all", help="a class id (3), a list (0,1,2) or 'all' (balanced)")
     p.add_argument("--num", type=_positive_int("--num"), default=default_num)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=100)
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--device", default="auto")
+
+
+def _add_autoguidance_flags(p) -> None:
+    p.add_argument("--autoguidance", type=_float("--autoguidance", 0), default=1.0,
+                   help="autoguidance scale (Karras et al. 2024), 1 = off: extrapolate away from a weak model, "
+                        "by default the run's own early EMA (RUN/guide)")
+    p.add_argument("--guide", help="the weak model for --autoguidance: a run or checkpoint folder "
+                                   "(default: the run's RUN/guide)")
 
 
 def _add_sample(sub) -> None:
@@ -203,11 +215,11 @@ def _cmd_sample(args) -> int:
             raise UsageError(f"--out {out}: the file must end in .png or .npz")
     if args.trajectory and Path(args.trajectory).suffix.lower() not in (".png", ".gif"):
         raise UsageError(f"--trajectory {args.trajectory}: the file must end in .png or .gif")
-    model = load_model(args.ckpt, weights=args.weights, device=args.device)
+    model = load_model(args.ckpt, weights=args.weights, device=args.device, guide=args.guide)
     with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
         res = generate(model, num=args.num, labels=args.labels, seed=args.seed, batch_size=args.batch_size,
                        sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, spacing=args.spacing,
-                       progress=bar.update)
+                       autoguidance=args.autoguidance, progress=bar.update)
     for out in args.out:
         if out.lower().endswith(".npz"):
             import io

@@ -40,26 +40,30 @@ def evaluate_samples(images: np.ndarray, labels: Optional[np.ndarray]) -> dict[s
 def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: str = "dpm++2m", steps: int = 20,
                         cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, labels: str = "all",
                         spacing: Optional[str] = None, weights: str = "ema", device: str = "auto",
-                        write: bool = True, progress=None) -> dict[str, Any]:
+                        write: bool = True, progress=None, autoguidance: float = 1.0,
+                        guide: Optional[str | Path] = None) -> dict[str, Any]:
     """Sample `num` images from a run (balanced labels), evaluate them, and (with `write`) keep the
-    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>_n<num>.json for the report."""
+    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ag<w>]_n<num>.json for the report."""
     from .sampling import generate, load_model
 
-    model = load_model(ckpt, weights=weights, device=device)
+    model = load_model(ckpt, weights=weights, device=device, guide=guide)
     if model.config.get("data", {}).get("shape", [1, 28, 28]) != [1, 28, 28]:
         raise DitkitError("ditkit eval measures MNIST-shaped models (1x28x28); this run's data is "
                           f"{model.config['data']['shape']}")
     t0 = time.perf_counter()
     res = generate(model, num=num, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler, steps=steps,
-                   cfg_scale=cfg_scale, spacing=spacing, progress=progress)
+                   cfg_scale=cfg_scale, spacing=spacing, autoguidance=autoguidance, progress=progress)
     sample_s = time.perf_counter() - t0
     ev = evaluate_samples(res["images"], res["labels"] if model.num_classes else None)
     out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
                nfe=res["nfe"], cfg_scale=cfg_scale, seed=seed, weights=weights, sample_seconds=sample_s, **ev)
+    if autoguidance != 1:
+        out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
     # the report reads these two keys as dicts
     out["fid"] = dict(value=ev["fid"], ci_low=ev["fid_ci"][0], ci_high=ev["fid_ci"][1], n=ev["n"])
     if write and model.run_dir is not None:
-        name = f"step_{model.step:07d}_{sampler}_{steps}_cfg{cfg_scale:g}_n{num}.json"
+        ag = f"_ag{autoguidance:g}" if autoguidance != 1 else ""
+        name = f"step_{model.step:07d}_{sampler}_{steps}_cfg{cfg_scale:g}{ag}_n{num}.json"
         atomic_write_json(Path(model.run_dir) / "eval" / name, out)
     return out
 

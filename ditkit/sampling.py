@@ -20,8 +20,8 @@ from .condition import Condition
 from .errors import DitkitError, UsageError
 from .models import DiTConfig, build_model
 from .objectives import build_objective
-from .samplers import count_calls, get_sampler, guided
-from .train.checkpoint import load_weights, read_state, resolve_checkpoint
+from .samplers import autoguided, count_calls, get_sampler, guided
+from .train.checkpoint import guide_checkpoint, load_weights, read_state, resolve_checkpoint
 from .utils import ImageRNG, image_seeds, pick_device
 
 DEFAULT_SAMPLER = "dpm++2m"
@@ -40,6 +40,7 @@ class LoadedModel:
     run_dir: Optional[Path] = None
     checkpoint: Optional[Path] = None
     step: int = 0
+    guide: Optional["LoadedModel"] = None  # the weak model for autoguidance (the run's own by default)
 
     @property
     def model_config(self) -> DiTConfig:
@@ -74,9 +75,25 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-def load_model(ckpt: str | Path, *, weights: str = "ema", device: str = "auto") -> LoadedModel:
-    """Load a run folder (its latest checkpoint) or one checkpoint folder; EMA weights by default."""
+def load_model(ckpt: str | Path, *, weights: str = "ema", device: str = "auto",
+               guide: str | Path | None = None) -> LoadedModel:
+    """Load a run folder (its latest checkpoint) or one checkpoint folder; EMA weights by default.
+
+    guide: the weak model for autoguidance: a run or checkpoint folder (e.g. an early checkpoint of the
+    same run, or a smaller model of the same data); None = the run's own `guide/` when it has one.
+    """
     run_dir, ck = resolve_checkpoint(ckpt)
+    main = _load_one(run_dir, ck, weights, device)
+    if guide is not None:
+        g_run, g_ck = resolve_checkpoint(guide)
+        main.guide = _load_one(g_run, g_ck, "ema", device)
+        _check_guide(main, main.guide, str(guide))
+    elif (own := guide_checkpoint(run_dir)) is not None and int(read_state(own).get("step", 0)) < main.step:
+        main.guide = _load_one(run_dir, own, "ema", device)  # only a guide from earlier in training is weaker
+    return main
+
+
+def _load_one(run_dir: Path, ck: Path, weights: str, device: str) -> LoadedModel:
     cfg = read_run_config(run_dir)
     try:
         net = build_model(cfg["model"])
@@ -90,6 +107,20 @@ def load_model(ckpt: str | Path, *, weights: str = "ema", device: str = "auto") 
     dev = pick_device(device)
     net.to(dev).eval().requires_grad_(False)
     return LoadedModel(net, objective, cfg, run_dir, ck, int(read_state(ck).get("step", 0)))
+
+
+def _check_guide(model: LoadedModel, guide: LoadedModel, where: str) -> None:
+    """A weak model must draw the same kind of images, under the same conditions and noise levels."""
+    problems = []
+    if guide.image_shape != model.image_shape:
+        problems.append(f"images {guide.image_shape} vs {model.image_shape}")
+    if guide.num_classes != model.num_classes:
+        problems.append(f"{guide.num_classes} classes vs {model.num_classes}")
+    go, mo = guide.objective.config(), model.objective.config()
+    if go["name"] != mo["name"]:
+        problems.append(f"objective {go['name']!r} vs {mo['name']!r}")
+    if problems:
+        raise UsageError(f"--guide {where}: not a weak version of this model ({'; '.join(problems)})")
 
 
 def parse_labels(spec: str | Sequence[int] | None, num: int, num_classes: int) -> list[int]:
@@ -115,7 +146,7 @@ def parse_labels(spec: str | Sequence[int] | None, num: int, num_classes: int) -
     return [vals[i % len(vals)] for i in range(num)]
 
 
-def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale) -> None:
+def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale, autoguidance=1.0) -> None:
     spec = get_sampler(sampler)
     obj = model.objective
     limit = getattr(obj, "num_timesteps", None)
@@ -127,6 +158,13 @@ def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale) -
         raise UsageError(f"--cfg-scale {cfg_scale}: must be a finite number >= 0 (1 = no guidance)")
     if np.any(scales != 1) and model.num_classes == 0:
         raise UsageError("--cfg-scale: this model is unconditional; guidance needs a class model (use 1)")
+    ag = np.atleast_1d(np.asarray(autoguidance, dtype=np.float64))
+    if not np.all(np.isfinite(ag)) or np.any(ag < 0):
+        raise UsageError(f"--autoguidance {autoguidance}: must be a finite number >= 0 (1 = off)")
+    if np.any(ag != 1) and model.guide is None:
+        where = f" ({model.run_dir}/guide is missing)" if model.run_dir is not None else ""
+        raise UsageError(f"--autoguidance: this model has no weak model to guide with{where}; train with "
+                         "--guide-at > 0 (the default keeps one), or pass --guide RUN_OR_CHECKPOINT")
     if spec.needs_path and getattr(obj, "path", None) is None:
         raise UsageError(f"--sampler {sampler}: needs a continuous-time objective (linear, gvp, vp); "
                          f"this model's objective is {obj.config()['name']!r}")
@@ -136,8 +174,12 @@ def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale) -
 def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int], *, sampler: str = DEFAULT_SAMPLER,
                  steps: int = DEFAULT_STEPS, cfg_scale: float | Sequence[float] = 1.0, spacing: Optional[str] = None,
                  guidance_interval: Optional[tuple[float, float]] = None, sampler_options: Optional[dict] = None,
-                 callback: Optional[Callable[[dict], None]] = None, stats: Optional[dict] = None) -> torch.Tensor:
-    """One batch: image b is fully determined by (labels[b], seeds[b], settings). Returns float (B,C,H,W) in [-1,1]."""
+                 callback: Optional[Callable[[dict], None]] = None, stats: Optional[dict] = None,
+                 autoguidance: float | Sequence[float] = 1.0) -> torch.Tensor:
+    """One batch: image b is fully determined by (labels[b], seeds[b], settings). Returns float (B,C,H,W) in [-1,1].
+
+    cfg_scale: classifier-free guidance; autoguidance: the scale w of autoguidance by `model.guide`
+    (Karras et al. 2024); each a float or one value per image, 1 = off."""
     spec = get_sampler(sampler)
     dev = model.device
     B = len(seeds)
@@ -151,6 +193,12 @@ def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int]
     scale = torch.as_tensor(cfg_scale, dtype=torch.float32)
     if model.num_classes > 0 and bool((scale != 1).any()):
         denoiser = guided(denoiser, scale.to(dev) if scale.ndim else float(scale), interval=guidance_interval)
+    ag = torch.as_tensor(autoguidance, dtype=torch.float32)
+    if bool((ag != 1).any()):
+        if model.guide is None:
+            validate_sampling(model, sampler, steps, cfg_scale, autoguidance)  # raises the clear error
+        weak = model.guide.objective.denoiser(model.guide.net)
+        denoiser = autoguided(denoiser, weak, ag.to(dev) if ag.ndim else float(ag))
     counted = count_calls(denoiser)
     sigmas = model.objective.sigma_grid(steps, spacing or SAMPLER_SPACING.get(sampler, model.objective.default_spacing))
     x = spec.fn(counted, noise, sigmas, cond=cond, rng=rng, callback=callback, **(sampler_options or {}))
@@ -174,7 +222,8 @@ def generate(model: LoadedModel, *, num: int, labels: str | Sequence[int] | None
         raise UsageError(f"--num {num}: must be >= 1")
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be >= 1")
-    validate_sampling(model, kw.get("sampler", DEFAULT_SAMPLER), kw.get("steps", DEFAULT_STEPS), kw.get("cfg_scale", 1.0))
+    validate_sampling(model, kw.get("sampler", DEFAULT_SAMPLER), kw.get("steps", DEFAULT_STEPS), kw.get("cfg_scale", 1.0),
+                      kw.get("autoguidance", 1.0))
     labs = parse_labels(labels, num, model.num_classes)
     seeds = image_seeds(seed, num)
     out, nfe, t0 = [], 0, time.perf_counter()

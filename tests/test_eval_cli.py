@@ -29,6 +29,11 @@ def test_eval_checkpoint_writes_result_for_the_report(tiny_run, tmp_path, capsys
     assert "FID" in out and "class accuracy" in out and "n = 40" in out
     files = list((run / "eval").glob("*.json"))
     assert files and json.loads(files[0].read_text())["checkpoint_step"] == 40
+    # autoguidance by the run's own guide: its own result file, which names the weak model
+    assert cli_main(["eval", "--ckpt", str(run), "--num", "20", "--steps", "2", "--autoguidance", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["autoguidance"] == 2 and res["guide_step"] == 10 and res["n"] == 20
+    assert len(list((run / "eval").glob("*_ag2_n20.json"))) == 1
 
 
 @pytest.mark.parametrize("argv,needle", [

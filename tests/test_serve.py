@@ -252,6 +252,8 @@ BAD_BODIES = [
     ({"labels": [1], "guidance_scale": -1}, ["body", "guidance_scale"]),
     ({"labels": [1], "guidance_scale": 21}, ["body", "guidance_scale"]),
     ({"labels": [1], "guidance_scale": "4"}, ["body", "guidance_scale"]),
+    ({"labels": [1], "autoguidance": -1}, ["body", "autoguidance"]),
+    ({"labels": [1], "autoguidance": 21}, ["body", "autoguidance"]),
     ({"labels": [1], "sampler": "nope"}, ["body", "sampler"]),
     ({"labels": [1], "sampler": "adaptive"}, ["body", "sampler"]),
     ({"labels": [1], "seed": -1}, ["body", "seed"]),
@@ -455,7 +457,8 @@ def test_same_seed_same_image_under_concurrent_load(model):
     plus duplicates): every request gets exactly its images back, byte for byte (DESIGN.md contract 3;
     the layers keep CPU GEMMs batch-invariant)."""
     requests = [{"labels": [d % 10], "num_samples": 1 + d % 3, "seed": 1000 + d,
-                 "guidance_scale": [1.0, 2.5, 4.0][d % 3], "format": "json", **FAST} for d in range(8)]
+                 "guidance_scale": [1.0, 2.5, 4.0][d % 3], "autoguidance": [1.0, 2.0][d % 2 if d < 6 else 0],
+                 "format": "json", **FAST} for d in range(8)]
 
     async def main():
         app = create_app(model=model, settings=settings(max_wait_ms=50))
@@ -476,6 +479,26 @@ def test_same_seed_same_image_under_concurrent_load(model):
             ref = alone[i % len(requests)]
             assert res["seeds"] == ref["seeds"] and res["labels"] == ref["labels"]
             assert res["images"] == ref["images"], f"request {i}: batched images differ from its images alone"
+    asyncio.run(main())
+
+
+def test_autoguidance_needs_a_weak_model(model, tmp_path):
+    """A run with a guide (the fixture's, kept at 25% of training) takes `autoguidance`; a model without
+    one answers 422 naming the field, and /v1/model says which it is."""
+    import dataclasses
+
+    bare = dataclasses.replace(model, guide=None)
+
+    async def main():
+        for m, ok in ((model, True), (bare, False)):
+            app = create_app(model=m, settings=settings())
+            async with asgi_client(app) as c:
+                assert (await c.get("/v1/model")).json()["autoguidance"] is ok
+                r = await c.post("/v1/generate", json={"labels": [3], "autoguidance": 2.0, "format": "json", **FAST})
+                if ok:
+                    assert r.status_code == 200 and r.json()["autoguidance"] == 2.0
+                else:
+                    assert r.status_code == 422 and ["body", "autoguidance"] in [e["loc"] for e in r.json()["detail"]]
     asyncio.run(main())
 
 

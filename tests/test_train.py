@@ -178,6 +178,10 @@ def run_cli(argv) -> int:
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--steps", "0"], "--steps must be >= 1", 2),
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--cfg-scale", "-1"], "--cfg-scale must be >= 0", 2),
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--cfg-scale", "nan"], "finite", 2),
+    (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--autoguidance", "-1"], "--autoguidance must be >= 0", 2),
+    (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--autoguidance", "2", "--guide", "/nonexistent"],
+     "no such folder", 1),
+    (["train", "--guide-at", "1", "--out", "{tmp}/r"], "--guide-at 1.0: must be in [0, 1)", 2),
     (["data", "mnist", "--idx-dir", "/nonexistent", "--cache-dir", "{tmp}/c"], "/nonexistent", 1),
 ])
 def test_cli_bad_inputs_exit_nonzero_with_one_clear_line(argv, needle, code, tiny_run, tmp_path, capsys):
@@ -187,6 +191,49 @@ def test_cli_bad_inputs_exit_nonzero_with_one_clear_line(argv, needle, code, tin
     assert needle in err and "Traceback" not in err
     assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
     assert not (tmp_path / "c" / "mnist").exists() or not any((tmp_path / "c" / "mnist").iterdir())
+
+
+def test_guide_is_the_ema_at_its_fraction_of_the_run_and_survives_resume(tmp_path):
+    run = train(TrainConfig(out=str(tmp_path / "g"), max_steps=12, ckpt_every=3, guide_at=0.25, **SMALL))
+    g = run / "guide"
+    assert json.loads((g / "state.json").read_text())["step"] == 3
+    ema3 = load_weights(run / "checkpoints" / "step_0000003", "ema")
+    kept = load_weights(g, "ema")
+    assert all(torch.equal(kept[k], ema3[k]) for k in ema3)
+    before = (g / "model.safetensors").read_bytes()
+    train(TrainConfig(out=str(run), max_steps=30, ckpt_every=0, guide_at=0.25, **SMALL), resume=True)
+    assert (g / "model.safetensors").read_bytes() == before  # a resumed run keeps the guide it has
+    none = train(TrainConfig(out=str(tmp_path / "n"), max_steps=4, ckpt_every=0, guide_at=0.0, **SMALL))
+    assert not (none / "guide").exists()
+
+
+def test_autoguidance_sampling_with_the_runs_own_or_another_weak_model(tiny_run, tiny_ddpm_run, tmp_path, capsys):
+    import shutil
+
+    m = load_model(tiny_run)
+    assert m.guide is not None and m.guide.step == 10 and m.step == 40  # guide_at 0.25 of 40 steps
+    kw = dict(num=5, labels="all", seed=3, steps=4, autoguidance=2.0)
+    a = generate(m, batch_size=5, **kw)
+    assert np.array_equal(a["images"], generate(m, batch_size=2, **kw)["images"])  # one seed, one image
+    assert not np.array_equal(a["images"], generate(m, batch_size=5, **{**kw, "autoguidance": 1.0})["images"])
+    both = generate(m, batch_size=5, **{**kw, "cfg_scale": 1.5})
+    assert not np.array_equal(a["images"], both["images"])
+    # another weak model: an earlier checkpoint of the run
+    other = load_model(tiny_run, guide=tiny_run / "checkpoints" / "step_0000020")
+    assert other.guide.step == 20
+    assert not np.array_equal(a["images"], generate(other, batch_size=5, **kw)["images"])
+    with pytest.raises(UsageError, match="not a weak version of this model"):
+        load_model(tiny_run, guide=tiny_ddpm_run)
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_run, bare)
+    shutil.rmtree(bare / "guide")
+    with pytest.raises(UsageError, match="no weak model to guide with"):
+        generate(load_model(bare), batch_size=5, **kw)
+    rc = run_cli(["sample", "--ckpt", str(bare), "--out", str(tmp_path / "x.png"), "--autoguidance", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--guide-at" in err and "Traceback" not in err
+    assert run_cli(["sample", "--ckpt", str(bare), "--out", str(tmp_path / "y.png"), "--num", "2", "--steps", "2",
+                    "--autoguidance", "2", "--guide", str(tiny_run / "checkpoints" / "step_0000020")]) == 0
 
 
 def test_steps_above_training_steps_refused(tiny_ddpm_run, tmp_path, capsys):

@@ -9,12 +9,12 @@
 
 from .continuous import (sample_ddim, sample_ddpm, sample_dpmpp_1, sample_dpmpp_2m, sample_dpmpp_2s,
                          sample_euler, sample_heun)
-from .guidance import guided
+from .guidance import autoguided, guided
 from .registry import SAMPLERS, CountingDenoiser, SamplerSpec, count_calls, get_sampler
 from .sde import DIFFUSIONS, ODE_METHODS, sample_adaptive, sample_euler_maruyama
 
 __all__ = [
-    "SAMPLERS", "SamplerSpec", "get_sampler", "CountingDenoiser", "count_calls", "guided",
+    "SAMPLERS", "SamplerSpec", "get_sampler", "CountingDenoiser", "count_calls", "guided", "autoguided",
     "sample_ddpm", "sample_ddim", "sample_dpmpp_1", "sample_dpmpp_2m", "sample_dpmpp_2s", "sample_euler",
     "sample_heun", "sample_euler_maruyama", "sample_adaptive", "DIFFUSIONS", "ODE_METHODS",
 ]

@@ -116,3 +116,39 @@ def guided(denoiser: Denoiser, scale: Scale, interval: Optional[tuple[float, flo
         return res
 
     return denoiser.wrap(fn)
+
+
+def autoguided(denoiser: Denoiser, weak: Denoiser, scale: Scale) -> Denoiser:
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
+
+        D_w(x, sigma, c) = D_weak(x, sigma, c) + w (D(x, sigma, c) - D_weak(x, sigma, c))
+
+    `weak` is a worse model of the same data and condition: here, by default, the same network earlier in
+    its training. Its errors resemble the good model's, so extrapolating away from them sharpens images
+    without CFG's pull towards a few prototypes of each class. scale: a float or a (B,) tensor; 1 is
+    `denoiser` exactly (the weak model is then not run); NaN / negative -> UsageError. Both models see
+    the same condition, so it works for unconditional models too. `denoiser` may itself be a `guided` one.
+    """
+    w_all = _check_scale(scale)
+    if (weak.path is None) != (denoiser.path is None):
+        raise UsageError("autoguidance: the weak model must use the same kind of objective as the model")
+
+    def fn(x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+        if isinstance(w_all, torch.Tensor):
+            if w_all.shape[0] != x.shape[0]:
+                raise UsageError(f"autoguidance scale has {w_all.shape[0]} entries for a batch of {x.shape[0]} images")
+            w = w_all.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
+            if bool((w_all == 1).all()):
+                return denoiser(x, sigma, cond)
+        elif w_all == 1:
+            return denoiser(x, sigma, cond)
+        else:
+            w = torch.tensor(w_all, dtype=torch.float64).to(x.dtype)
+        d_good = denoiser(x, sigma, cond)
+        d_weak = weak(x, sigma, cond)
+        out = d_weak + w * (d_good - d_weak)
+        if isinstance(w_all, torch.Tensor):  # images at scale 1 get D itself, bit for bit, in any batch
+            out = torch.where(w == 1, d_good, out)
+        return out
+
+    return denoiser.wrap(fn)

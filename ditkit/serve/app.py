@@ -138,6 +138,7 @@ class ModelInfo:
     image_shape: tuple[int, int, int]
     samplers: list[str]
     max_steps: int
+    autoguidance: bool = False  # the model has a weak model (RUN/guide) to autoguide with
 
     @staticmethod
     def of(model: LoadedModel, settings: ServeSettings) -> "ModelInfo":
@@ -145,7 +146,8 @@ class ModelInfo:
         return ModelInfo(name=str(model.config.get("model_name", "DiT")), step=model.step,
                          num_classes=model.num_classes, class_names=model.class_names if model.num_classes else [],
                          image_shape=tuple(model.image_shape), samplers=serving_samplers(model),
-                         max_steps=min(settings.max_steps, limit) if limit else settings.max_steps)
+                         max_steps=min(settings.max_steps, limit) if limit else settings.max_steps,
+                         autoguidance=model.guide is not None)
 
     def as_json(self, settings: ServeSettings) -> dict[str, Any]:
         return {"model": self.name, "step": self.step, "num_classes": self.num_classes,
@@ -153,7 +155,7 @@ class ModelInfo:
                 "default_sampler": _default_sampler(self.samplers), "default_steps": min(DEFAULT_STEPS, self.max_steps),
                 "max_steps": self.max_steps, "max_num_samples": settings.max_num_samples,
                 "max_guidance_scale": settings.max_guidance_scale if self.num_classes else 1.0,
-                "guidance": self.num_classes > 0}
+                "guidance": self.num_classes > 0, "autoguidance": self.autoguidance}
 
 
 def _default_sampler(samplers: Sequence[str]) -> str:
@@ -189,6 +191,7 @@ class GenerateResponse(BaseModel):
     sampler: str
     steps: int
     guidance_scale: float
+    autoguidance: float = 1.0
     latency_ms: float = Field(description="from arrival to images ready, PNG encoding included")
     queue_ms: float = Field(description="time spent waiting for a batch")
 
@@ -218,6 +221,7 @@ def build_request_model(settings: ServeSettings, info: Optional[ModelInfo]) -> t
     label_max = info.num_classes - 1 if info is not None and info.num_classes > 0 else None
     max_steps = info.max_steps if info is not None else settings.max_steps
     guide_max = settings.max_guidance_scale if info is None or info.num_classes > 0 else 1.0
+    ag_max = settings.max_guidance_scale if info is None or info.autoguidance else 1.0
     n_max = settings.max_num_samples
     Label = json_int(ge=0, le=label_max)
     schema_extra: dict[str, Any] = {"examples": [{"prompt": "seven", "num_samples": 4, "steps": 20,
@@ -245,6 +249,9 @@ def build_request_model(settings: ServeSettings, info: Optional[ModelInfo]) -> t
         guidance_scale: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
             1.0, ge=1.0 if guide_max == 1.0 else 0.0, le=guide_max,
             description="classifier-free guidance (1 = off, 0 = unconditional)")
+        autoguidance: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
+            1.0, ge=1.0 if ag_max == 1.0 else 0.0, le=ag_max,
+            description="autoguidance by the run's early weights (Karras et al. 2024; 1 = off)")
         seed: Optional[json_int(ge=0, le=MAX_SEED)] = Field(
             None, description="the same seed gives the same images; drawn at random if absent")
         format: Literal["png", "json"] = Field(
@@ -342,7 +349,7 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 def run_model_batch(model: LoadedModel, batch: Batch) -> np.ndarray:
     """The worker thread's job: the library's sample_batch, one seed and one guidance scale per image."""
     x = sample_batch(model, batch.labels, batch.seeds, sampler=batch.sampler, steps=batch.steps,
-                     cfg_scale=batch.scales, callback=batch.check_abandoned)
+                     cfg_scale=batch.scales, autoguidance=batch.autoguidance or 1.0, callback=batch.check_abandoned)
     return to_uint8(x)  # (B, H, W, C) uint8
 
 
@@ -492,14 +499,17 @@ class Service:
         if req.sampler not in self.info.samplers:
             raise self.invalid(("sampler",), f"allowed: {', '.join(self.info.samplers)}", req.sampler)
         try:
-            validate_sampling(self.model, req.sampler, req.steps, req.guidance_scale)
+            validate_sampling(self.model, req.sampler, req.steps, req.guidance_scale, req.autoguidance)
         except UsageError as e:
-            field_name = "guidance_scale" if "cfg-scale" in str(e) else "steps"
+            field_name = ("guidance_scale" if "cfg-scale" in str(e) else
+                          "autoguidance" if "autoguidance" in str(e) else "steps")
             raise self.invalid((field_name,), str(e).replace("--cfg-scale", "guidance_scale")
-                               .replace("--steps", "steps"), getattr(req, field_name)) from None
+                               .replace("--autoguidance", "autoguidance").replace("--steps", "steps"),
+                               getattr(req, field_name)) from None
         seed = req.seed if req.seed is not None else secrets.randbits(RANDOM_SEED_BITS)
         n = len(labels)
-        job = Job(labels, image_seeds(seed, n), [float(req.guidance_scale)] * n, req.sampler, req.steps)
+        job = Job(labels, image_seeds(seed, n), [float(req.guidance_scale)] * n, req.sampler, req.steps,
+                  autoguidance=[float(req.autoguidance)] * n)
         try:
             future = self.batcher.submit(job)
         except QueueFull:
@@ -557,7 +567,8 @@ class Service:
         latency_ms = (time.monotonic() - adm.t0) * 1000
         self.metrics.images.inc(job.n)
         out = GenerateResponse(images=encoded, labels=job.labels, seed=seed, seeds=job.seeds, sampler=job.sampler,
-                               steps=job.steps, guidance_scale=job.scales[0], latency_ms=round(latency_ms, 3),
+                               steps=job.steps, guidance_scale=job.scales[0],
+                               autoguidance=job.autoguidance[0], latency_ms=round(latency_ms, 3),
                                queue_ms=round((job.queue_wait_s or 0) * 1000, 3))
         return JSONResponse(out.model_dump(), headers={"Cache-Control": "no-store"})
 

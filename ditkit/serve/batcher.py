@@ -56,6 +56,7 @@ class Job:
     sampler: str
     steps: int
     enqueued_at: float = field(default_factory=time.monotonic)
+    autoguidance: Optional[list[float]] = None  # per image; None = 1 (off) for every image
     started_at: Optional[float] = None  # when its first image entered a batch
     cancelled: bool = False  # read by the worker thread; only ever set to True
     future: Optional[asyncio.Future] = None
@@ -66,6 +67,10 @@ class Job:
     def __post_init__(self) -> None:
         if not (len(self.labels) == len(self.seeds) == len(self.scales) >= 1):
             raise ValueError("a job needs as many labels, seeds and scales as images (at least one)")
+        if self.autoguidance is None:
+            self.autoguidance = [1.0] * len(self.seeds)
+        elif len(self.autoguidance) != len(self.seeds):
+            raise ValueError("a job needs one autoguidance scale per image")
 
     @property
     def n(self) -> int:
@@ -91,6 +96,7 @@ class Batch:
     steps: int
     pieces: list[tuple[Job, int, int]]  # (job, first image of the job, count), in batch order
     stopping: Callable[[], bool] = lambda: False
+    autoguidance: Optional[list[float]] = None  # per image; None = off
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -321,12 +327,14 @@ class Batcher:
             if job._handed_out == job.n:
                 self._queue.remove(job)
         self._queue_changed()
-        labels, seeds, scales = [], [], []
+        labels, seeds, scales, ag = [], [], [], []
         for job, start, count in pieces:
             labels += job.labels[start:start + count]
             seeds += job.seeds[start:start + count]
             scales += job.scales[start:start + count]
-        return Batch(labels, seeds, scales, key[0], key[1], pieces, stopping=lambda: self._stopping)
+            ag += job.autoguidance[start:start + count]
+        return Batch(labels, seeds, scales, key[0], key[1], pieces, stopping=lambda: self._stopping,
+                     autoguidance=ag if any(w != 1 for w in ag) else None)
 
     async def _execute(self, batch: Batch) -> None:
         self.observer.batch_started(batch)

@@ -7,6 +7,8 @@
         state.json                           step, epoch, data position, optimizer groups, ...
         rng.safetensors                      generator states for bit-exact resume
     RUN/checkpoints/latest.json          {"step": 500, "path": "step_0000500"}
+    RUN/guide/model.safetensors          the EMA weights early in the run, kept for autoguidance
+    RUN/guide/state.json                 {"step": ..., "role": "guide"}
 
 A checkpoint is written into a hidden temporary folder, every file fsync'ed, then renamed into
 place, then `latest.json` is replaced atomically: a `kill -9` at any moment leaves either the old or
@@ -29,6 +31,7 @@ from ..errors import DitkitError
 from ..utils import _fsync_dir, atomic_write_json
 
 CKPT_DIR = "checkpoints"
+GUIDE_DIR = "guide"
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -90,6 +93,29 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema_model: Optio
     return final
 
 
+def save_guide(run_dir: Path, step: int, ema_model: nn.Module) -> Path:
+    """Keep the EMA weights of step `step` as the run's weak model for autoguidance (atomically)."""
+    final = Path(run_dir) / GUIDE_DIR
+    tmp = Path(run_dir) / f".tmp-{GUIDE_DIR}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _save_tensors(ema_model.state_dict(), tmp / "model.safetensors")
+    atomic_write_json(tmp / "state.json", {"step": step, "role": "guide"})
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(Path(run_dir))
+    return final
+
+
+def guide_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The run's guide folder, or None if it was not saved (yet)."""
+    p = Path(run_dir) / GUIDE_DIR
+    return p if (p / "state.json").exists() and (p / "model.safetensors").exists() else None
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first (temporary leftovers are ignored)."""
     root = Path(run_dir) / CKPT_DIR
@@ -105,6 +131,8 @@ def clean_partial(run_dir: Path) -> None:
     if root.is_dir():
         for p in root.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
+    for p in Path(run_dir).glob(f".tmp-{GUIDE_DIR}-*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -127,7 +155,7 @@ def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
     if not p.exists():
         raise DitkitError(f"--ckpt {p}: no such folder (give a run folder made by `ditkit train`)")
     if (p / "state.json").exists() and (p / "model.safetensors").exists():
-        return p.parent.parent, p
+        return (p.parent if p.name == GUIDE_DIR else p.parent.parent), p
     if not (p / "config.json").exists():
         raise DitkitError(f"--ckpt {p}: not a ditkit run folder (config.json is missing)")
     ck = latest_checkpoint(p)

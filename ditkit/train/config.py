@@ -40,6 +40,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
+    # autoguidance (Karras et al. 2024): keep the EMA weights at this fraction of the run as the weak model
+    guide_at: float = 0.25
     # length (the first limit reached stops the run)
     max_steps: Optional[int] = None
     epochs: Optional[float] = None
@@ -77,6 +79,8 @@ class TrainConfig:
         need(self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")
         need(0 <= self.lr_decay <= 1, f"--lr-decay {self.lr_decay}: must be in [0, 1] (a fraction of the run)")
         need(self.grad_clip >= 0, f"--grad-clip {self.grad_clip}: must be >= 0 (0 = off)")
+        need(math.isfinite(self.guide_at) and 0 <= self.guide_at < 1,
+             f"--guide-at {self.guide_at}: must be in [0, 1) (a fraction of the run; 0 = keep no guide model)")
         need(0 <= self.ema_decay < 1, f"--ema-decay {self.ema_decay}: must be in [0, 1)")
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps {self.max_steps}: must be >= 1")
         need(self.epochs is None or self.epochs > 0, f"--epochs {self.epochs}: must be > 0")
@@ -106,4 +110,4 @@ class TrainConfig:
 
     # Fields that may differ between an interrupted run and its resumption without changing the result.
     RESUMABLE_CHANGES = ("max_steps", "epochs", "max_minutes", "progress", "log_every", "ckpt_every",
-                         "sample_every", "keep_checkpoints", "device", "threads", "out")
+                         "sample_every", "keep_checkpoints", "device", "threads", "out", "guide_at")

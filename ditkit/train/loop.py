@@ -23,7 +23,7 @@ from ..errors import DitkitError, UsageError
 from ..models import build_model, model_config
 from ..objectives import build_objective
 from ..utils import atomic_write_bytes, atomic_write_json, pick_device, resolve_precision
-from .checkpoint import clean_partial, latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import clean_partial, guide_checkpoint, latest_checkpoint, load_training_state, save_checkpoint, save_guide
 from .config import TrainConfig
 from .distributed import DistContext
 from .ema import EMA
@@ -190,6 +190,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
                             {"gen": gen.get_state()}, keep=cfg.keep_checkpoints)
         dist.barrier()
 
+    guide_kept = guide_checkpoint(run_dir) is not None
+
+    def guide_due() -> bool:
+        """The weak model for autoguidance: the EMA at `guide_at` of the planned steps (of the time budget
+        while no plan exists yet). Saved once; a resumed run keeps the one it has."""
+        if guide_kept or cfg.guide_at <= 0:
+            return False
+        if planned:
+            return step >= cfg.guide_at * planned
+        return deadline is not None and time.monotonic() - t_start + elapsed_before >= cfg.guide_at * cfg.max_minutes * 60
+
     def grid_now() -> None:
         if dist.is_main:
             save_sample_grid(run_dir, ema.model, objective, step, cfg)
@@ -267,6 +278,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
                 grid_now()
             if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                 checkpoint_now()
+            if guide_due():
+                guide_kept = True
+                if dist.is_main:
+                    save_guide(run_dir, step, ema.model)
+                    log.info("kept the EMA weights of step %d as the autoguidance model (%s)", step, run_dir / "guide")
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()

@@ -149,8 +149,9 @@ def read_eval_results(run: Path) -> tuple[list[dict], list[str]]:
             notes.append(f"{rel}: no checkpoint_step or no fid / class_accuracy value; skipped")
             continue
         sampler, steps, cfg = d.get("sampler", "?"), d.get("steps", "?"), d.get("cfg_scale", "?")
+        ag = f", autoguidance {d['autoguidance']}" if d.get("autoguidance", 1) != 1 else ""
         out.append({"file": rel, "step": int(step), "sampler": sampler, "steps": steps, "cfg_scale": cfg,
-                    "setting": f"{sampler}, {steps} steps, cfg {cfg}", "fid": fid, "fid_lo": lo, "fid_hi": hi,
+                    "setting": f"{sampler}, {steps} steps, cfg {cfg}{ag}", "fid": fid, "fid_lo": lo, "fid_hi": hi,
                     "n": n if isinstance(n, int) else None, "acc": acc})
     return out, notes
 
