@@ -52,18 +52,18 @@ def invariant_rows(k: int, n: int, dtype: torch.dtype = torch.float32) -> int:
     return rows
 
 
-def _padded_linear(flat: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """F.linear on (rows, K) computed as part of a product of at least `invariant_rows` rows (CPU).
+def _rows_needed(k: int, n: int, dtype: torch.dtype) -> int:
+    """The row floor for a CPU product: probed, except under CPU autocast (bf16 training), whose kernels
+    are not probed and where the fixed MIN_GEMM_ROWS applies (training needs no batch invariance;
+    inference runs in fp32)."""
+    return MIN_GEMM_ROWS if torch.is_autocast_enabled("cpu") else invariant_rows(k, n, dtype)
 
-    Under CPU autocast (bf16 training) the product runs in bf16, whose kernels are not probed: there the
-    fixed MIN_GEMM_ROWS floor applies (training does not need batch invariance; inference runs fp32)."""
+
+def _padded_linear(flat: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear on (rows, K) computed as the first rows of a product of `_rows_needed` rows."""
     rows = flat.shape[0]
-    if flat.device.type != "cpu" or rows >= _PROBE_ROWS:
-        return F.linear(flat, weight, bias)
-    need = MIN_GEMM_ROWS if torch.is_autocast_enabled("cpu") else invariant_rows(weight.shape[1], weight.shape[0], flat.dtype)
-    if rows >= need or rows == 0:
-        return F.linear(flat, weight, bias)
-    pad = torch.cat([flat, flat.new_zeros(need - rows, flat.shape[1])])
+    pad = torch.cat([flat, flat.new_zeros(_rows_needed(weight.shape[1], weight.shape[0], flat.dtype) - rows,
+                                          flat.shape[1])])
     return F.linear(pad, weight, bias)[:rows]
 
 
@@ -72,7 +72,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if 0 < rows < _PROBE_ROWS and x.device.type == "cpu":
+        if (0 < rows < _PROBE_ROWS and x.device.type == "cpu"
+                and rows < _rows_needed(self.in_features, self.out_features, x.dtype)):
             flat = _padded_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
             return flat.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
@@ -100,7 +101,7 @@ class PatchEmbed(nn.Module):
         w = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
         tokens = patchify(x, self.patch_size)  # (B, N, P*P*C)
         rows = tokens.shape[0] * tokens.shape[1]
-        if 0 < rows < _PROBE_ROWS and x.device.type == "cpu":
+        if 0 < rows < _PROBE_ROWS and x.device.type == "cpu" and rows < _rows_needed(w.shape[1], w.shape[0], w.dtype):
             return _padded_linear(tokens.reshape(rows, -1), w, self.proj.bias).reshape(*tokens.shape[:2], -1)
         return F.linear(tokens, w, self.proj.bias)
 
