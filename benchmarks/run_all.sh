@@ -20,11 +20,12 @@ grep -E "Elapsed|Maximum resident" $OUT/epoch_time.txt; tail -n 1 runs/bench/epo
 log demo: the default recipe for 10 minutes, then its guided samples
 rm -rf runs/demo
 $PY -m ditkit train --out runs/demo --max-minutes 10 --no-progress
-$PY benchmarks/recipes.py --name demo --runs runs --eval-only --scales 2,2.5,3 --out $OUT/recipes.jsonl
-cp runs/demo/loss.png $OUT/demo_loss.png; cp runs/demo/eval_grid_cfg2.5.png $OUT/demo_grid_cfg2.5.png
+$PY benchmarks/recipes.py --name demo --runs runs --eval-only --scales 1.5,1.75 --ag-scales 2,2.25 --out $OUT/recipes.jsonl
+cp runs/demo/loss.png $OUT/demo_loss.png; cp runs/demo/eval_grid_cfg1.75.png $OUT/demo_grid_cfg1.75.png
+cp runs/demo/eval_grid_ag2.0.png $OUT/demo_grid_ag2.png
 
 log samplers
-$PY benchmarks/samplers.py --ckpt runs/demo --num 500 --nfe 5,10,20,50,100 --cfg-scale 1 --out $OUT/samplers.json | tee $OUT/samplers.txt
+$PY benchmarks/samplers.py --ckpt runs/demo --num 500 --nfe 5,10,20,35,50 --cfg-scale 1 --out $OUT/samplers.json | tee $OUT/samplers.txt
 
 log latency
 $PY benchmarks/latency.py --ckpt runs/demo --repeats 100 2>&1 | tee $OUT/latency.txt
