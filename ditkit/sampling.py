@@ -123,6 +123,15 @@ def _check_guide(model: LoadedModel, guide: LoadedModel, where: str) -> None:
         raise UsageError(f"--guide {where}: not a weak version of this model ({'; '.join(problems)})")
 
 
+def _weak_model(model: LoadedModel) -> LoadedModel:
+    """The model's weak model for autoguidance; a UsageError saying how to get one otherwise."""
+    if model.guide is None:
+        where = f" ({model.run_dir}/guide is missing)" if model.run_dir is not None else ""
+        raise UsageError(f"--autoguidance: this model has no weak model to guide with{where}; train with "
+                         "--guide-at > 0 (the default keeps one), or pass --guide RUN_OR_CHECKPOINT")
+    return model.guide
+
+
 def parse_labels(spec: str | Sequence[int] | None, num: int, num_classes: int) -> list[int]:
     """`3`, `0,1,2` (cycled to `num`), `all` (a balanced set: 0,1,..,K-1,0,1,..) or None (= all)."""
     if num_classes == 0:
@@ -161,10 +170,8 @@ def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale, a
     ag = np.atleast_1d(np.asarray(autoguidance, dtype=np.float64))
     if not np.all(np.isfinite(ag)) or np.any(ag < 0):
         raise UsageError(f"--autoguidance {autoguidance}: must be a finite number >= 0 (1 = off)")
-    if np.any(ag != 1) and model.guide is None:
-        where = f" ({model.run_dir}/guide is missing)" if model.run_dir is not None else ""
-        raise UsageError(f"--autoguidance: this model has no weak model to guide with{where}; train with "
-                         "--guide-at > 0 (the default keeps one), or pass --guide RUN_OR_CHECKPOINT")
+    if np.any(ag != 1):
+        _weak_model(model)
     if spec.needs_path and getattr(obj, "path", None) is None:
         raise UsageError(f"--sampler {sampler}: needs a continuous-time objective (linear, gvp, vp); "
                          f"this model's objective is {obj.config()['name']!r}")
@@ -195,10 +202,8 @@ def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int]
         denoiser = guided(denoiser, scale.to(dev) if scale.ndim else float(scale), interval=guidance_interval)
     ag = torch.as_tensor(autoguidance, dtype=torch.float32)
     if bool((ag != 1).any()):
-        if model.guide is None:
-            validate_sampling(model, sampler, steps, cfg_scale, autoguidance)  # raises the clear error
-        weak = model.guide.objective.denoiser(model.guide.net)
-        denoiser = autoguided(denoiser, weak, ag.to(dev) if ag.ndim else float(ag))
+        weak = _weak_model(model)
+        denoiser = autoguided(denoiser, weak.objective.denoiser(weak.net), ag.to(dev) if ag.ndim else float(ag))
     counted = count_calls(denoiser)
     sigmas = model.objective.sigma_grid(steps, spacing or SAMPLER_SPACING.get(sampler, model.objective.default_spacing))
     x = spec.fn(counted, noise, sigmas, cond=cond, rng=rng, callback=callback, **(sampler_options or {}))

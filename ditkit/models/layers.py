@@ -59,24 +59,24 @@ def _rows_needed(k: int, n: int, dtype: torch.dtype) -> int:
     return MIN_GEMM_ROWS if torch.is_autocast_enabled("cpu") else invariant_rows(k, n, dtype)
 
 
-def _padded_linear(flat: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """F.linear on (rows, K) computed as the first rows of a product of `_rows_needed` rows."""
-    rows = flat.shape[0]
-    pad = torch.cat([flat, flat.new_zeros(_rows_needed(weight.shape[1], weight.shape[0], flat.dtype) - rows,
-                                          flat.shape[1])])
-    return F.linear(pad, weight, bias)[:rows]
+def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear(x, weight, bias) whose per-row result does not depend on how many rows x has: on the CPU,
+    fewer rows than the probed floor are computed as the first rows of a zero-padded product."""
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if 0 < rows < _PROBE_ROWS and x.device.type == "cpu":
+        need = _rows_needed(weight.shape[1], weight.shape[0], x.dtype)
+        if rows < need:
+            flat = x.reshape(rows, x.shape[-1])
+            flat = torch.cat([flat, flat.new_zeros(need - rows, flat.shape[1])])
+            return F.linear(flat, weight, bias)[:rows].reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
     """nn.Linear whose per-row result does not depend on how many rows are computed together."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if (0 < rows < _PROBE_ROWS and x.device.type == "cpu"
-                and rows < _rows_needed(self.in_features, self.out_features, x.dtype)):
-            flat = _padded_linear(x.reshape(rows, x.shape[-1]), self.weight, self.bias)
-            return flat.reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        return invariant_linear(x, self.weight, self.bias)
 
 
 def _one_plus_scale(chunks: int, scale_chunks: tuple[int, ...], dim: int) -> torch.Tensor:
@@ -99,11 +99,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight  # (D, C, P, P) -> (D, P*P*C) in patchify's order
         w = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-        tokens = patchify(x, self.patch_size)  # (B, N, P*P*C)
-        rows = tokens.shape[0] * tokens.shape[1]
-        if 0 < rows < _PROBE_ROWS and x.device.type == "cpu" and rows < _rows_needed(w.shape[1], w.shape[0], w.dtype):
-            return _padded_linear(tokens.reshape(rows, -1), w, self.proj.bias).reshape(*tokens.shape[:2], -1)
-        return F.linear(tokens, w, self.proj.bias)
+        return invariant_linear(patchify(x, self.patch_size), w, self.proj.bias)  # (B, N, P*P*C) -> (B, N, D)
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:

@@ -132,23 +132,26 @@ def autoguided(denoiser: Denoiser, weak: Denoiser, scale: Scale) -> Denoiser:
     w_all = _check_scale(scale)
     if (weak.path is None) != (denoiser.path is None):
         raise UsageError("autoguidance: the weak model must use the same kind of objective as the model")
+    per_image = isinstance(w_all, torch.Tensor)
+    if not per_image and w_all == 1:
+        return denoiser  # the model itself, and the weak model is never run
+    off = (w_all == 1) if per_image else None  # (B,) images that get D's own bits, also in a mixed batch
+    all_off = per_image and bool(off.all())
 
     def fn(x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
-        if isinstance(w_all, torch.Tensor):
+        if per_image:
             if w_all.shape[0] != x.shape[0]:
                 raise UsageError(f"autoguidance scale has {w_all.shape[0]} entries for a batch of {x.shape[0]} images")
-            w = w_all.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
-            if bool((w_all == 1).all()):
+            if all_off:
                 return denoiser(x, sigma, cond)
-        elif w_all == 1:
-            return denoiser(x, sigma, cond)
+            w = w_all.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
         else:
             w = torch.tensor(w_all, dtype=torch.float64).to(x.dtype)
         d_good = denoiser(x, sigma, cond)
         d_weak = weak(x, sigma, cond)
         out = d_weak + w * (d_good - d_weak)
-        if isinstance(w_all, torch.Tensor):  # images at scale 1 get D itself, bit for bit, in any batch
-            out = torch.where(w == 1, d_good, out)
+        if per_image:
+            out = torch.where(off.to(x.device).view_as(w), d_good, out)
         return out
 
     return denoiser.wrap(fn)

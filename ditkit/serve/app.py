@@ -349,7 +349,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 def run_model_batch(model: LoadedModel, batch: Batch) -> np.ndarray:
     """The worker thread's job: the library's sample_batch, one seed and one guidance scale per image."""
     x = sample_batch(model, batch.labels, batch.seeds, sampler=batch.sampler, steps=batch.steps,
-                     cfg_scale=batch.scales, autoguidance=batch.autoguidance or 1.0, callback=batch.check_abandoned)
+                     cfg_scale=batch.scales, autoguidance=batch.autoguidance or 1.0,
+                     callback=batch.check_abandoned)
     return to_uint8(x)  # (B, H, W, C) uint8
 
 

@@ -96,7 +96,7 @@ class Batch:
     steps: int
     pieces: list[tuple[Job, int, int]]  # (job, first image of the job, count), in batch order
     stopping: Callable[[], bool] = lambda: False
-    autoguidance: Optional[list[float]] = None  # per image; None = off
+    autoguidance: Optional[list[float]] = None  # per image (1 = off); None = off for every image
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -334,7 +334,7 @@ class Batcher:
             scales += job.scales[start:start + count]
             ag += job.autoguidance[start:start + count]
         return Batch(labels, seeds, scales, key[0], key[1], pieces, stopping=lambda: self._stopping,
-                     autoguidance=ag if any(w != 1 for w in ag) else None)
+                     autoguidance=ag)
 
     async def _execute(self, batch: Batch) -> None:
         self.observer.batch_started(batch)

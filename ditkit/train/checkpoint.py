@@ -57,6 +57,22 @@ def _optimizer_from_flat(opt: torch.optim.Optimizer, flat: dict[str, torch.Tenso
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _write_folder(final: Path, write) -> Path:
+    """Create folder `final` atomically: `write(tmp)` fills a hidden temporary sibling, every file and the
+    folder are fsync'ed, then it is renamed into place (replacing an older `final`)."""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write(tmp)
+    _fsync_dir(tmp)
+    if final.exists():  # a re-save (e.g. Ctrl-C right after a periodic save of the same step)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return final
+
+
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema_model: Optional[nn.Module],
                     optimizer: Optional[torch.optim.Optimizer], state: dict[str, Any],
                     rng: dict[str, torch.Tensor], keep: int = 0) -> Path:
@@ -64,28 +80,22 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema_model: Optio
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:07d}"
-    final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _save_tensors(model.state_dict(), tmp / "model.safetensors")
-    if ema_model is not None:
-        _save_tensors(ema_model.state_dict(), tmp / "ema.safetensors")
-    st = dict(state)
-    if optimizer is not None:
-        flat, groups = _optimizer_to_flat(optimizer)
-        _save_tensors(flat or {"_empty": torch.zeros(0)}, tmp / "optimizer.safetensors")
-        st["optimizer_param_groups"] = groups
-    if rng:
-        _save_tensors(rng, tmp / "rng.safetensors")
-    st["step"] = step
-    atomic_write_json(tmp / "state.json", st)
-    _fsync_dir(tmp)
-    if final.exists():  # a re-save of the same step (e.g. Ctrl-C right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+
+    def write(tmp: Path) -> None:
+        _save_tensors(model.state_dict(), tmp / "model.safetensors")
+        if ema_model is not None:
+            _save_tensors(ema_model.state_dict(), tmp / "ema.safetensors")
+        st = dict(state)
+        if optimizer is not None:
+            flat, groups = _optimizer_to_flat(optimizer)
+            _save_tensors(flat or {"_empty": torch.zeros(0)}, tmp / "optimizer.safetensors")
+            st["optimizer_param_groups"] = groups
+        if rng:
+            _save_tensors(rng, tmp / "rng.safetensors")
+        st["step"] = step
+        atomic_write_json(tmp / "state.json", st)
+
+    final = _write_folder(root / name, write)
     atomic_write_json(root / "latest.json", {"step": step, "path": name})
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
@@ -95,19 +105,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema_model: Optio
 
 def save_guide(run_dir: Path, step: int, ema_model: nn.Module) -> Path:
     """Keep the EMA weights of step `step` as the run's weak model for autoguidance (atomically)."""
-    final = Path(run_dir) / GUIDE_DIR
-    tmp = Path(run_dir) / f".tmp-{GUIDE_DIR}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _save_tensors(ema_model.state_dict(), tmp / "model.safetensors")
-    atomic_write_json(tmp / "state.json", {"step": step, "role": "guide"})
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(Path(run_dir))
-    return final
+    def write(tmp: Path) -> None:
+        _save_tensors(ema_model.state_dict(), tmp / "model.safetensors")
+        atomic_write_json(tmp / "state.json", {"step": step, "role": "guide"})
+
+    return _write_folder(Path(run_dir) / GUIDE_DIR, write)
 
 
 def guide_checkpoint(run_dir: Path) -> Optional[Path]:
