@@ -84,7 +84,12 @@ def test_time_limited_run_plans_its_steps_and_ends_decayed(tmp_path):
     last = rows[-1]
     assert last["elapsed_s"] <= budget_s + 1.0
     assert last["elapsed_s"] >= 0.6 * budget_s, "the plan left much of the budget unused"
-    assert last["lr"] < 0.15 * SMALL.get("lr", TrainConfig().lr)  # decayed to (near) zero at the planned end
+    lr_max = SMALL.get("lr", TrainConfig().lr)
+    assert last["lr"] < 0.15 * lr_max  # decayed to (near) zero at the planned end
+    # re-plans during the decay bend the line, never make the lr jump
+    lrs = [r["lr"] for r in rows if r["step"] > SMALL["warmup_steps"]]
+    assert all(b <= a + 1e-12 for a, b in zip(lrs, lrs[1:])), "the lr rose after the warm-up"
+    assert max(a - b for a, b in zip(lrs, lrs[1:])) < 0.1 * lr_max, "the lr jumped at a re-plan"
     # the plan ends the run, or the deadline a few steps before it (the machine's speed varies)
     assert 0.9 * state["planned_steps"] <= last["step"] <= state["planned_steps"]
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 GRID_SEED = 1234
 PLAN_AFTER_STEPS = 30  # with only --max-minutes: plan the run after this many steps, re-plan at 2x, 4x, ...
+LAST_REPLAN_STEPS = 16  # during the lr decay, re-plan whenever half the remaining steps are done, down to this
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -135,12 +136,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # all training noise: t, eps, label dropout
 
     step, epoch, pos, elapsed_before, planned = 0, 0, 0, 0.0, None
+    anchor = None  # (step, lr factor) where a re-planned lr decay resumes its straight line to 0
     if ckpt is not None:
         state, rng = load_training_state(ckpt, model, ema.model, opt)
         step, epoch, pos = state["step"], state["epoch"], state["pos"]
         ema.num_updates = state["ema_updates"]
         elapsed_before = state.get("elapsed_s", 0.0)
         planned = state.get("planned_steps")
+        anchor = tuple(state["decay_anchor"]) if state.get("decay_anchor") else None
         gen.set_state(rng["gen"])
         log.info("resumed from %s (step %d)", ckpt, step)
     if dist.is_main:
@@ -159,7 +162,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     # With only a time limit, the step count is planned from the measured speed (so that the lr decay
     # ends with the run), and re-planned at 30, 60, 120, ... steps while the lr is still constant, each
     # time from the speed since the last plan: the first steps are slow (allocator and kernel warm-up),
-    # and a plan from them alone left 8-17% of the budget unused. Under DDP, rank 0's plan and rank 0's
+    # and a plan from them alone left 8-17% of the budget unused. Once the decay has begun, the plan is
+    # revised each time half of the remaining steps are done (a machine that slows down during the decay
+    # would otherwise meet the deadline with the lr still high); the lr then falls on a straight line from
+    # its present value to 0 at the new end, so it never jumps. Under DDP, rank 0's plan and rank 0's
     # clock are everyone's (ranks that stopped on different steps would hang in the all-reduce).
     plan_at = step + PLAN_AFTER_STEPS if planned is None and deadline is not None and cfg.lr_decay > 0 else None
 
@@ -172,21 +178,26 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
             return False
         return bool(dist.agree(int(time.monotonic() >= deadline)))
 
+    def decay_factor(step: int) -> float:
+        """1 until the decay starts, then a straight line to 0 at the planned end (from the re-plan anchor)."""
+        if cfg.lr_decay <= 0 or not planned:
+            return 1.0
+        start, w0 = anchor if anchor is not None else (planned * (1 - cfg.lr_decay), 1.0)
+        if step < start:
+            return 1.0
+        return w0 * max(0.0, (planned - step) / max(planned - start, 1.0))
+
     def lr_at(step: int) -> float:
         """Linear warm-up, constant, then (with --lr-decay) a linear decay to 0 over the run's last part."""
         w = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        if cfg.lr_decay > 0 and planned:
-            start = planned * (1 - cfg.lr_decay)
-            if step >= start:
-                w *= max(0.0, (planned - step) / max(planned - start, 1.0))
-        return cfg.lr * w
+        return cfg.lr * w * decay_factor(step)
 
     def checkpoint_now() -> None:
         if dist.is_main:
             save_checkpoint(run_dir, step, model, ema.model, opt,
                             dict(epoch=epoch, pos=pos, ema_updates=ema.num_updates,
                                  elapsed_s=elapsed_before + time.monotonic() - t_start, world_size=dist.world_size,
-                                 planned_steps=planned),
+                                 planned_steps=planned, decay_anchor=list(anchor) if anchor else None),
                             {"gen": gen.get_state()}, keep=cfg.keep_checkpoints)
         dist.barrier()
 
@@ -232,10 +243,18 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
                 # (re-)plan; the plan is kept in the checkpoints, and a resumed run follows it
                 now = time.monotonic()
                 sec_per_step = (now - mark_t) / max(step - mark_step, 1)
-                planned = dist.agree(step + int(0.98 * (deadline - now) / sec_per_step))
+                new_plan = max(step + 1, dist.agree(step + int(0.98 * (deadline - now) / sec_per_step)))
                 mark_step, mark_t = step, now
+                if anchor is not None or step >= new_plan * (1 - cfg.lr_decay):
+                    anchor = (step, decay_factor(step))  # in the decay: go on from here, without a jump
+                planned = new_plan
                 decay_from = planned * (1 - cfg.lr_decay)
-                plan_at = 2 * step if (cfg.lr_decay == 0 or 2 * step < decay_from) and 2 * step < planned else None
+                if anchor is None and 2 * step < decay_from:
+                    plan_at = 2 * step
+                elif anchor is None:
+                    plan_at = max(step + 1, math.ceil(decay_from))  # the next plan where the decay begins
+                else:
+                    plan_at = step + (planned - step) // 2 if planned - step >= LAST_REPLAN_STEPS else None
                 if bar is not None:
                     bar.total = planned
             lr = lr_at(step)
