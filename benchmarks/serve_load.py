@@ -37,6 +37,7 @@ import httpx
 
 HOST = "127.0.0.1"  # loopback only, by construction
 MODES = {"batched": {"max_batch_size": 64, "max_wait_ms": 10.0}, "unbatched": {"max_batch_size": 1, "max_wait_ms": 0.0}}
+MODES.update({f"{m}-{p}": dict(k, precision=p) for m, k in list(MODES.items()) for p in ("fp32", "bf16")})
 
 
 @dataclass
@@ -52,6 +53,7 @@ class LevelResult:
     p50_ms: float = 0.0
     p99_ms: float = 0.0
     mean_batch: float = 0.0
+    model_busy: float = 0.0
 
     @property
     def server_errors(self) -> int:
@@ -83,6 +85,7 @@ class Server:
                "--grace-s", "10", "--no-access-log", "--log-level", "warning", "--device", args.device]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        cmd += ["--precision", knobs.get("precision", args.precision)]
         self.log_path = log_dir / f"server-{mode}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -110,15 +113,16 @@ class Server:
             return None
         return None
 
-    def batch_stats(self) -> tuple[float, float]:
-        """(batches, images) run so far, from /metrics."""
+    def batch_stats(self) -> tuple[float, float, float]:
+        """(batches, images, model seconds) run so far, from /metrics."""
         text = httpx.get(self.url + "/metrics", timeout=10).text
+        names = ("ditkit_batch_size_images_count", "ditkit_batch_size_images_sum", "ditkit_batch_duration_seconds_sum")
         vals = {}
         for line in text.splitlines():
-            for name in ("ditkit_batch_size_images_count", "ditkit_batch_size_images_sum"):
+            for name in names:
                 if line.startswith(name + " "):
                     vals[name] = float(line.split()[1])
-        return vals.get("ditkit_batch_size_images_count", 0.0), vals.get("ditkit_batch_size_images_sum", 0.0)
+        return tuple(vals.get(name, 0.0) for name in names)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -170,16 +174,19 @@ async def run_level(url: str, clients: int, *, warmup_s: float, duration_s: floa
 
 
 def measure(server: Server, mode: str, clients: int, args: argparse.Namespace) -> LevelResult:
-    batches0, images0 = server.batch_stats()
+    batches0, images0, busy0 = server.batch_stats()
+    t0 = time.monotonic()
     lat, statuses, errors, ok = asyncio.run(run_level(
         server.url, clients, warmup_s=args.warmup_s, duration_s=args.duration_s, body_args=request_body(args),
         request_timeout_s=args.request_timeout_s, seed=clients))
-    batches1, images1 = server.batch_stats()
+    batches1, images1, busy1 = server.batch_stats()
+    wall = time.monotonic() - t0
     res = LevelResult(mode, clients, args.duration_s, ok=ok, status_counts=statuses, transport_errors=errors)
     res.req_per_s = ok / args.duration_s
     res.img_per_s = res.req_per_s  # one image per request
     res.p50_ms, res.p99_ms = percentile(lat, 50), percentile(lat, 99)
     res.mean_batch = (images1 - images0) / max(batches1 - batches0, 1)  # warm-up and drain included
+    res.model_busy = (busy1 - busy0) / wall  # the share of the wall time the model worker was sampling
     return res
 
 
@@ -228,13 +235,16 @@ def markdown(levels: list[LevelResult], soak_result: Optional[dict], args: argpa
                      f"{r.server_errors} | {other + r.transport_errors} |")
     by = {(r.mode, r.clients): r for r in levels}
     lines.append("")
-    if ("batched", 32) in by and ("unbatched", 32) in by:
-        b, u = by[("batched", 32)], by[("unbatched", 32)]
-        ratio = b.img_per_s / u.img_per_s if u.img_per_s else float("inf")
-        spread = b.p99_ms / b.p50_ms if b.p50_ms else float("nan")
-        lines.append(f"- 32 clients: batched {b.img_per_s:.2f} img/s vs unbatched {u.img_per_s:.2f} img/s = "
-                     f"**{ratio:.1f}x** (target >= 4x: {'met' if ratio >= 4 else 'NOT met'}); batched p99/p50 = "
-                     f"**{spread:.2f}** (target <= 3: {'met' if spread <= 3 else 'NOT met'})")
+    for bm in [m for m in dict.fromkeys(r.mode for r in levels) if m.startswith("batched")]:
+        for um in [m for m in dict.fromkeys(r.mode for r in levels) if m.startswith("unbatched")]:
+            if (bm, 32) not in by or (um, 32) not in by:
+                continue
+            b, u = by[(bm, 32)], by[(um, 32)]
+            ratio = b.img_per_s / u.img_per_s if u.img_per_s else float("inf")
+            spread = b.p99_ms / b.p50_ms if b.p50_ms else float("nan")
+            lines.append(f"- 32 clients: {bm} {b.img_per_s:.2f} img/s vs {um} {u.img_per_s:.2f} img/s = "
+                         f"**{ratio:.1f}x** (target >= 4x: {'met' if ratio >= 4 else 'NOT met'}); {bm} p99/p50 = "
+                         f"**{spread:.2f}** (target <= 3: {'met' if spread <= 3 else 'NOT met'})")
     errors = sum(r.server_errors for r in levels) + (sum(n for c, n in soak_result["status_counts"].items()
                                                          if c.startswith("5")) if soak_result else 0)
     lines.append(f"- 5xx answers over all runs: **{errors}** (target 0)")
@@ -252,7 +262,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="run folder to serve")
     p.add_argument("--levels", default="1,8,32,128", help="concurrent clients, comma-separated")
-    p.add_argument("--modes", default="batched,unbatched", help="batched (max batch 64), unbatched (max batch 1)")
+    p.add_argument("--modes", default="batched,unbatched", help="batched (max batch 64), unbatched (max batch 1), at --precision; "
+                   "or with a precision of their own: batched-bf16, unbatched-fp32, ...")
     p.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per level")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each measurement")
     p.add_argument("--soak-minutes", type=float, default=0.0, help="soak length on the batched server (0 = none)")
@@ -263,6 +274,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--sampler", default="dpm++2m")
     p.add_argument("--threads", type=int, help="torch threads in the server (default: torch's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the servers' --precision "
+                   "(the *-bf16 / *-fp32 modes set their own)")
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--out", help="write all results as JSON here")
     args = p.parse_args(argv)
@@ -272,7 +285,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error(f"--levels {args.levels!r}: give integers like 1,8,32,128")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if any(m not in MODES for m in modes) or any(n < 1 for n in levels) or args.duration_s <= 0:
-        p.error("--modes: batched and/or unbatched; --levels >= 1; --duration-s > 0")
+        p.error(f"--modes: some of {', '.join(MODES)}; --levels >= 1; --duration-s > 0")
 
     results: list[LevelResult] = []
     soak_result = None
@@ -285,8 +298,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     r = measure(server, mode, n, args)
                     results.append(r)
                     print(f"{mode:9s} {n:4d} clients: {r.img_per_s:7.2f} img/s  p50 {r.p50_ms:7.0f} ms  "
-                          f"p99 {r.p99_ms:7.0f} ms  batch {r.mean_batch:5.1f}  codes {r.status_counts}", flush=True)
-                if mode == "batched" and args.soak_minutes > 0:
+                          f"p99 {r.p99_ms:7.0f} ms  batch {r.mean_batch:5.1f}  busy {100 * r.model_busy:3.0f}%  codes {r.status_counts}", flush=True)
+                if mode.startswith("batched") and args.soak_minutes > 0 and soak_result is None:
                     print(f"soak: {args.soak_minutes:g} min at {args.soak_clients} clients ...", flush=True)
                     soak_result = asyncio.run(soak(server, args))
             finally:

@@ -180,6 +180,13 @@ def _add_sampling_flags(p, *, default_num: int) -> None:
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=100)
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--device", default="auto")
+    _add_precision_flag(p)
+
+
+def _add_precision_flag(p) -> None:
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="the network's arithmetic: bf16 is ~1.6x faster in large batches on CPUs with bf16 "
+                        "matrix units, ~2x slower for one image; its images differ slightly from fp32's")
 
 
 def _add_autoguidance_flags(p) -> None:
@@ -215,7 +222,8 @@ def _cmd_sample(args) -> int:
             raise UsageError(f"--out {out}: the file must end in .png or .npz")
     if args.trajectory and Path(args.trajectory).suffix.lower() not in (".png", ".gif"):
         raise UsageError(f"--trajectory {args.trajectory}: the file must end in .png or .gif")
-    model = load_model(args.ckpt, weights=args.weights, device=args.device, guide=args.guide)
+    model = load_model(args.ckpt, weights=args.weights, device=args.device, guide=args.guide,
+                       precision=args.precision)
     with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
         res = generate(model, num=args.num, labels=args.labels, seed=args.seed, batch_size=args.batch_size,
                        sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, spacing=args.spacing,

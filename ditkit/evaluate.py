@@ -41,12 +41,12 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: str = "d
                         cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, labels: str = "all",
                         spacing: Optional[str] = None, weights: str = "ema", device: str = "auto",
                         write: bool = True, progress=None, autoguidance: float = 1.0,
-                        guide: Optional[str | Path] = None) -> dict[str, Any]:
+                        guide: Optional[str | Path] = None, precision: str = "fp32") -> dict[str, Any]:
     """Sample `num` images from a run (balanced labels), evaluate them, and (with `write`) keep the
     result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ag<w>]_n<num>.json for the report."""
     from .sampling import generate, load_model
 
-    model = load_model(ckpt, weights=weights, device=device, guide=guide)
+    model = load_model(ckpt, weights=weights, device=device, guide=guide, precision=precision)
     if model.config.get("data", {}).get("shape", [1, 28, 28]) != [1, 28, 28]:
         raise DitkitError("ditkit eval measures MNIST-shaped models (1x28x28); this run's data is "
                           f"{model.config['data']['shape']}")
@@ -56,14 +56,16 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: str = "d
     sample_s = time.perf_counter() - t0
     ev = evaluate_samples(res["images"], res["labels"] if model.num_classes else None)
     out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
-               nfe=res["nfe"], cfg_scale=cfg_scale, seed=seed, weights=weights, sample_seconds=sample_s, **ev)
+               nfe=res["nfe"], cfg_scale=cfg_scale, seed=seed, weights=weights, precision=precision,
+               sample_seconds=sample_s, **ev)
     if autoguidance != 1:
         out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
     # the report reads these two keys as dicts
     out["fid"] = dict(value=ev["fid"], ci_low=ev["fid_ci"][0], ci_high=ev["fid_ci"][1], n=ev["n"])
     if write and model.run_dir is not None:
         ag = f"_ag{autoguidance:g}" if autoguidance != 1 else ""
-        name = f"step_{model.step:07d}_{sampler}_{steps}_cfg{cfg_scale:g}{ag}_n{num}.json"
+        bf = "_bf16" if precision != "fp32" else ""
+        name = f"step_{model.step:07d}_{sampler}_{steps}_cfg{cfg_scale:g}{ag}{bf}_n{num}.json"
         atomic_write_json(Path(model.run_dir) / "eval" / name, out)
     return out
 

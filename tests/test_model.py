@@ -175,19 +175,27 @@ def test_modulation_cache_follows_weight_updates_and_stays_bounded():
     assert len(small) == 3
 
 
-@pytest.mark.parametrize("k,n", [(512, 128), (128, 512), (1536, 384), (384, 1536)])
-def test_linear_rows_do_not_depend_on_how_many_rows_are_computed(k, n):
+@pytest.mark.parametrize("k,n,dtype", [(512, 128, torch.float32), (128, 512, torch.float32),
+                                         (1536, 384, torch.float32), (384, 1536, torch.float32),
+                                         (512, 128, torch.bfloat16), (128, 384, torch.bfloat16)])
+def test_linear_rows_do_not_depend_on_how_many_rows_are_computed(k, n, dtype):
     """The CPU GEMM changes a row's last bits with the row count (split reductions for few rows); the
-    padded Linear must not. K = 1536 (DiT-S's MLP) differs for up to ~186 rows here without padding."""
+    padded Linear must not. K = 1536 (DiT-S's MLP) differs for up to ~186 rows here without padding; in
+    bf16, K = 512 differs below 128 rows (a probe of one draw saw no difference and kept 64)."""
     from ditkit.models.layers import Linear
 
     torch.manual_seed(0)
     lin = Linear(k, n)
-    x = torch.randn(3000, k)
-    with torch.no_grad():
-        ref = lin(x)
-        for m in (1, 2, 5, 49, 98, 150, 186, 250, 400, 1100):
-            assert torch.equal(lin(x[:m]), ref[:m]), m
+    if dtype == torch.bfloat16:  # bf16 shows a changed summation order rarely: more draws, small biases
+        lin.weight.data.normal_(0, k ** -0.5)
+        lin.bias.data.normal_(0, 0.02)
+    lin.to(dtype)
+    for draw in range(6 if dtype == torch.bfloat16 else 1):
+        x = torch.randn(3000, k).to(dtype)
+        with torch.no_grad():
+            ref = lin(x)
+            for m in (1, 2, 5, 49, 64, 98, 127, 150, 186, 250, 400, 1100):
+                assert torch.equal(lin(x[:m]), ref[:m]), (draw, m)
 
 
 def test_dit_s_image_does_not_depend_on_its_batch():
@@ -204,3 +212,25 @@ def test_dit_s_image_does_not_depend_on_its_batch():
         for idx in ([0], [0, 1], [3, 4, 5]):
             i = torch.tensor(idx)
             assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), idx
+
+
+def test_bf16_dit_t_image_does_not_depend_on_its_batch():
+    """A bf16 inference copy takes and returns fp32 (the sampler's state) and keeps "one seed, one image"
+    (one image alone, three at a time, forty together: the same bits)."""
+    torch.manual_seed(0)
+    net = build_model(model_config("DiT-T/4")).eval()
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    net.to(torch.bfloat16)
+    x = torch.randn(40, 1, 28, 28)
+    t = torch.rand(40)
+    cond = Condition.from_labels(torch.arange(40) % 10, 10)
+    with torch.no_grad():
+        full = net(x, t, cond)
+        assert full.dtype == torch.float32  # the sampler's dtype in and out
+        for lo in range(0, 40, 3):
+            i = torch.arange(lo, min(lo + 3, 40))
+            assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), lo
+        for k in range(40):
+            i = torch.tensor([k])
+            assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), k

@@ -27,6 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ditkit.errors import UsageError
 from ditkit.sampling import load_model, sample_batch, to_uint8
 from ditkit.serve import ServeSettings, create_app
 from ditkit.serve.app import make_server, parse_prompt
@@ -603,7 +604,19 @@ def test_app_loads_a_checkpoint_itself(tiny_run):
                 assert r.status_code == 503 and r.json()["status"] == "failed"
                 assert (await c.get("/healthz")).status_code == 200
                 assert (await c.post("/v1/generate", json={"prompt": "two"})).status_code == 503
+        half = create_app(ckpt=tiny_run, settings=settings(precision="bf16"))  # --precision bf16
+        async with half.router.lifespan_context(half):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=half), base_url="http://t") as c:
+                await wait_for(lambda: half.state.service.state != "loading", what="loading")
+                assert (await c.get("/v1/model")).json()["precision"] == "bf16"
+                r = await c.post("/v1/generate", json={"labels": [3, 8], "num_samples": 2, "seed": 4,
+                                                       "guidance_scale": 2.0, "format": "json", **FAST})
+                assert r.status_code == 200, r.text
+                got = np.stack([png_pixels(base64.b64decode(s)) for s in r.json()["images"]])
+                np.testing.assert_array_equal(got, library_images(half.state.service.model, [3, 8], 4, 2.0, steps=3))
     asyncio.run(main())
+    with pytest.raises(UsageError, match="allowed values are fp32, bf16"):
+        settings(precision="fp16").validate()
 
 
 def test_cli_serve_runs_and_exits_cleanly_on_sigterm(tiny_run, tmp_path):

@@ -150,6 +150,26 @@ def test_image_depends_only_on_seed_and_index(tiny_run, sampler, steps):
     assert not np.array_equal(a["images"], d["images"])
 
 
+def test_bf16_inference_keeps_one_seed_one_image(tiny_run, tmp_path):
+    """--precision bf16: the network in bf16, the sampler in fp32; the same bits at any batch size, images
+    close to fp32's (not equal: bf16 rounding), and a clear error for a precision that does not exist."""
+    m = load_model(tiny_run, precision="bf16")
+    assert m.precision == "bf16" and next(m.net.parameters()).dtype == torch.bfloat16
+    kw = dict(num=12, labels="all", seed=3, sampler="dpm++2m", steps=6, cfg_scale=2.0)
+    a = generate(m, batch_size=12, **kw)
+    for bs in (1, 5):
+        assert np.array_equal(generate(m, batch_size=bs, **kw)["images"], a["images"]), bs
+    f = generate(load_model(tiny_run), batch_size=12, **kw)
+    diff = np.abs(a["images"].astype(int) - f["images"].astype(int))
+    assert diff.any() and diff.mean() < 2.0  # uint8 levels
+    with pytest.raises(UsageError, match="allowed fp32, bf16"):
+        load_model(tiny_run, precision="fp16")
+    npz = tmp_path / "b.npz"
+    assert cli_main(["sample", "--ckpt", str(tiny_run), "--out", str(npz), "--num", "12", "--seed", "3",
+                     "--steps", "6", "--cfg-scale", "2", "--precision", "bf16", "--batch-size", "4"]) == 0
+    assert np.array_equal(np.load(npz)["images"], a["images"])
+
+
 def test_sample_cli_writes_png_and_npz(tiny_run, tmp_path, capsys):
     npz, png = tmp_path / "s.npz", tmp_path / "s.png"
     assert cli_main(["sample", "--ckpt", str(tiny_run), "--out", str(npz), "--out", str(png), "--num", "6",

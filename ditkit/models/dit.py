@@ -132,13 +132,15 @@ class DiT(nn.Module):
         """x (B, C, H, W), t (B,) float time as the objective defines it, cond -> (B, C, H, W)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
+        in_dtype = x.dtype
+        x = x.to(self.pos_embed.dtype)  # a bf16 inference copy takes and returns the sampler's fp32
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         mods = self.modulations(t, cond)
         for block, mod in zip(self.blocks, mods):
             tokens = block(tokens, mod=mod)
         out = self.final_layer(tokens, mod=mods[-1])  # (B, N, P*P*C)
         cfg = self.config
-        return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.input_size, cfg.input_size)
+        return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.input_size, cfg.input_size).to(in_dtype)
 
 
 class ModulationCache:

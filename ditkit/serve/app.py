@@ -80,6 +80,7 @@ class ServeSettings:
     max_guidance_scale: float = 20.0
     weights: str = "ema"  # when the app loads the checkpoint itself
     device: str = "auto"
+    precision: str = "fp32"  # the network's weights and arithmetic: fp32, or bf16 (throughput; see load_model)
     warmup: bool = True  # run one tiny batch before /readyz says ready
 
     def validate(self) -> None:
@@ -101,6 +102,7 @@ class ServeSettings:
             (0 <= self.max_guidance_scale and math.isfinite(self.max_guidance_scale),
              f"max_guidance_scale {self.max_guidance_scale}: must be a finite number >= 0"),
             (self.weights in ("ema", "model"), f"--weights {self.weights!r}: allowed values are ema, model"),
+            (self.precision in ("fp32", "bf16"), f"--precision {self.precision!r}: allowed values are fp32, bf16"),
         ]
         for ok, message in checks:
             if not ok:
@@ -139,6 +141,7 @@ class ModelInfo:
     samplers: list[str]
     max_steps: int
     autoguidance: bool = False  # the model has a weak model (RUN/guide) to autoguide with
+    precision: str = "fp32"  # the network's arithmetic (each precision gives its own images)
 
     @staticmethod
     def of(model: LoadedModel, settings: ServeSettings) -> "ModelInfo":
@@ -147,7 +150,7 @@ class ModelInfo:
                          num_classes=model.num_classes, class_names=model.class_names if model.num_classes else [],
                          image_shape=tuple(model.image_shape), samplers=serving_samplers(model),
                          max_steps=min(settings.max_steps, limit) if limit else settings.max_steps,
-                         autoguidance=model.guide is not None)
+                         autoguidance=model.guide is not None, precision=model.precision)
 
     def as_json(self, settings: ServeSettings) -> dict[str, Any]:
         return {"model": self.name, "step": self.step, "num_classes": self.num_classes,
@@ -155,7 +158,7 @@ class ModelInfo:
                 "default_sampler": _default_sampler(self.samplers), "default_steps": min(DEFAULT_STEPS, self.max_steps),
                 "max_steps": self.max_steps, "max_num_samples": settings.max_num_samples,
                 "max_guidance_scale": settings.max_guidance_scale if self.num_classes else 1.0,
-                "guidance": self.num_classes > 0, "autoguidance": self.autoguidance}
+                "guidance": self.num_classes > 0, "autoguidance": self.autoguidance, "precision": self.precision}
 
 
 def _default_sampler(samplers: Sequence[str]) -> str:
@@ -393,7 +396,8 @@ class Service:
         try:
             if self.model is None:
                 self.model = await asyncio.to_thread(load_model, self.ckpt, weights=self.settings.weights,
-                                                     device=self.settings.device)
+                                                     device=self.settings.device,
+                                                     precision=self.settings.precision)
                 self.info = ModelInfo.of(self.model, self.settings)
             if not self.info.samplers:
                 raise DitkitError("no fixed-grid sampler supports this model's objective")

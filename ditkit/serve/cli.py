@@ -69,6 +69,10 @@ def register(sub, parser_class=None) -> None:
                    help="most sampler steps a request may ask for")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="the network's arithmetic: bf16 serves ~1.6x the images per second in large batches "
+                        "on CPUs with bf16 matrix units, but one image alone takes ~2x as long; each "
+                        "precision keeps one seed, one image")
     p.add_argument("--threads", type=_int_in("--threads", 1, 1024), help="CPU threads for torch (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")
@@ -118,7 +122,8 @@ def _cmd_serve(args) -> int:
     settings = ServeSettings(host=args.host, port=args.port, max_batch_size=args.max_batch_size,
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, rate_limit=args.rate_limit,
                              burst=args.burst, api_keys=keys, timeout_s=args.timeout_s, grace_s=args.grace_s,
-                             max_steps=args.max_steps, weights=args.weights, device=args.device)
+                             max_steps=args.max_steps, weights=args.weights, device=args.device,
+                             precision=args.precision)
     settings.validate()
     if args.ray:  # the replicas load the model; this process only starts Ray and waits
         from .ray_app import parse_autoscale, run_ray
@@ -134,7 +139,7 @@ def _cmd_serve(args) -> int:
 
     from ..sampling import load_model
 
-    model = load_model(args.ckpt, weights=args.weights, device=args.device)
+    model = load_model(args.ckpt, weights=args.weights, device=args.device, precision=args.precision)
     app = create_app(model=model, settings=settings)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
