@@ -36,7 +36,7 @@ LINEAR = Path("linear", alpha=lambda t: 1 - t, s=lambda t: t, d_alpha=lambda t: 
 DETERMINISTIC = ["ddim", "dpm++1", "dpm++2m", "dpm++2s", "euler", "heun"]
 # (name, options) for every sampler and its stochastic variants; the adaptive solver is not affine.
 AFFINE_CASES = [("ddpm", {}), ("ddim", {}), ("ddim", {"eta": 0.5}), ("ddim", {"eta": 1.0}), ("dpm++1", {}),
-                ("dpm++2m", {}), ("dpm++2s", {}), ("euler", {}), ("heun", {}),
+                ("dpm++2m", {}), ("dpm++2m-sde", {}), ("dpm++2s", {}), ("euler", {}), ("heun", {}),
                 ("heun", {"s_churn": 10.0, "s_tmin": 0.05, "s_tmax": 50.0}), ("heun", {"s_churn": 40.0}),
                 ("euler-maruyama", {}), ("euler-maruyama", {"diffusion": "sigma"}),
                 ("euler-maruyama", {"diffusion": "linear"}), ("euler-maruyama", {"diffusion": "constant"}),
@@ -125,14 +125,15 @@ def draw(seeds, shape=(4, 1, 1), dtype=F64) -> tuple[torch.Tensor, ImageRNG]:
 
 
 def test_registry_names_and_unknown_name():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm++1", "dpm++2m", "dpm++2s", "euler", "heun", "euler-maruyama",
-                             "adaptive"}
+    assert set(SAMPLERS) == {"ddpm", "ddim", "dpm++1", "dpm++2m", "dpm++2m-sde", "dpm++2s", "euler", "heun",
+                             "euler-maruyama", "adaptive"}
     with pytest.raises(UsageError, match="allowed: ddpm, ddim"):
         get_sampler("dpm-3m")
     assert get_sampler("heun").nfe(10) == 19 and get_sampler("dpm++2s").nfe(10) == 19
     assert get_sampler("adaptive").nfe(10) is None
     assert get_sampler("euler-maruyama").needs_path and not get_sampler("ddim").needs_path
     assert get_sampler("ddpm").stochastic and not get_sampler("dpm++2m").stochastic
+    assert get_sampler("dpm++2m-sde").stochastic and get_sampler("dpm++2m-sde").nfe(10) == 10
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -204,6 +205,30 @@ def test_ddpm_equals_ddim_eta1():
     torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+def test_dpmpp_2m_sde_without_history_is_ddpm():
+    """SDE-DPM-Solver++'s first-order step, e^{-h} = s/t, is the DDPM posterior step: on a 2-step grid
+    (one stochastic step, then x0_hat) the two samplers agree, with the same per-image draws."""
+    seeds = image_seeds(4, 5)
+    sig = torch.tensor([7.0, 0.8, 0.0], dtype=F64)
+    n1, r1 = draw(seeds)
+    n2, r2 = draw(seeds)
+    a = sample_ddpm(gaussian_denoiser(), n1, sig, cond=Condition.none(5), rng=r1)
+    b = get_sampler("dpm++2m-sde").fn(gaussian_denoiser(), n2, sig, cond=Condition.none(5), rng=r2)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_dpmpp_2m_sde_weak_order_is_two_and_ddpm_one():
+    """The exact output law's error on the Gaussian: SDE-DPM-Solver++(2M) falls as steps^-2 (its
+    multistep correction), DDPM as steps^-1; at 256 steps the SDE solver is ~10x closer."""
+    steps = [64, 128, 256]
+    sde = [law_error(*sampler_law(get_sampler("dpm++2m-sde").fn, gaussian_denoiser(), uniform_t_sigmas(n)))
+           for n in steps]
+    ddpm = [law_error(*sampler_law(get_sampler("ddpm").fn, gaussian_denoiser(), uniform_t_sigmas(n))) for n in steps]
+    assert 1.8 <= slope(steps, sde) <= 2.4, sde
+    assert 0.8 <= slope(steps, ddpm) <= 1.2, ddpm
+    assert sde[-1] < ddpm[-1] / 5
+
+
 # ---------------------------------------------------------------------------------------------
 # Convergence on the Gaussian.
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +278,7 @@ def test_stochastic_weak_order_is_one(name, options):
 
 @pytest.mark.parametrize("name,options", [("ddpm", {}), ("ddim", {"eta": 1.0}), ("heun", {"s_churn": 10.0}),
                                           ("euler-maruyama", {}), ("euler-maruyama", {"diffusion": "constant"}),
-                                          ("dpm++2m", {})], ids=str)
+                                          ("dpm++2m", {}), ("dpm++2m-sde", {})], ids=str)
 def test_sampled_moments_match_the_law(name, options):
     """A few thousand ImageRNG samples: moments agree with the exact law and are near N(MU, VAR)."""
     fn = get_sampler(name).fn
@@ -292,7 +317,7 @@ def mixture_denoiser() -> Denoiser:
 
 @pytest.mark.parametrize("name,options", [("ddpm", {}), ("ddim", {}), ("dpm++2m", {}), ("dpm++2s", {}),
                                           ("euler", {}), ("heun", {}), ("heun", {"s_churn": 10.0}),
-                                          ("euler-maruyama", {}), ("adaptive", {})], ids=str)
+                                          ("euler-maruyama", {}), ("adaptive", {}), ("dpm++2m-sde", {})], ids=str)
 def test_mixture_mode_weights_and_means(name, options):
     B = 2000
     noise, rng = draw(image_seeds(21, B), shape=(1, 1, 1))
@@ -312,7 +337,7 @@ def test_mixture_mode_weights_and_means(name, options):
 
 @pytest.mark.parametrize("name,options", [("ddpm", {}), ("ddim", {"eta": 0.5}), ("dpm++2m", {}), ("dpm++2s", {}),
                                           ("euler", {}), ("heun", {"s_churn": 20.0}), ("dpm++1", {}),
-                                          ("euler-maruyama", {"diffusion": "linear"})], ids=str)
+                                          ("euler-maruyama", {"diffusion": "linear"}), ("dpm++2m-sde", {})], ids=str)
 def test_same_seed_same_image_whatever_the_batch(name, options):
     seeds = image_seeds(7, 6)
     fn = get_sampler(name).fn
@@ -587,7 +612,7 @@ def test_bad_options_raise_usage_error(name, options, match):
 
 
 @pytest.mark.parametrize("name,options", [("ddpm", {}), ("ddim", {"eta": 0.3}), ("heun", {"s_churn": 1.0}),
-                                          ("euler-maruyama", {})], ids=str)
+                                          ("euler-maruyama", {}), ("dpm++2m-sde", {})], ids=str)
 def test_stochastic_samplers_need_an_rng(name, options):
     with pytest.raises(UsageError, match="rng"):
         _run(name, rng=None, **options)

@@ -65,6 +65,8 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in [
           "first-order DPM-Solver++ (Lu et al. 2022), identical to DDIM eta=0"),
     _spec(continuous.sample_dpmpp_2m, False, False, _per_step,
           "DPM-Solver++(2M), multistep second order (Lu et al. 2022, Alg. 2)"),
+    _spec(continuous.sample_dpmpp_2m_sde, True, False, _per_step,
+          "SDE-DPM-Solver++(2M): the stochastic DPM-Solver++ (Lu et al. 2022), fresh noise at every step"),
     _spec(continuous.sample_dpmpp_2s, False, False, _two_per_step_but_last,
           "DPM-Solver++(2S), single-step second order, r = 1/2 (Lu et al. 2022, Alg. 1)"),
     _spec(continuous.sample_euler, False, False, _per_step,
