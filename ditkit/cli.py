@@ -163,6 +163,24 @@ def _cmd_train(args) -> int:
 # -----------------------------------------------------------------------------------------------
 # ditkit sample
 # -----------------------------------------------------------------------------------------------
+def _sampler_option(v: str) -> tuple[str, object]:
+    """--sampler-option KEY=VALUE: a number when it reads as one (s_churn=10), else the text (diffusion=sigma)."""
+    key, eq, value = v.partition("=")
+    if not eq or not key.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"--sampler-option {v!r}: give KEY=VALUE, e.g. s_churn=10")
+    try:
+        return key.strip(), float(value)
+    except ValueError:
+        return key.strip(), value.strip()
+
+
+def _add_sampler_option_flag(p) -> None:
+    p.add_argument("--sampler-option", type=_sampler_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a sampler option, repeatable: heun s_churn=10 s_tmin=0.05 s_tmax=50 (EDM's stochastic "
+                        "Heun), ddim eta=0.5, dpm++2m-sde s_noise=1, euler-maruyama diffusion=sigma; "
+                        "unknown ones are refused with the sampler's list")
+
+
 def _add_sampling_flags(p, *, default_num: int) -> None:
     from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
     from .samplers import SAMPLERS
@@ -172,6 +190,7 @@ def _add_sampling_flags(p, *, default_num: int) -> None:
     p.add_argument("--steps", type=_positive_int("--steps"), default=DEFAULT_STEPS)
     p.add_argument("--spacing", help="sigma grid: ddpm: trailing|leading|uniform|karras|logsnr; "
                                      "interpolants: uniform|karras|logsnr (default: the objective's)")
+    _add_sampler_option_flag(p)
     p.add_argument("--cfg-scale", type=_float("--cfg-scale", 0), default=1.0, help="classifier-free guidance (1 = off)")
     _add_autoguidance_flags(p)
     p.add_argument("--labels", default="all", help="a class id (3), a list (0,1,2) or 'all' (balanced)")
@@ -227,6 +246,7 @@ def _cmd_sample(args) -> int:
     with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
         res = generate(model, num=args.num, labels=args.labels, seed=args.seed, batch_size=args.batch_size,
                        sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, spacing=args.spacing,
+                       sampler_options=dict(args.sampler_option),
                        autoguidance=args.autoguidance, progress=bar.update)
     for out in args.out:
         if out.lower().endswith(".npz"):

@@ -41,7 +41,8 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: str = "d
                         cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, labels: str = "all",
                         spacing: Optional[str] = None, weights: str = "ema", device: str = "auto",
                         write: bool = True, progress=None, autoguidance: float = 1.0,
-                        guide: Optional[str | Path] = None, precision: str = "fp32") -> dict[str, Any]:
+                        guide: Optional[str | Path] = None, precision: str = "fp32",
+                        sampler_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Sample `num` images from a run (balanced labels), evaluate them, and (with `write`) keep the
     result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ag<w>]_n<num>.json for the report."""
     from .sampling import generate, load_model
@@ -52,11 +53,13 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: str = "d
                           f"{model.config['data']['shape']}")
     t0 = time.perf_counter()
     res = generate(model, num=num, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler, steps=steps,
-                   cfg_scale=cfg_scale, spacing=spacing, autoguidance=autoguidance, progress=progress)
+                   cfg_scale=cfg_scale, spacing=spacing, autoguidance=autoguidance, progress=progress,
+                   sampler_options=sampler_options or None)
     sample_s = time.perf_counter() - t0
     ev = evaluate_samples(res["images"], res["labels"] if model.num_classes else None)
     out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
                nfe=res["nfe"], cfg_scale=cfg_scale, seed=seed, weights=weights, precision=precision,
+               sampler_options=sampler_options or {},
                sample_seconds=sample_s, **ev)
     if autoguidance != 1:
         out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
@@ -65,6 +68,7 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: str = "d
     if write and model.run_dir is not None:
         ag = f"_ag{autoguidance:g}" if autoguidance != 1 else ""
         bf = "_bf16" if precision != "fp32" else ""
+        bf += "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in sorted((sampler_options or {}).items()))
         name = f"step_{model.step:07d}_{sampler}_{steps}_cfg{cfg_scale:g}{ag}{bf}_n{num}.json"
         atomic_write_json(Path(model.run_dir) / "eval" / name, out)
     return out

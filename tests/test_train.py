@@ -180,6 +180,20 @@ def test_sample_cli_writes_png_and_npz(tiny_run, tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sample_cli_sampler_options(tiny_run, tmp_path, capsys):
+    """--sampler-option reaches the sampler (EDM's stochastic Heun differs from the deterministic one);
+    an option the sampler does not take is refused with the ones it does."""
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    base = ["sample", "--ckpt", str(tiny_run), "--num", "4", "--steps", "4", "--sampler", "heun"]
+    assert cli_main(base + ["--out", str(a)]) == 0
+    assert cli_main(base + ["--out", str(b), "--sampler-option", "s_churn=10", "--sampler-option", "s_tmin=0.05"]) == 0
+    assert not np.array_equal(np.load(a)["images"], np.load(b)["images"])
+    assert run_cli(base + ["--out", str(a), "--sampler-option", "eta=0.5"]) == 2
+    assert "allowed options: s_churn, s_tmin, s_tmax, s_noise" in capsys.readouterr().err
+    assert run_cli(base + ["--out", str(a), "--sampler-option", "s_churn"]) == 2
+    assert "give KEY=VALUE" in capsys.readouterr().err
+
+
 def run_cli(argv) -> int:
     try:
         return cli_main(argv)
