@@ -21,17 +21,19 @@ log demo: the default recipe for 10 minutes, then its guided samples
 rm -rf runs/demo
 $PY -m ditkit train --out runs/demo --max-minutes 10 --no-progress
 $PY benchmarks/recipes.py --name demo --runs runs --eval-only --scales 1.5,1.75 --ag-scales 2,2.25 --out $OUT/recipes.jsonl
+$PY benchmarks/recipes.py --name demo --runs runs --eval-only --sampler dpm++2m-sde --scales 1.25,1.35 --out $OUT/recipes.jsonl
 cp runs/demo/loss.png $OUT/demo_loss.png; cp runs/demo/eval_grid_cfg1.75.png $OUT/demo_grid_cfg1.75.png
 cp runs/demo/eval_grid_ag2.0.png $OUT/demo_grid_ag2.png
 
 log samplers
-$PY benchmarks/samplers.py --ckpt runs/demo --num 500 --nfe 5,10,20,35,50 --cfg-scale 1 --out $OUT/samplers.json | tee $OUT/samplers.txt
+$PY benchmarks/samplers.py --ckpt runs/demo --num 1000 --nfe 10,20,35 --samplers dpm++2m,dpm++2m-sde,heun,heun+churn --cfg-scale 1 --out $OUT/samplers.json | tee $OUT/samplers.txt
 
 log latency
 $PY benchmarks/latency.py --ckpt runs/demo --repeats 100 2>&1 | tee $OUT/latency.txt
 
 log serving
 $PY benchmarks/serve_load.py --ckpt runs/demo --levels 1,8,32,128 --duration-s 12 --soak-minutes 3 --out $OUT/serve.json 2>&1 | tee $OUT/serve.txt
+$PY benchmarks/serve_load.py --ckpt runs/demo --modes batched-bf16,unbatched-fp32,batched-fp32,unbatched-bf16 --levels 1,32 --duration-s 15 --out $OUT/serve_precision.json 2>&1 | tee $OUT/serve_precision.txt
 
 log ddp
 $PY benchmarks/ddp_throughput.py --out $OUT/ddp.json 2>&1 | tee $OUT/ddp.txt

@@ -17,13 +17,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLERS = ("euler", "ddim", "dpm++2m", "dpm++2s", "heun")
+SAMPLERS = ("euler", "ddim", "dpm++2m", "dpm++2m-sde", "dpm++2s", "heun", "heun+churn")
+# benchmark rows that are a registered sampler with options: EDM's stochastic Heun (Alg. 2), churn in
+# sigma in [0.05, 50] (gamma = min(S_churn / N, sqrt(2) - 1): at 18 steps S_churn = 10 is the cap)
+VARIANTS = {"heun+churn": ("heun", {"s_churn": 10.0, "s_tmin": 0.05, "s_tmax": 50.0})}
 
 
 def steps_for(sampler: str, nfe: int) -> int:
     from ditkit.samplers import get_sampler
 
-    spec = get_sampler(sampler)
+    spec = get_sampler(VARIANTS.get(sampler, (sampler,))[0])
     best = 1
     for s in range(1, nfe + 1):
         if (spec.nfe(s) or s) <= nfe:
@@ -35,9 +38,10 @@ def run_one(model, sampler: str, steps: int, args) -> dict:
     from ditkit.eval.metrics import evaluate_images
     from ditkit.sampling import generate
 
+    name, options = VARIANTS.get(sampler, (sampler, None))
     t0 = time.perf_counter()
-    res = generate(model, num=args.num, labels="all", seed=args.seed, batch_size=args.batch_size, sampler=sampler,
-                   steps=steps, cfg_scale=args.cfg_scale, autoguidance=args.autoguidance)
+    res = generate(model, num=args.num, labels="all", seed=args.seed, batch_size=args.batch_size, sampler=name,
+                   steps=steps, cfg_scale=args.cfg_scale, autoguidance=args.autoguidance, sampler_options=options)
     wall = time.perf_counter() - t0
     ev = evaluate_images(res["images"], res["labels"], n_boot=50)
     row = dict(sampler=sampler, steps=steps, nfe=res["nfe"], fid=ev["fid"], fid_ci=ev["fid_ci"],

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from ditkit.errors import UsageError
-from ditkit.sampling import load_model, sample_batch, to_uint8
+from ditkit.sampling import DEFAULT_SAMPLER, load_model, sample_batch, to_uint8
 from ditkit.serve import ServeSettings, create_app
 from ditkit.serve.app import make_server, parse_prompt
 from ditkit.serve.batcher import Batch, Batcher, Job, QueueFull
@@ -151,7 +151,7 @@ def metric(text: str, name: str, **labels) -> float:
     return 0.0
 
 
-def library_images(model, labels, seed, scale, *, steps, sampler="dpm++2m") -> np.ndarray:
+def library_images(model, labels, seed, scale, *, steps, sampler=DEFAULT_SAMPLER) -> np.ndarray:
     """What `ditkit sample` computes for a request: the library called directly, the request's images as one batch."""
     n = len(labels)
     x = sample_batch(model, labels, image_seeds(seed, n), sampler=sampler, steps=steps, cfg_scale=[scale] * n)
