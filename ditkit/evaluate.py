@@ -37,15 +37,19 @@ def evaluate_samples(images: np.ndarray, labels: Optional[np.ndarray]) -> dict[s
     return evaluate_images(images, labels)
 
 
-def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: str = "dpm++2m", steps: int = 20,
+def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional[str] = None,
+                        steps: int = 20,
                         cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, labels: str = "all",
                         spacing: Optional[str] = None, weights: str = "ema", device: str = "auto",
                         write: bool = True, progress=None, autoguidance: float = 1.0,
                         guide: Optional[str | Path] = None, precision: str = "fp32",
                         sampler_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Sample `num` images from a run (balanced labels), evaluate them, and (with `write`) keep the
-    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ag<w>]_n<num>.json for the report."""
-    from .sampling import generate, load_model
+    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ag<w>][_bf16][_<option><value>...]_n<num>.json
+    for the report. sampler: `ditkit sample`'s default when None."""
+    from .sampling import DEFAULT_SAMPLER, generate, load_model
+
+    sampler = sampler or DEFAULT_SAMPLER
 
     model = load_model(ckpt, weights=weights, device=device, guide=guide, precision=precision)
     if model.config.get("data", {}).get("shape", [1, 28, 28]) != [1, 28, 28]:
@@ -66,10 +70,10 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: str = "d
     # the report reads these two keys as dicts
     out["fid"] = dict(value=ev["fid"], ci_low=ev["fid_ci"][0], ci_high=ev["fid_ci"][1], n=ev["n"])
     if write and model.run_dir is not None:
-        ag = f"_ag{autoguidance:g}" if autoguidance != 1 else ""
-        bf = "_bf16" if precision != "fp32" else ""
-        bf += "".join(f"_{k}{v:g}" if isinstance(v, float) else f"_{k}{v}" for k, v in sorted((sampler_options or {}).items()))
-        name = f"step_{model.step:07d}_{sampler}_{steps}_cfg{cfg_scale:g}{ag}{bf}_n{num}.json"
+        tags = [f"ag{autoguidance:g}"] if autoguidance != 1 else []
+        tags += [precision] if precision != "fp32" else []
+        tags += [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted((sampler_options or {}).items())]
+        name = f"step_{model.step:07d}_{sampler}_{steps}_cfg{cfg_scale:g}{''.join('_' + t for t in tags)}_n{num}.json"
         atomic_write_json(Path(model.run_dir) / "eval" / name, out)
     return out
 

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 # image's output would depend on the images beside it. Running a linear map on at least
 # `invariant_rows(K, N)` rows (zero rows are appended and dropped) makes each image's result independent
 # of its batch: the "one seed, one image" contract of DESIGN.md then holds bit for bit. How many rows
-# that takes depends on the shape and the thread count (measured here with 2 threads: K = 512 -> 16
-# rows, K = 1536 -> 187, K = 4608 -> 572), so it is probed once per (K, N, dtype, threads) on this
-# machine, from MIN_GEMM_ROWS up in powers of two. Cost: nil at training batch sizes; at inference a
-# few padded rows on small batches.
+# that takes depends on the shape, the dtype and the thread count (measured here with 2 threads, fp32:
+# K = 512 -> 16 rows, K = 1536 -> 187, K = 4608 -> 572; bf16: K = 512 -> 128), so it is probed once per
+# (K, N, dtype, threads) on this machine, from MIN_GEMM_ROWS up in powers of two. Cost: nil at training
+# batch sizes; at inference a few padded rows on small batches.
 MIN_GEMM_ROWS = 64
 _PROBE_ROWS = 2048  # probed row counts stay below this (larger products agree with it: checked to 8192)
 _PROBED = (1, 2, 3, 5, 8, 13, 16, 17, 31, 32, 33, 48, 49, 63, 64, 65, 98, 127, 128, 129, 196, 255, 256, 257,
@@ -62,7 +62,7 @@ def invariant_rows(k: int, n: int, dtype: torch.dtype = torch.float32) -> int:
 def _rows_needed(k: int, n: int, dtype: torch.dtype) -> int:
     """The row floor for a CPU product: probed, except under CPU autocast (bf16 training), whose kernels
     are not probed and where the fixed MIN_GEMM_ROWS applies (training needs no batch invariance;
-    inference runs in fp32)."""
+    inference runs without autocast, its weights in fp32 or bf16, and is probed in that dtype)."""
     return MIN_GEMM_ROWS if torch.is_autocast_enabled("cpu") else invariant_rows(k, n, dtype)
 
 

@@ -42,8 +42,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ..errors import DitkitError, UsageError
-from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, LoadedModel, load_model, sample_batch, to_uint8, \
-    validate_sampling
+from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, LoadedModel, load_model, sample_batch, \
+    to_uint8, validate_sampling
 from ..samplers import SAMPLERS
 from ..utils import image_seeds
 from ..viz.grids import make_grid, png_bytes
@@ -102,7 +102,8 @@ class ServeSettings:
             (0 <= self.max_guidance_scale and math.isfinite(self.max_guidance_scale),
              f"max_guidance_scale {self.max_guidance_scale}: must be a finite number >= 0"),
             (self.weights in ("ema", "model"), f"--weights {self.weights!r}: allowed values are ema, model"),
-            (self.precision in ("fp32", "bf16"), f"--precision {self.precision!r}: allowed values are fp32, bf16"),
+            (self.precision in PRECISIONS,
+             f"--precision {self.precision!r}: allowed values are {', '.join(PRECISIONS)}"),
         ]
         for ok, message in checks:
             if not ok:

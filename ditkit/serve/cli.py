@@ -69,10 +69,9 @@ def register(sub, parser_class=None) -> None:
                    help="most sampler steps a request may ask for")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="the network's arithmetic: bf16 serves ~1.6x the images per second in large batches "
-                        "on CPUs with bf16 matrix units, but one image alone takes ~2x as long; each "
-                        "precision keeps one seed, one image")
+    from ..cli import _add_precision_flag
+
+    _add_precision_flag(p)
     p.add_argument("--threads", type=_int_in("--threads", 1, 1024), help="CPU threads for torch (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")

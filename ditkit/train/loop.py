@@ -35,6 +35,15 @@ PLAN_AFTER_STEPS = 30  # with only --max-minutes: plan the run after this many s
 LAST_REPLAN_STEPS = 16  # during the lr decay, re-plan whenever half the remaining steps are done, down to this
 
 
+def next_plan_step(step: int, planned: int, lr_decay: float, *, in_decay: bool) -> Optional[int]:
+    """Where a time-limited run plans again: at twice the step while the lr is constant, then where the
+    decay begins, then each time half of the remaining steps are done (None: no more plans)."""
+    if not in_decay:
+        decay_from = planned * (1 - lr_decay)
+        return 2 * step if 2 * step < decay_from else max(step + 1, math.ceil(decay_from))
+    return step + (planned - step) // 2 if planned - step >= LAST_REPLAN_STEPS else None
+
+
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
@@ -248,13 +257,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
                 if anchor is not None or step >= new_plan * (1 - cfg.lr_decay):
                     anchor = (step, decay_factor(step))  # in the decay: go on from here, without a jump
                 planned = new_plan
-                decay_from = planned * (1 - cfg.lr_decay)
-                if anchor is None and 2 * step < decay_from:
-                    plan_at = 2 * step
-                elif anchor is None:
-                    plan_at = max(step + 1, math.ceil(decay_from))  # the next plan where the decay begins
-                else:
-                    plan_at = step + (planned - step) // 2 if planned - step >= LAST_REPLAN_STEPS else None
+                plan_at = next_plan_step(step, planned, cfg.lr_decay, in_decay=anchor is not None)
                 if bar is not None:
                     bar.total = planned
             lr = lr_at(step)
