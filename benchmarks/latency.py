@@ -2,6 +2,7 @@
 and where the time goes (torch.profiler by operator, and the share outside the network).
 
     python benchmarks/latency.py --ckpt runs/demo [--sampler dpm++2m] [--steps 20] [--cfg-scale 1.75] [--repeats 100]
+                                 [--precision fp32|bf16] [--compile]
     python benchmarks/latency.py --ckpt runs/demo --compare-memo   # condition-path memo on/off, interleaved
 """
 
@@ -25,13 +26,15 @@ def main() -> None:
                     help="A/B of the DiT's condition-path memo: 8 interleaved rounds of 12 images each way")
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--precision", default="fp32", help="inference precision: fp32 or bf16")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the network (load_model(compile=True))")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     from ditkit.condition import Condition
     from ditkit.sampling import load_model, sample_batch
 
-    model = load_model(args.ckpt)
+    model = load_model(args.ckpt, precision=args.precision, compile=args.compile)
     kw = dict(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale)
     if args.compare_memo:
         memo, res = model.net.modulation_cache, {"memo": [], "no memo": []}
@@ -57,6 +60,7 @@ def main() -> None:
     # the network alone: the same 20 forwards of a batch of 2 (conditional + unconditional)
     net = model.net
     x, t = torch.randn(2, *model.image_shape), torch.full((2,), 500.0)
+    x = x.to(next(net.parameters()).dtype)
     cond = Condition.from_labels(torch.tensor([3, model.num_classes]), model.num_classes)
     with torch.no_grad():
         for _ in range(5):
@@ -77,7 +81,7 @@ def main() -> None:
     flops = 2 * args.steps * (c.depth * per_block + 2 * n * d * c.patch_size ** 2 * c.in_channels * 2)
     res = dict(p50_ms=float(np.percentile(lat, 50)), p90_ms=float(np.percentile(lat, 90)),
                p99_ms=float(np.percentile(lat, 99)), network_only_ms=net_ms, gflop=flops / 1e9,
-               threads=torch.get_num_threads(), **kw)
+               threads=torch.get_num_threads(), precision=args.precision, compiled=args.compile, **kw)
     print(table)
     print(json.dumps(res, indent=2))
 

@@ -30,10 +30,16 @@ $PY benchmarks/samplers.py --ckpt runs/demo --num 1000 --nfe 10,20,35 --samplers
 
 log latency
 $PY benchmarks/latency.py --ckpt runs/demo --repeats 100 2>&1 | tee $OUT/latency.txt
+$PY benchmarks/latency.py --ckpt runs/demo --repeats 100 --compile 2>&1 | tee $OUT/latency_compiled.txt
+$PY benchmarks/compile_ab.py --ckpt runs/demo 2>&1 | tee $OUT/compile_ab_fp32.json
+$PY benchmarks/compile_ab.py --ckpt runs/demo --precision bf16 2>&1 | tee $OUT/compile_ab_bf16.json
+$PY benchmarks/train_compile.py eager 2>&1 | tee $OUT/train_compile.txt
+$PY benchmarks/train_compile.py compile 2>&1 | tee -a $OUT/train_compile.txt
 
 log serving
 $PY benchmarks/serve_load.py --ckpt runs/demo --levels 1,8,32,128 --duration-s 12 --soak-minutes 3 --out $OUT/serve.json 2>&1 | tee $OUT/serve.txt
 $PY benchmarks/serve_load.py --ckpt runs/demo --modes batched-bf16,unbatched-fp32,batched-fp32,unbatched-bf16 --levels 1,32 --duration-s 15 --out $OUT/serve_precision.json 2>&1 | tee $OUT/serve_precision.txt
+$PY benchmarks/serve_load.py --ckpt runs/demo --modes batched-bf16-compiled,unbatched-fp32-compiled,batched-bf16,unbatched-fp32 --levels 32 --duration-s 20 --sampler dpm++2m-sde --guidance 1.35 --out $OUT/serve_compiled.json 2>&1 | tee $OUT/serve_compiled.txt
 
 log ddp
 $PY benchmarks/ddp_throughput.py --out $OUT/ddp.json 2>&1 | tee $OUT/ddp.txt

@@ -38,6 +38,7 @@ import httpx
 HOST = "127.0.0.1"  # loopback only, by construction
 MODES = {"batched": {"max_batch_size": 64, "max_wait_ms": 10.0}, "unbatched": {"max_batch_size": 1, "max_wait_ms": 0.0}}
 MODES.update({f"{m}-{p}": dict(k, precision=p) for m, k in list(MODES.items()) for p in ("fp32", "bf16")})
+MODES.update({f"{m}-compiled": dict(k, compile=True) for m, k in list(MODES.items())})  # --compile
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Server:
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         cmd += ["--precision", knobs.get("precision", args.precision)]
+        cmd += ["--compile"] if knobs.get("compile") else []
         self.log_path = log_dir / f"server-{mode}.log"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
@@ -263,7 +265,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--ckpt", required=True, help="run folder to serve")
     p.add_argument("--levels", default="1,8,32,128", help="concurrent clients, comma-separated")
     p.add_argument("--modes", default="batched,unbatched", help="batched (max batch 64), unbatched (max batch 1), at --precision; "
-                   "or with a precision of their own: batched-bf16, unbatched-fp32, ...")
+                   "or with a precision of their own: batched-bf16, unbatched-fp32, ...; a -compiled suffix adds --compile "
+                   "(batched-bf16-compiled)")
     p.add_argument("--duration-s", type=float, default=30.0, help="measured seconds per level")
     p.add_argument("--warmup-s", type=float, default=3.0, help="unmeasured seconds before each measurement")
     p.add_argument("--soak-minutes", type=float, default=0.0, help="soak length on the batched server (0 = none)")

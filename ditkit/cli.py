@@ -200,6 +200,7 @@ def _add_sampling_flags(p, *, default_num: int) -> None:
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--device", default="auto")
     _add_precision_flag(p)
+    _add_compile_flag(p)
 
 
 def _add_precision_flag(p) -> None:
@@ -208,6 +209,12 @@ def _add_precision_flag(p) -> None:
     p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
                    help="the network's arithmetic: bf16 is ~1.6x faster in large batches on CPUs with bf16 "
                         "matrix units, ~2x slower for one image; its images differ slightly from fp32's")
+
+
+def _add_compile_flag(p) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (needs a C++ compiler): 10-25%% faster on the "
+                        "CPU after ~25 s of compilation; its images differ slightly from eager ones")
 
 
 def _add_autoguidance_flags(p) -> None:
@@ -244,7 +251,7 @@ def _cmd_sample(args) -> int:
     if args.trajectory and Path(args.trajectory).suffix.lower() not in (".png", ".gif"):
         raise UsageError(f"--trajectory {args.trajectory}: the file must end in .png or .gif")
     model = load_model(args.ckpt, weights=args.weights, device=args.device, guide=args.guide,
-                       precision=args.precision)
+                       precision=args.precision, compile=args.compile)
     with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
         res = generate(model, num=args.num, labels=args.labels, seed=args.seed, batch_size=args.batch_size,
                        sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, spacing=args.spacing,

@@ -42,16 +42,16 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
                         cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, labels: str = "all",
                         spacing: Optional[str] = None, weights: str = "ema", device: str = "auto",
                         write: bool = True, progress=None, autoguidance: float = 1.0,
-                        guide: Optional[str | Path] = None, precision: str = "fp32",
+                        guide: Optional[str | Path] = None, precision: str = "fp32", compile: bool = False,
                         sampler_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Sample `num` images from a run (balanced labels), evaluate them, and (with `write`) keep the
-    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ag<w>][_bf16][_<option><value>...]_n<num>.json
+    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ag<w>][_bf16][_compiled][_<option><value>...]_n<num>.json
     for the report. sampler: `ditkit sample`'s default when None."""
     from .sampling import DEFAULT_SAMPLER, generate, load_model
 
     sampler = sampler or DEFAULT_SAMPLER
 
-    model = load_model(ckpt, weights=weights, device=device, guide=guide, precision=precision)
+    model = load_model(ckpt, weights=weights, device=device, guide=guide, precision=precision, compile=compile)
     if model.config.get("data", {}).get("shape", [1, 28, 28]) != [1, 28, 28]:
         raise DitkitError("ditkit eval measures MNIST-shaped models (1x28x28); this run's data is "
                           f"{model.config['data']['shape']}")
@@ -63,7 +63,7 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     ev = evaluate_samples(res["images"], res["labels"] if model.num_classes else None)
     out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
                nfe=res["nfe"], cfg_scale=cfg_scale, seed=seed, weights=weights, precision=precision,
-               sampler_options=sampler_options or {},
+               compiled=compile, sampler_options=sampler_options or {},
                sample_seconds=sample_s, **ev)
     if autoguidance != 1:
         out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
@@ -72,6 +72,7 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     if write and model.run_dir is not None:
         tags = [f"ag{autoguidance:g}"] if autoguidance != 1 else []
         tags += [precision] if precision != "fp32" else []
+        tags += ["compiled"] if compile else []
         tags += [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted((sampler_options or {}).items())]
         name = f"step_{model.step:07d}_{sampler}_{steps}_cfg{cfg_scale:g}{''.join('_' + t for t in tags)}_n{num}.json"
         atomic_write_json(Path(model.run_dir) / "eval" / name, out)

@@ -67,6 +67,10 @@ class LoadedModel:
     def precision(self) -> str:
         return "bf16" if next(self.net.parameters()).dtype == torch.bfloat16 else "fp32"
 
+    @property
+    def compiled(self) -> bool:
+        return getattr(self.net, "_compiled_trunk", None) is not None
+
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     try:
@@ -83,7 +87,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def load_model(ckpt: str | Path, *, weights: str = "ema", device: str = "auto",
-               guide: str | Path | None = None, precision: str = "fp32") -> LoadedModel:
+               guide: str | Path | None = None, precision: str = "fp32", compile: bool = False) -> LoadedModel:
     """Load a run folder (its latest checkpoint) or one checkpoint folder; EMA weights by default.
 
     guide: the weak model for autoguidance: a run or checkpoint folder (e.g. an early checkpoint of the
@@ -91,6 +95,9 @@ def load_model(ckpt: str | Path, *, weights: str = "ema", device: str = "auto",
     precision: the network's weights and arithmetic, "fp32" or "bf16" (the sampler's state stays fp32).
     bf16 doubles batched throughput on CPUs with bf16 matrix units but is slower for one image; each
     precision keeps "one seed, one image" bit for bit, but the two give (slightly) different images.
+    compile: run the network through `torch.compile` (see `DiT.compile_for_inference`): 10-25% faster
+    on the CPU, after ~25 s of compilation here, done now; its images are its own, like a precision's.
+    The weak model of autoguidance stays eager.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision!r}: allowed {', '.join(PRECISIONS)}")
@@ -102,7 +109,29 @@ def load_model(ckpt: str | Path, *, weights: str = "ema", device: str = "auto",
         _check_guide(main, main.guide, str(guide))
     elif (own := guide_checkpoint(run_dir)) is not None and int(read_state(own).get("step", 0)) < main.step:
         main.guide = _load_one(run_dir, own, "ema", device, precision)  # only an earlier guide is weaker
+    if compile:
+        compile_model(main)
     return main
+
+
+def compile_model(model: LoadedModel) -> None:
+    """Compile the model's network for inference and run its compilation now (one warm-up forward), so
+    that the first request does not pay for it; a clear error if this machine cannot compile."""
+    net = model.net
+    if not hasattr(net, "compile_for_inference"):
+        raise UsageError(f"--compile: {type(net).__name__} networks have no compiled inference path")
+    net.compile_for_inference()
+    K = model.num_classes
+    x = torch.zeros(net.compiled_min_batch, *model.image_shape, device=model.device)
+    cond = Condition.from_labels(torch.full((x.shape[0],), K, dtype=torch.long), K) if K else None
+    try:
+        with torch.no_grad():
+            net(x, torch.full((x.shape[0],), 0.5, device=model.device), cond)
+    except Exception as e:  # inductor: no C++ compiler, an unsupported platform, ...
+        net._compiled_trunk = None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DitkitError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: {first}); "
+                          "it needs a working C++ compiler for the CPU: run without --compile") from None
 
 
 def _load_one(run_dir: Path, ck: Path, weights: str, device: str, precision: str = "fp32") -> LoadedModel:

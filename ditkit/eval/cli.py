@@ -23,11 +23,12 @@ def register(sub, parser_class) -> None:
     p.add_argument("--steps", type=_positive_int("--steps"), default=DEFAULT_STEPS)
     p.add_argument("--spacing")
     p.add_argument("--cfg-scale", type=_float("--cfg-scale", 0), default=1.0)
-    from ..cli import _add_autoguidance_flags, _add_precision_flag, _add_sampler_option_flag
+    from ..cli import _add_autoguidance_flags, _add_compile_flag, _add_precision_flag, _add_sampler_option_flag
 
     _add_sampler_option_flag(p)
     _add_autoguidance_flags(p)
     _add_precision_flag(p)
+    _add_compile_flag(p)
     p.add_argument("--num", type=_positive_int("--num"), default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=250)
@@ -67,6 +68,6 @@ def run(args) -> int:
                                       spacing=args.spacing, weights=args.weights, device=args.device,
                                       sampler_options=dict(args.sampler_option),
                                       autoguidance=args.autoguidance, guide=args.guide, precision=args.precision,
-                                      progress=bar.update)
+                                      compile=args.compile, progress=bar.update)
     print(json.dumps(res, indent=2, default=str) if args.json else format_result(res))
     return 0

@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .layers import AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d, unpatchify
+from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, invariant_rows,
+                     sincos_pos_embed_2d, unpatchify)
 
 
 @dataclass
@@ -63,6 +64,8 @@ class DiTConfig:
 
 
 class DiT(nn.Module):
+    _compiled_count = 0  # networks compiled for inference in this process
+
     def __init__(self, config: DiTConfig):
         super().__init__()
         self.config = config.validate()
@@ -80,6 +83,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(AdaLNZeroBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.gelu_approximate) for _ in range(c.depth))
         self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.in_channels)
         self.modulation_cache: Optional[ModulationCache] = ModulationCache()  # None turns the memo off
+        self._compiled_trunk = None  # set by compile_for_inference()
+        self.compiled_min_batch = 1
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -134,13 +139,66 @@ class DiT(nn.Module):
             t = t.expand(x.shape[0])
         in_dtype = x.dtype
         x = x.to(self.pos_embed.dtype)  # a bf16 inference copy takes and returns the sampler's fp32
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         mods = self.modulations(t, cond)
+        if self._compiled_trunk is not None and not torch.is_grad_enabled():
+            return self._run_compiled(x, mods).to(in_dtype)
+        return self._trunk(x, mods).to(in_dtype)
+
+    def _trunk(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+        """Everything per token: patchify, the blocks, the final layer, unpatchify (the condition path,
+        `mods`, is computed, and memoised, outside)."""
+        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         for block, mod in zip(self.blocks, mods):
             tokens = block(tokens, mod=mod)
         out = self.final_layer(tokens, mod=mods[-1])  # (B, N, P*P*C)
         cfg = self.config
-        return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.input_size, cfg.input_size).to(in_dtype)
+        return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.input_size, cfg.input_size)
+
+    # -- compiled inference ------------------------------------------------------------------------
+    def compile_for_inference(self) -> None:
+        """Run the per-token trunk through `torch.compile` (inductor, with frozen weights) at inference.
+
+        On this project's CPU a compiled forward is 10-25% faster: inductor fuses the layer norms,
+        adaLN multiply-adds, GELU and residuals between the matrix products, which at DiT-T's sizes
+        cost as much as the products themselves. The first call compiles (~25 s on 2 cores; it needs a
+        C++ compiler on the CPU). One graph, dynamic in the batch, serves every batch size: a batch
+        smaller than `compiled_min_batch` is padded up to it, so that every matrix product has at least
+        its probed number of rows (see `layers.invariant_rows`) and an image keeps the same bits at any
+        batch size. Compiled images differ from eager ones in their last bits (fused arithmetic), like
+        bf16 from fp32: "one seed, one image" holds within each mode.
+
+        The weights are constants of the compiled graph: compile a model whose weights are final (an
+        inference copy, `eval()` and `requires_grad_(False)`); with gradients enabled the eager trunk runs.
+        """
+        if self.training or any(p.requires_grad for p in self.parameters()):
+            raise UsageError("compile_for_inference: the model must be an inference copy "
+                             "(call .eval().requires_grad_(False) first); its weights are frozen into the graph")
+        dev = self.pos_embed.device
+        floor = 1
+        if dev.type == "cpu":
+            dtype = self.pos_embed.dtype
+            floor = max(invariant_rows(k, n, dtype) for k, n in self._token_products())
+        self.compiled_min_batch = max(2, -(-floor // self.num_tokens))  # >= 2: one graph for every batch
+        # dynamo keeps its graphs per code object (`_trunk`, shared by every DiT) and, past a limit, would
+        # fall back to eager without a word: leave room for every network this process compiles
+        DiT._compiled_count += 1
+        limits = torch._dynamo.config
+        limits.recompile_limit = max(limits.recompile_limit, 2 * DiT._compiled_count + 8)
+        self._compiled_trunk = torch.compile(self._trunk, dynamic=True, options={"freezing": True})
+
+    def _token_products(self) -> list[tuple[int, int]]:
+        """(K, N) of every matrix product of the trunk, each applied to B * num_tokens rows."""
+        c = self.config
+        d, h = c.hidden_size, int(c.hidden_size * c.mlp_ratio)
+        return [(c.patch_size ** 2 * c.in_channels, d), (d, 3 * d), (d, d), (d, h), (h, d),
+                (d, c.patch_size ** 2 * c.in_channels)]
+
+    def _run_compiled(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+        B, pad = x.shape[0], self.compiled_min_batch - x.shape[0]
+        if pad > 0:  # zero images and modulations: their rows are dropped, and never mix with the others
+            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+            mods = [torch.cat([m, m.new_zeros(pad, m.shape[1])]) for m in mods]
+        return self._compiled_trunk(x, mods)[:B]
 
 
 class ModulationCache:

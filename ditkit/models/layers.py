@@ -69,6 +69,8 @@ def _rows_needed(k: int, n: int, dtype: torch.dtype) -> int:
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """F.linear(x, weight, bias) whose per-row result does not depend on how many rows x has: on the CPU,
     fewer rows than the probed floor are computed as the first rows of a zero-padded product."""
+    if torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)  # a compiled DiT pads its batch to the floor beforehand
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if 0 < rows < _PROBE_ROWS and x.device.type == "cpu":
         need = _rows_needed(weight.shape[1], weight.shape[0], x.dtype)

@@ -81,6 +81,7 @@ class ServeSettings:
     weights: str = "ema"  # when the app loads the checkpoint itself
     device: str = "auto"
     precision: str = "fp32"  # the network's weights and arithmetic: fp32, or bf16 (throughput; see load_model)
+    compile: bool = False  # torch.compile the network at load (before /readyz; see load_model)
     warmup: bool = True  # run one tiny batch before /readyz says ready
 
     def validate(self) -> None:
@@ -143,6 +144,7 @@ class ModelInfo:
     max_steps: int
     autoguidance: bool = False  # the model has a weak model (RUN/guide) to autoguide with
     precision: str = "fp32"  # the network's arithmetic (each precision gives its own images)
+    compiled: bool = False  # the network runs through torch.compile (its images are its own too)
 
     @staticmethod
     def of(model: LoadedModel, settings: ServeSettings) -> "ModelInfo":
@@ -151,7 +153,8 @@ class ModelInfo:
                          num_classes=model.num_classes, class_names=model.class_names if model.num_classes else [],
                          image_shape=tuple(model.image_shape), samplers=serving_samplers(model),
                          max_steps=min(settings.max_steps, limit) if limit else settings.max_steps,
-                         autoguidance=model.guide is not None, precision=model.precision)
+                         autoguidance=model.guide is not None, precision=model.precision,
+                         compiled=model.compiled)
 
     def as_json(self, settings: ServeSettings) -> dict[str, Any]:
         return {"model": self.name, "step": self.step, "num_classes": self.num_classes,
@@ -159,7 +162,8 @@ class ModelInfo:
                 "default_sampler": _default_sampler(self.samplers), "default_steps": min(DEFAULT_STEPS, self.max_steps),
                 "max_steps": self.max_steps, "max_num_samples": settings.max_num_samples,
                 "max_guidance_scale": settings.max_guidance_scale if self.num_classes else 1.0,
-                "guidance": self.num_classes > 0, "autoguidance": self.autoguidance, "precision": self.precision}
+                "guidance": self.num_classes > 0, "autoguidance": self.autoguidance, "precision": self.precision,
+                "compiled": self.compiled}
 
 
 def _default_sampler(samplers: Sequence[str]) -> str:
@@ -398,7 +402,8 @@ class Service:
             if self.model is None:
                 self.model = await asyncio.to_thread(load_model, self.ckpt, weights=self.settings.weights,
                                                      device=self.settings.device,
-                                                     precision=self.settings.precision)
+                                                     precision=self.settings.precision,
+                                                     compile=self.settings.compile)
                 self.info = ModelInfo.of(self.model, self.settings)
             if not self.info.samplers:
                 raise DitkitError("no fixed-grid sampler supports this model's objective")

@@ -69,9 +69,10 @@ def register(sub, parser_class=None) -> None:
                    help="most sampler steps a request may ask for")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    from ..cli import _add_precision_flag
+    from ..cli import _add_compile_flag, _add_precision_flag
 
     _add_precision_flag(p)
+    _add_compile_flag(p)
     p.add_argument("--threads", type=_int_in("--threads", 1, 1024), help="CPU threads for torch (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")
@@ -122,7 +123,7 @@ def _cmd_serve(args) -> int:
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, rate_limit=args.rate_limit,
                              burst=args.burst, api_keys=keys, timeout_s=args.timeout_s, grace_s=args.grace_s,
                              max_steps=args.max_steps, weights=args.weights, device=args.device,
-                             precision=args.precision)
+                             precision=args.precision, compile=args.compile)
     settings.validate()
     if args.ray:  # the replicas load the model; this process only starts Ray and waits
         from .ray_app import parse_autoscale, run_ray
@@ -138,7 +139,8 @@ def _cmd_serve(args) -> int:
 
     from ..sampling import load_model
 
-    model = load_model(args.ckpt, weights=args.weights, device=args.device, precision=args.precision)
+    model = load_model(args.ckpt, weights=args.weights, device=args.device, precision=args.precision,
+                       compile=args.compile)
     app = create_app(model=model, settings=settings)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]

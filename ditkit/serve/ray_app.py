@@ -315,7 +315,8 @@ if serve is not None:
             if cpus:
                 torch.set_num_threads(max(1, int(cpus)))
             s = self.settings
-            model = load_model(self.ckpt, weights=s.weights, device=s.device, precision=s.precision)
+            model = load_model(self.ckpt, weights=s.weights, device=s.device, precision=s.precision,
+                               compile=s.compile)
             if s.warmup:  # before Ray routes traffic here, so a new replica's first request is not slow
                 samplers = serving_samplers(model)
                 sample_batch(model, [0 if model.num_classes else -1], [0], sampler=_default_sampler(samplers),
