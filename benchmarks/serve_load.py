@@ -55,6 +55,12 @@ class LevelResult:
     p99_ms: float = 0.0
     mean_batch: float = 0.0
     model_busy: float = 0.0
+    # CPU use in cores (CPU-seconds per wall second) over the level: the server's main thread (uvicorn's
+    # event loop: HTTP, validation, PNG, metrics), its other threads (the model worker and its OpenMP
+    # threads), and the load generator itself, which shares the machine
+    cpu_http: float = 0.0
+    cpu_model: float = 0.0
+    cpu_clients: float = 0.0
 
     @property
     def server_errors(self) -> int:
@@ -114,6 +120,21 @@ class Server:
         except OSError:
             return None
         return None
+
+    def thread_cpu_s(self) -> tuple[float, float]:
+        """(main thread, all other threads) CPU seconds of the server so far, from /proc (Linux)."""
+        tick, main, other = os.sysconf("SC_CLK_TCK"), 0.0, 0.0
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):
+            try:
+                fields = task.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # a thread that just ended
+            cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            if int(task.name) == self.proc.pid:
+                main += cpu
+            else:
+                other += cpu
+        return main, other
 
     def batch_stats(self) -> tuple[float, float, float]:
         """(batches, images, model seconds) run so far, from /metrics."""
@@ -177,10 +198,12 @@ async def run_level(url: str, clients: int, *, warmup_s: float, duration_s: floa
 
 def measure(server: Server, mode: str, clients: int, args: argparse.Namespace) -> LevelResult:
     batches0, images0, busy0 = server.batch_stats()
+    (http0, model0), client0 = server.thread_cpu_s(), time.process_time()
     t0 = time.monotonic()
     lat, statuses, errors, ok = asyncio.run(run_level(
         server.url, clients, warmup_s=args.warmup_s, duration_s=args.duration_s, body_args=request_body(args),
         request_timeout_s=args.request_timeout_s, seed=clients))
+    (http1, model1), client1 = server.thread_cpu_s(), time.process_time()
     batches1, images1, busy1 = server.batch_stats()
     wall = time.monotonic() - t0
     res = LevelResult(mode, clients, args.duration_s, ok=ok, status_counts=statuses, transport_errors=errors)
@@ -189,6 +212,7 @@ def measure(server: Server, mode: str, clients: int, args: argparse.Namespace) -
     res.p50_ms, res.p99_ms = percentile(lat, 50), percentile(lat, 99)
     res.mean_batch = (images1 - images0) / max(batches1 - batches0, 1)  # warm-up and drain included
     res.model_busy = (busy1 - busy0) / wall  # the share of the wall time the model worker was sampling
+    res.cpu_http, res.cpu_model, res.cpu_clients = (http1 - http0) / wall, (model1 - model0) / wall, (client1 - client0) / wall
     return res
 
 
@@ -228,13 +252,15 @@ async def soak(server: Server, args: argparse.Namespace) -> dict:
 def markdown(levels: list[LevelResult], soak_result: Optional[dict], args: argparse.Namespace) -> str:
     lines = [f"Closed-loop clients on loopback, one image per request, {args.sampler} {args.steps} steps, guidance "
              f"{args.guidance:g}; {args.duration_s:g} s per level after {args.warmup_s:g} s of warm-up.", "",
-             "| mode | clients | img/s | p50 ms | p99 ms | p99/p50 | mean batch | 5xx | other non-200 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| mode | clients | img/s | p50 ms | p99 ms | p99/p50 | mean batch | 5xx | other non-200 | "
+             "CPU cores: http / model / clients |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in levels:
         other = sum(n for c, n in r.status_counts.items() if c not in ("200",) and not c.startswith("5"))
         lines.append(f"| {r.mode} | {r.clients} | {r.img_per_s:.2f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | "
                      f"{r.p99_ms / r.p50_ms if r.p50_ms else float('nan'):.2f} | {r.mean_batch:.1f} | "
-                     f"{r.server_errors} | {other + r.transport_errors} |")
+                     f"{r.server_errors} | {other + r.transport_errors} | "
+                     f"{r.cpu_http:.2f} / {r.cpu_model:.2f} / {r.cpu_clients:.2f} |")
     by = {(r.mode, r.clients): r for r in levels}
     lines.append("")
     for bm in [m for m in dict.fromkeys(r.mode for r in levels) if m.startswith("batched")]:

@@ -619,6 +619,39 @@ def test_app_loads_a_checkpoint_itself(tiny_run):
         settings(precision="fp16").validate()
 
 
+def test_model_loads_on_the_thread_that_runs_its_batches(tiny_run, monkeypatch):
+    """All torch work of a server on one thread: loading, warm-up and every batch (one OpenMP team;
+    see batcher.model_thread)."""
+    import threading
+
+    import ditkit.serve.app as app_module
+
+    threads: dict[str, set] = {"load": set(), "batch": set()}
+    real_load, real_run = app_module.load_model, app_module.Service._run_batch
+
+    def load(*a, **k):
+        threads["load"].add(threading.get_ident())
+        return real_load(*a, **k)
+
+    def run(self, batch):
+        threads["batch"].add(threading.get_ident())
+        return real_run(self, batch)
+
+    monkeypatch.setattr(app_module, "load_model", load)
+    monkeypatch.setattr(app_module.Service, "_run_batch", run)
+
+    async def main():
+        app = create_app(ckpt=tiny_run, settings=settings())
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+                await wait_for(lambda: app.state.service.state != "loading", what="loading")
+                for label in (1, 2):
+                    assert (await c.post("/v1/generate", json={"labels": [label], **FAST})).status_code == 200
+    asyncio.run(main())
+    assert len(threads["load"]) == 1 and threads["batch"] == threads["load"], threads
+    assert threading.get_ident() not in threads["load"]
+
+
 def test_cli_serve_runs_and_exits_cleanly_on_sigterm(tiny_run, tmp_path):
     from ditkit.cli import main as cli_main
 

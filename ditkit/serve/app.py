@@ -27,6 +27,7 @@ import math
 import secrets
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -373,7 +374,8 @@ class _Admission:
 class Service:
     """One app's state. `state`: loading -> ready -> draining -> stopped (or failed)."""
 
-    def __init__(self, settings: ServeSettings, model: Optional[LoadedModel], ckpt: Optional[str]):
+    def __init__(self, settings: ServeSettings, model: Optional[LoadedModel], ckpt: Optional[str],
+                 executor: Optional[ThreadPoolExecutor] = None):
         self.settings = settings
         self.model = model
         self.ckpt = ckpt
@@ -383,7 +385,7 @@ class Service:
         self.api_keys = ApiKeys(settings.api_keys)
         self.batcher = Batcher(self._run_batch, max_batch_size=settings.max_batch_size,
                                max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                               observer=self.metrics)
+                               observer=self.metrics, executor=executor)
         self.state = "loading"
         self.detail = "the model is loading"
         self.inflight = 0
@@ -400,10 +402,11 @@ class Service:
     async def _load_and_warm_up(self) -> None:
         try:
             if self.model is None:
-                self.model = await asyncio.to_thread(load_model, self.ckpt, weights=self.settings.weights,
-                                                     device=self.settings.device,
-                                                     precision=self.settings.precision,
-                                                     compile=self.settings.compile)
+                # on the thread that will run the batches (see batcher.model_thread)
+                self.model = await self.batcher.run_in_worker(load_model, self.ckpt, weights=self.settings.weights,
+                                                              device=self.settings.device,
+                                                              precision=self.settings.precision,
+                                                              compile=self.settings.compile)
                 self.info = ModelInfo.of(self.model, self.settings)
             if not self.info.samplers:
                 raise DitkitError("no fixed-grid sampler supports this model's objective")
@@ -603,14 +606,16 @@ _ERRORS = {400: "the body could not be read at all (malformed JSON is a 422)",
 
 
 def create_app(model: Optional[LoadedModel] = None, ckpt: Optional[str | Path] = None,
-               settings: Optional[ServeSettings] = None) -> FastAPI:
+               settings: Optional[ServeSettings] = None, executor: Optional[ThreadPoolExecutor] = None) -> FastAPI:
     """The server for a loaded `model`, or for a checkpoint `ckpt` that the app loads after it starts
-    (/readyz says 503 until then). Test hooks: `app.state.service.batcher.pause()` / `.resume()`."""
+    (/readyz says 503 until then). executor: the thread the model was loaded on (`batcher.model_thread()`),
+    which then runs its batches: one OpenMP team in the process. Test hooks:
+    `app.state.service.batcher.pause()` / `.resume()`."""
     settings = settings or ServeSettings()
     settings.validate()
     if model is None and ckpt is None:
         raise UsageError("create_app: give a loaded model or a checkpoint")
-    service = Service(settings, model, None if ckpt is None else str(ckpt))
+    service = Service(settings, model, None if ckpt is None else str(ckpt), executor)
     Request_ = build_request_model(settings, service.info)
 
     @asynccontextmanager

@@ -138,10 +138,13 @@ def _cmd_serve(args) -> int:
         torch.set_num_threads(args.threads)
 
     from ..sampling import load_model
+    from .batcher import model_thread
 
-    model = load_model(args.ckpt, weights=args.weights, device=args.device, precision=args.precision,
-                       compile=args.compile)
-    app = create_app(model=model, settings=settings)
+    # load (and compile) the model on the thread that will run its batches: one OpenMP team
+    worker = model_thread()
+    model = worker.submit(load_model, args.ckpt, weights=args.weights, device=args.device, precision=args.precision,
+                          compile=args.compile).result()
+    app = create_app(model=model, settings=settings, executor=worker)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
