@@ -139,6 +139,9 @@ def _add_train(sub) -> None:
                    help="bf16 = bf16 autocast for the matrix products (CUDA; CPUs with AMX); auto = bf16 where "
                         "the hardware runs it natively, else fp32")
     p.add_argument("--threads", type=_positive_int("--threads"), help="CPU threads (default: torch's)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (needs a C++ compiler): ~24%% more steps/s on the CPU "
+                        "after ~35 s of compilation; one process only")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--sample-sampler", default=d.sample_sampler, help="sampler of the periodic sample grids")
     p.add_argument("--sample-steps", type=_positive_int("--sample-steps"), default=d.sample_steps)

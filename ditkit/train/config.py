@@ -55,6 +55,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # fp32 | bf16 (autocast; on the CPU attention stays fp32) | auto (bf16 where native)
     threads: Optional[int] = None
+    compile: bool = False  # torch.compile the training forward and backward (CPU: ~24% more steps/s)
     progress: bool = True
     sample_sampler: str = "heun"
     sample_steps: int = 10

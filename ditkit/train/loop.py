@@ -49,6 +49,16 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
+def check_compiler() -> None:
+    """A clear error now, rather than at the first step, where torch.compile cannot build its kernels."""
+    try:
+        torch.compile(lambda x: torch.sin(x) * 2 + 1, dynamic=False)(torch.ones(8))
+    except Exception as e:  # inductor: no C++ compiler, an unsupported platform, ...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise DitkitError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: {first}); "
+                          "it needs a working C++ compiler for the CPU: train without --compile") from None
+
+
 def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
     C, H, W = data.image_shape
     if H != W:
@@ -73,8 +83,10 @@ def _check_resume_compatible(old: dict[str, Any], new: dict[str, Any]) -> None:
         if old.get(key) != new.get(key):
             raise UsageError(f"--resume: the {key} settings differ from the run's config.json; "
                              "resume with the same settings or start a new --out")
+    defaults = TrainConfig.__dataclass_fields__  # a key that an older ditkit did not write had its default
     changed = [k for k, v in new["train"].items()
-               if old["train"].get(k) != v and k not in TrainConfig.RESUMABLE_CHANGES]
+               if old["train"].get(k, defaults[k].default if k in defaults else None) != v
+               and k not in TrainConfig.RESUMABLE_CHANGES]
     if changed:
         raise UsageError(f"--resume: these settings differ from the run's config.json: {', '.join(sorted(changed))}; "
                          "only the run length, logging and device may change")
@@ -112,6 +124,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     config = resolve_run_config(cfg, data)
     config["world_size"] = dist.world_size
     config["precision"] = resolve_precision(cfg.precision, device)  # what "auto" became on this machine
+    if cfg.compile:
+        if dist.world_size > 1:
+            raise UsageError("--compile: not supported with several processes yet; train without it under torchrun")
+        check_compiler()  # before the run folder exists: a machine that cannot compile loses nothing
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
     steps_per_epoch = len(data) // cfg.batch_size
@@ -158,6 +174,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     if dist.is_main:
         _truncate_metrics(run_dir / "metrics.jsonl", step)
     net = dist.wrap(model)
+    if cfg.compile:
+        # one graph for the training forward (and, through AOTAutograd, its backward): inductor fuses the
+        # elementwise work between the matrix products. Its first step compiles (~35 s here), which a
+        # time-limited run's re-planning absorbs. Compiled arithmetic differs from eager in its last
+        # bits, so a run keeps the setting it started with (resume checks it); resume stays bit-exact.
+        net = torch.compile(model, dynamic=False)
 
     limits = []
     if cfg.max_steps is not None:
