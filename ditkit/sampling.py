@@ -22,7 +22,7 @@ from .models import DiTConfig, build_model
 from .objectives import build_objective
 from .samplers import autoguided, count_calls, get_sampler, guided
 from .train.checkpoint import guide_checkpoint, load_weights, read_state, resolve_checkpoint
-from .utils import ImageRNG, image_seeds, pick_device
+from .utils import ImageRNG, compile_failed, image_seeds, pick_device
 
 DEFAULT_SAMPLER = "dpm++2m-sde"  # measured: unguided FID 15 vs 35 for the ODE form at 20 NFE (docs/BENCHMARKS.md)
 DEFAULT_STEPS = 20
@@ -129,9 +129,7 @@ def compile_model(model: LoadedModel) -> None:
             net(x, torch.full((x.shape[0],), 0.5, device=model.device), cond)
     except Exception as e:  # inductor: no C++ compiler, an unsupported platform, ...
         net._compiled_trunk = None
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise DitkitError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: {first}); "
-                          "it needs a working C++ compiler for the CPU: run without --compile") from None
+        raise compile_failed(e, "run without --compile") from None
 
 
 def _load_one(run_dir: Path, ck: Path, weights: str, device: str, precision: str = "fp32") -> LoadedModel:

@@ -10,7 +10,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .errors import UsageError
+from .errors import DitkitError, UsageError
 
 # ---------------------------------------------------------------------------------------------
 # Randomness: one seed per image (DESIGN.md contract 3).
@@ -166,3 +166,11 @@ def default_cache_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ditkit"
+
+
+def compile_failed(error: Exception, instead: str) -> DitkitError:
+    """The one-line error for a machine where torch.compile cannot build its kernels (inductor needs a
+    C++ compiler on the CPU); `instead` says what to run instead."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+    return DitkitError(f"--compile: torch.compile failed on this machine ({type(error).__name__}: {first}); "
+                       f"it needs a working C++ compiler for the CPU: {instead}")

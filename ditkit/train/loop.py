@@ -22,7 +22,7 @@ from ..data import load_dataset
 from ..errors import DitkitError, UsageError
 from ..models import build_model, model_config
 from ..objectives import build_objective
-from ..utils import atomic_write_bytes, atomic_write_json, pick_device, resolve_precision
+from ..utils import atomic_write_bytes, atomic_write_json, compile_failed, pick_device, resolve_precision
 from .checkpoint import clean_partial, guide_checkpoint, latest_checkpoint, load_training_state, save_checkpoint, save_guide
 from .config import TrainConfig
 from .distributed import DistContext
@@ -54,9 +54,7 @@ def check_compiler() -> None:
     try:
         torch.compile(lambda x: torch.sin(x) * 2 + 1, dynamic=False)(torch.ones(8))
     except Exception as e:  # inductor: no C++ compiler, an unsupported platform, ...
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise DitkitError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: {first}); "
-                          "it needs a working C++ compiler for the CPU: train without --compile") from None
+        raise compile_failed(e, "train without --compile") from None
 
 
 def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
