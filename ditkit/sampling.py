@@ -69,7 +69,7 @@ class LoadedModel:
 
     @property
     def compiled(self) -> bool:
-        return getattr(self.net, "_compiled_trunk", None) is not None
+        return bool(getattr(self.net, "compiled", False))
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -115,20 +115,16 @@ def load_model(ckpt: str | Path, *, weights: str = "ema", device: str = "auto",
 
 
 def compile_model(model: LoadedModel) -> None:
-    """Compile the model's network for inference and run its compilation now (one warm-up forward), so
-    that the first request does not pay for it; a clear error if this machine cannot compile."""
+    """Compile the model's network for inference now, so that the first request does not pay for it;
+    a clear error if this machine cannot compile."""
     net = model.net
     if not hasattr(net, "compile_for_inference"):
         raise UsageError(f"--compile: {type(net).__name__} networks have no compiled inference path")
-    net.compile_for_inference()
-    K = model.num_classes
-    x = torch.zeros(net.compiled_min_batch, *model.image_shape, device=model.device)
-    cond = Condition.from_labels(torch.full((x.shape[0],), K, dtype=torch.long), K) if K else None
     try:
-        with torch.no_grad():
-            net(x, torch.full((x.shape[0],), 0.5, device=model.device), cond)
+        net.compile_for_inference()
+    except UsageError:
+        raise
     except Exception as e:  # inductor: no C++ compiler, an unsupported platform, ...
-        net._compiled_trunk = None
         raise compile_failed(e, "run without --compile") from None
 
 

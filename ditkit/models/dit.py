@@ -169,6 +169,8 @@ class DiT(nn.Module):
 
         The weights are constants of the compiled graph: compile a model whose weights are final (an
         inference copy, `eval()` and `requires_grad_(False)`); with gradients enabled the eager trunk runs.
+        Compilation runs now (one forward of the smallest batch); if it fails, the network stays eager
+        and the error is raised.
         """
         if self.training or any(p.requires_grad for p in self.parameters()):
             raise UsageError("compile_for_inference: the model must be an inference copy "
@@ -185,6 +187,24 @@ class DiT(nn.Module):
         limits = torch._dynamo.config
         limits.recompile_limit = max(limits.recompile_limit, 2 * DiT._compiled_count + 8)
         self._compiled_trunk = torch.compile(self._trunk, dynamic=True, options={"freezing": True})
+        c = self.config
+        x = torch.zeros(self.compiled_min_batch, c.in_channels, c.input_size, c.input_size, device=dev,
+                        dtype=self.pos_embed.dtype)
+        cond = None
+        if self.y_embedder is not None:
+            cond = Condition.from_labels(torch.full((x.shape[0],), self.null_label, dtype=torch.long, device=dev),
+                                         c.num_classes)
+        try:
+            with torch.no_grad():
+                self(x, torch.full((x.shape[0],), 0.5, device=dev), cond)
+        except Exception:
+            self._compiled_trunk = None
+            raise
+
+    @property
+    def compiled(self) -> bool:
+        """Whether inference runs through the compiled trunk (`compile_for_inference`)."""
+        return self._compiled_trunk is not None
 
     def _token_products(self) -> list[tuple[int, int]]:
         """(K, N) of every matrix product of the trunk, each applied to B * num_tokens rows."""

@@ -70,7 +70,9 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """F.linear(x, weight, bias) whose per-row result does not depend on how many rows x has: on the CPU,
     fewer rows than the probed floor are computed as the first rows of a zero-padded product."""
     if torch.compiler.is_compiling():
-        return F.linear(x, weight, bias)  # a compiled DiT pads its batch to the floor beforehand
+        # inside a compiled graph: a compiled inference DiT pads its batch to the floor beforehand
+        # (DiT.compile_for_inference), and compiled training needs no batch invariance
+        return F.linear(x, weight, bias)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if 0 < rows < _PROBE_ROWS and x.device.type == "cpu":
         need = _rows_needed(weight.shape[1], weight.shape[0], x.dtype)

@@ -85,6 +85,12 @@ class ServeSettings:
     compile: bool = False  # torch.compile the network at load (before /readyz; see load_model)
     warmup: bool = True  # run one tiny batch before /readyz says ready
 
+    def load(self, ckpt: str | Path) -> LoadedModel:
+        """The model these settings serve (weights, device, precision, compilation). Call it on the thread
+        that will run the batches (see batcher.model_thread)."""
+        return load_model(ckpt, weights=self.weights, device=self.device, precision=self.precision,
+                          compile=self.compile)
+
     def validate(self) -> None:
         """Refuse bad values up front, naming the flag and the allowed range."""
         checks = [
@@ -402,11 +408,7 @@ class Service:
     async def _load_and_warm_up(self) -> None:
         try:
             if self.model is None:
-                # on the thread that will run the batches (see batcher.model_thread)
-                self.model = await self.batcher.run_in_worker(load_model, self.ckpt, weights=self.settings.weights,
-                                                              device=self.settings.device,
-                                                              precision=self.settings.precision,
-                                                              compile=self.settings.compile)
+                self.model = await self.batcher.run_in_worker(self.settings.load, self.ckpt)
                 self.info = ModelInfo.of(self.model, self.settings)
             if not self.info.samplers:
                 raise DitkitError("no fixed-grid sampler supports this model's objective")

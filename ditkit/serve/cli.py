@@ -137,13 +137,10 @@ def _cmd_serve(args) -> int:
         import torch
         torch.set_num_threads(args.threads)
 
-    from ..sampling import load_model
     from .batcher import model_thread
 
-    # load (and compile) the model on the thread that will run its batches: one OpenMP team
-    worker = model_thread()
-    model = worker.submit(load_model, args.ckpt, weights=args.weights, device=args.device, precision=args.precision,
-                          compile=args.compile).result()
+    worker = model_thread()  # the model loads on the thread that will run its batches: one OpenMP team
+    model = worker.submit(settings.load, args.ckpt).result()
     app = create_app(model=model, settings=settings, executor=worker)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -308,15 +308,14 @@ if serve is not None:
         def __serve_build_asgi_app__(self):
             import torch
 
-            from ..sampling import load_model, sample_batch
+            from ..sampling import sample_batch
             from .app import _default_sampler, create_app, serving_samplers
 
             cpus = self.threads or int(ray_assigned("CPU") or 0) or None
             if cpus:
                 torch.set_num_threads(max(1, int(cpus)))
             s = self.settings
-            model = load_model(self.ckpt, weights=s.weights, device=s.device, precision=s.precision,
-                               compile=s.compile)
+            model = s.load(self.ckpt)
             if s.warmup:  # before Ray routes traffic here, so a new replica's first request is not slow
                 samplers = serving_samplers(model)
                 sample_batch(model, [0 if model.num_classes else -1], [0], sampler=_default_sampler(samplers),
