@@ -541,6 +541,40 @@ def test_batcher_groups_by_sampler_and_steps_and_splits_large_requests():
     asyncio.run(main())
 
 
+def test_batch_waits_for_the_clients_the_last_batch_answered():
+    """The wait for companions counts from the end of the previous batch, not only from the oldest
+    request's arrival: requests that queued up during a long batch wait for the clients that batch just
+    answered, so that a closed loop of clients does not split into two cohorts taking turns."""
+    ran: list[Batch] = []
+    release = threading.Event()
+
+    def run(batch: Batch) -> np.ndarray:
+        ran.append(batch)
+        if len(ran) == 1:
+            release.wait(10)
+        return np.zeros((len(batch), 1, 1, 1), dtype=np.uint8)
+
+    def job(label, n=1):
+        return Job([label] * n, list(range(n)), [1.0] * n, "euler", 3)
+
+    async def main():
+        b = Batcher(run, max_batch_size=4, max_wait_ms=300, max_queue=10)
+        b.start()
+        first = b.submit(job(1, 4))  # a full batch: runs at once, and holds the worker
+        await asyncio.sleep(0.05)
+        waiting = b.submit(job(2))
+        await asyncio.sleep(0.4)  # longer than max_wait: by arrival alone, it would start the moment the worker frees
+        release.set()
+        await asyncio.wait_for(first, 10)
+        await asyncio.sleep(0.05)  # the answered client comes back
+        back = b.submit(job(3))
+        await asyncio.wait_for(asyncio.gather(waiting, back), 10)
+        await b.stop()
+        assert [x.labels for x in ran] == [[1, 1, 1, 1], [2, 3]], [x.labels for x in ran]
+
+    asyncio.run(main())
+
+
 def test_max_batch_size_one_turns_batching_off(model):
     async def main():
         app = create_app(model=model, settings=settings(max_batch_size=1))

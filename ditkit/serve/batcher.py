@@ -6,8 +6,12 @@ keeps answering probes and admitting requests meanwhile). The rules:
 - A batch holds images of requests with the same *key* (sampler, steps); labels, guidance scales and
   seeds mix freely, because image b of a batch depends only on its own (label, seed, scale) (DESIGN.md
   contract 3). Requests with another key wait for a later batch, oldest first.
-- The oldest waiting request waits at most `max_wait_ms` for companions; a batch closes early once it
-  has `max_batch_size` images. A request larger than the room left is split across batches (its images
+- A batch waits at most `max_wait_ms` for companions, counted from the later of its oldest request's
+  arrival and the end of the previous batch; it closes early once it has `max_batch_size` images.
+  (Counting from the arrival alone, requests that queued up during a long batch would start the next
+  one at once, before the clients just answered could come back: under a closed loop of N clients the
+  batches then settle at ~N/2 images each, two cohorts taking turns; measured: mean batch 16.2 at 32
+  clients.) A request larger than the room left is split across batches (its images
   do not depend on the split), so `max_batch_size=1` turns batching off.
 - At most `max_queue` requests wait; `submit` raises `QueueFull` beyond that, so the caller can answer 503.
 - A cancelled request (client gone, deadline passed) leaves the queue at once; if it is in the running
@@ -175,6 +179,7 @@ class Batcher:
         self._paused = False
         self._stopping = False
         self._busy = False  # a batch is on the worker thread
+        self._free_at = float("-inf")  # time.monotonic() when the last batch ended
         self.batch_seconds_ewma: Optional[float] = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -305,8 +310,9 @@ class Batcher:
             await self._wait_wake(None)
             return
         head = self._queue[0]
-        close_at = head.enqueued_at + self.max_wait_s
-        # Wait for companions of the same key, until the batch is full or the oldest has waited enough.
+        close_at = max(head.enqueued_at, self._free_at) + self.max_wait_s
+        # Wait for companions of the same key, until the batch is full or the wait (see the module's
+        # docstring) is over.
         while (self._running.is_set() and self._queue and self._queue[0] is head
                and self._images_waiting(head.key) < self.max_batch_size):
             left = close_at - time.monotonic()
@@ -379,6 +385,7 @@ class Batcher:
             error = e
         finally:
             self._busy = False
+            self._free_at = time.monotonic()
         seconds = time.perf_counter() - t0
         if error is None:
             self.batch_seconds_ewma = seconds if self.batch_seconds_ewma is None else (
