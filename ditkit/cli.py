@@ -139,9 +139,11 @@ def _add_train(sub) -> None:
                    help="bf16 = bf16 autocast for the matrix products (CUDA; CPUs with AMX); auto = bf16 where "
                         "the hardware runs it natively, else fp32")
     p.add_argument("--threads", type=_positive_int("--threads"), help="CPU threads (default: torch's)")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                    help="torch.compile the training step (needs a C++ compiler): ~24%% more steps/s on the CPU "
-                        "after ~35 s of compilation; one process only")
+                        "after ~35 s of compilation; one process only. Default: on for CPU runs of one process "
+                        "that last >= 3 minutes (or >= 3000 steps) where a compiler works, off otherwise")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=False)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--sample-sampler", default=d.sample_sampler, help="sampler of the periodic sample grids")
     p.add_argument("--sample-steps", type=_positive_int("--sample-steps"), default=d.sample_steps)

@@ -132,8 +132,9 @@ def test_compiled_training_trains_and_resumes_bit_exactly(tmp_path, monkeypatch,
     a, b = dict(losses(full)), dict(losses(eager))
     assert a != b and all(abs(a[k] - b[k]) < 0.05 * b[k] for k in b)  # the same training, other last bits
     assert json.loads((full / "config.json").read_text())["train"]["compile"] is True
-    with pytest.raises(UsageError, match="compile"):
-        train(TrainConfig(out=str(tmp_path / "part"), max_steps=8, **kw), resume=True)
+    assert json.loads((full / "config.json").read_text())["compiled"] is True
+    with pytest.raises(UsageError, match="trained with compilation.*--compile"):
+        train(TrainConfig(out=str(tmp_path / "part"), max_steps=8, compile=False, **kw), resume=True)
 
     def broken_compile(fn, **k):
         def run(*a, **kk):
@@ -146,3 +147,40 @@ def test_compiled_training_trains_and_resumes_bit_exactly(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert "--compile: torch.compile failed" in err and "Traceback" not in err
     assert not (tmp_path / "nocc").exists()
+
+
+def test_compile_auto_decides_by_run_length_and_falls_back_to_eager(tmp_path, monkeypatch):
+    """The default (--compile auto): a short run trains eagerly; a long one compiles, and where the
+    model fails to compile it trains eagerly instead, with the same losses as an eager run, and records
+    that. A run keeps its compilation on resume."""
+    import ditkit.train.loop as loop
+    from ditkit.train.config import TrainConfig
+    from ditkit.train.loop import train
+
+    kw = dict(model="DiT-T/4", batch_size=16, warmup_steps=5, log_every=1, sample_every=0, progress=False,
+              subset=256, threads=1, ckpt_every=0, lr_decay=0.0, max_steps=3)
+    losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    short = train(TrainConfig(out=str(tmp_path / "short"), **kw))
+    assert json.loads((short / "config.json").read_text())["compiled"] is False  # 3 steps: not worth compiling
+
+    real_compile = torch.compile
+
+    def compile_but_not_the_dit(fn, **k):  # the toolchain works (check_compiler), the model does not compile
+        if isinstance(fn, torch.nn.Module):
+            def run(*a, **kk):
+                raise RuntimeError("InductorError: LoweringException: an operator inductor cannot lower")
+            return run
+        return real_compile(fn, **k)
+
+    monkeypatch.setattr(torch, "compile", compile_but_not_the_dit)
+    monkeypatch.setattr(loop, "AUTO_COMPILE_MIN_STEPS", 2)
+    fallback = train(TrainConfig(out=str(tmp_path / "fallback"), **kw))
+    assert json.loads((fallback / "config.json").read_text())["compiled"] is False
+    assert losses(fallback) == losses(short)  # the failed attempt left the run's state alone
+    with pytest.raises(DitkitError, match="--compile: torch.compile failed"):  # asked for: an error
+        train(TrainConfig(out=str(tmp_path / "asked"), compile=True, **kw))
+    with pytest.raises(UsageError, match="trained without compilation.*--no-compile"):
+        train(TrainConfig(out=str(tmp_path / "short"), compile=True, **dict(kw, max_steps=4)), resume=True)
+    train(TrainConfig(out=str(tmp_path / "short"), **dict(kw, max_steps=4)), resume=True)  # auto keeps eager
+    assert len(losses(short)) == 4
+

@@ -55,7 +55,9 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # fp32 | bf16 (autocast; on the CPU attention stays fp32) | auto (bf16 where native)
     threads: Optional[int] = None
-    compile: bool = False  # torch.compile the training forward and backward (CPU: ~24% more steps/s)
+    # torch.compile the training forward and backward (CPU: ~24% more steps/s after ~35 s of compiling):
+    # True, False, or None = auto (long runs of one CPU process, where a compiler works; see loop.resolve_compile)
+    compile: Optional[bool] = None
     progress: bool = True
     sample_sampler: str = "heun"
     sample_steps: int = 10
@@ -111,4 +113,5 @@ class TrainConfig:
 
     # Fields that may differ between an interrupted run and its resumption without changing the result.
     RESUMABLE_CHANGES = ("max_steps", "epochs", "max_minutes", "progress", "log_every", "ckpt_every",
-                         "sample_every", "keep_checkpoints", "device", "threads", "out", "guide_at")
+                         "sample_every", "keep_checkpoints", "device", "threads", "out", "guide_at",
+                         "compile")  # compile: checked against what the run resolved it to (loop.train)
