@@ -55,6 +55,7 @@ class LevelResult:
     p99_ms: float = 0.0
     mean_batch: float = 0.0
     model_busy: float = 0.0
+    precision: str = ""  # what the server runs (GET /v1/model): its --precision, "auto" resolved
     # CPU use in cores (CPU-seconds per wall second) over the level: the server's main thread (uvicorn's
     # event loop: HTTP, validation, PNG, metrics), its other threads (the model worker and its OpenMP
     # threads), and the load generator itself, which shares the machine
@@ -85,9 +86,11 @@ class Server:
             s.bind((HOST, 0))
             self.port = s.getsockname()[1]
         self.url = f"http://{HOST}:{self.port}"
+        self.precision = ""
         knobs = MODES[mode]
         cmd = [sys.executable, "-m", "ditkit", "serve", "--ckpt", ckpt, "--host", HOST, "--port", str(self.port),
-               "--max-batch-size", str(knobs["max_batch_size"]), "--max-wait-ms", str(knobs["max_wait_ms"]),
+               "--max-batch-size", str(knobs["max_batch_size"]), "--max-wait-ms",
+               str(knobs["max_wait_ms"] if knobs["max_batch_size"] == 1 or args.max_wait_ms is None else args.max_wait_ms),
                "--rate-limit", "0", "--max-queue", "100000", "--timeout-s", str(args.request_timeout_s),
                "--grace-s", "10", "--no-access-log", "--log-level", "warning", "--device", args.device]
         if args.threads:
@@ -105,6 +108,7 @@ class Server:
                 raise SystemExit(f"the server exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
             try:
                 if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    self.precision = httpx.get(self.url + "/v1/model", timeout=5).json().get("precision", "")
                     return
             except httpx.HTTPError:
                 pass
@@ -211,6 +215,7 @@ def measure(server: Server, mode: str, clients: int, args: argparse.Namespace) -
     res.img_per_s = res.req_per_s  # one image per request
     res.p50_ms, res.p99_ms = percentile(lat, 50), percentile(lat, 99)
     res.mean_batch = (images1 - images0) / max(batches1 - batches0, 1)  # warm-up and drain included
+    res.precision = server.precision
     res.model_busy = (busy1 - busy0) / wall  # the share of the wall time the model worker was sampling
     res.cpu_http, res.cpu_model, res.cpu_clients = (http1 - http0) / wall, (model1 - model0) / wall, (client1 - client0) / wall
     return res
@@ -252,12 +257,12 @@ async def soak(server: Server, args: argparse.Namespace) -> dict:
 def markdown(levels: list[LevelResult], soak_result: Optional[dict], args: argparse.Namespace) -> str:
     lines = [f"Closed-loop clients on loopback, one image per request, {args.sampler} {args.steps} steps, guidance "
              f"{args.guidance:g}; {args.duration_s:g} s per level after {args.warmup_s:g} s of warm-up.", "",
-             "| mode | clients | img/s | p50 ms | p99 ms | p99/p50 | mean batch | 5xx | other non-200 | "
+             "| mode | precision | clients | img/s | p50 ms | p99 ms | p99/p50 | mean batch | 5xx | other non-200 | "
              "CPU cores: http / model / clients |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in levels:
         other = sum(n for c, n in r.status_counts.items() if c not in ("200",) and not c.startswith("5"))
-        lines.append(f"| {r.mode} | {r.clients} | {r.img_per_s:.2f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | "
+        lines.append(f"| {r.mode} | {r.precision} | {r.clients} | {r.img_per_s:.2f} | {r.p50_ms:.0f} | {r.p99_ms:.0f} | "
                      f"{r.p99_ms / r.p50_ms if r.p50_ms else float('nan'):.2f} | {r.mean_batch:.1f} | "
                      f"{r.server_errors} | {other + r.transport_errors} | "
                      f"{r.cpu_http:.2f} / {r.cpu_model:.2f} / {r.cpu_clients:.2f} |")
@@ -299,12 +304,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--soak-clients", type=int, default=32)
     p.add_argument("--sample-every-s", type=float, default=5.0, help="RSS sampling period in the soak")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=1.75)
-    p.add_argument("--sampler", default="dpm++2m")
+    p.add_argument("--guidance", type=float, default=1.35)
+    p.add_argument("--sampler", default="dpm++2m-sde")
     p.add_argument("--threads", type=int, help="torch threads in the server (default: torch's)")
+    p.add_argument("--max-wait-ms", type=float, help="the batched servers' --max-wait-ms (default: 10, the server's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="the servers' --precision "
-                   "(the *-bf16 / *-fp32 modes set their own)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help="the servers' --precision "
+                   "(the *-bf16 / *-fp32 modes set their own; auto: bf16 batched on bf16 hardware, fp32 unbatched)")
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--out", help="write all results as JSON here")
     args = p.parse_args(argv)

@@ -208,12 +208,15 @@ def _add_sampling_flags(p, *, default_num: int) -> None:
     _add_compile_flag(p)
 
 
-def _add_precision_flag(p) -> None:
+def _add_precision_flag(p, *, auto: bool = False) -> None:
+    """--precision; with `auto` (the server), "auto" is offered and is the default."""
     from .sampling import PRECISIONS
 
-    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+    p.add_argument("--precision", default="auto" if auto else "fp32",
+                   choices=(["auto"] if auto else []) + list(PRECISIONS),
                    help="the network's arithmetic: bf16 is ~1.6x faster in large batches on CPUs with bf16 "
-                        "matrix units, ~2x slower for one image; its images differ slightly from fp32's")
+                        "matrix units, ~2x slower for one image; its images differ slightly from fp32's"
+                        + ("; auto (default) = bf16 where native and --max-batch-size > 1, else fp32" if auto else ""))
 
 
 def _add_compile_flag(p) -> None:

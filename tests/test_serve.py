@@ -33,7 +33,7 @@ from ditkit.serve import ServeSettings, create_app
 from ditkit.serve.app import make_server, parse_prompt
 from ditkit.serve.batcher import Batch, Batcher, Job, QueueFull
 from ditkit.serve.limits import RateLimiter
-from ditkit.utils import image_seeds
+from ditkit.utils import image_seeds, native_bf16
 
 FAST = {"steps": 3}  # sampler steps in requests that run the model: a few ms each for DiT-T/4
 CHROMIUM = "/usr/bin/chromium"
@@ -649,8 +649,14 @@ def test_app_loads_a_checkpoint_itself(tiny_run):
                 got = np.stack([png_pixels(base64.b64decode(s)) for s in r.json()["images"]])
                 np.testing.assert_array_equal(got, library_images(half.state.service.model, [3, 8], 4, 2.0, steps=3))
     asyncio.run(main())
-    with pytest.raises(UsageError, match="allowed values are fp32, bf16"):
+    with pytest.raises(UsageError, match="allowed values are auto, fp32, bf16"):
         settings(precision="fp16").validate()
+    # auto (the default): bf16 where the hardware runs it natively and batching is on, fp32 otherwise
+    native = native_bf16(torch.device("cpu"))
+    assert ServeSettings().precision == "auto"
+    assert settings(precision="auto", max_batch_size=8, device="cpu").resolved_precision() == ("bf16" if native else "fp32")
+    assert settings(precision="auto", max_batch_size=1, device="cpu").resolved_precision() == "fp32"
+    assert settings(precision="fp32", max_batch_size=8).resolved_precision() == "fp32"
 
 
 def test_model_loads_on_the_thread_that_runs_its_batches(tiny_run, monkeypatch):

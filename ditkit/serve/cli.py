@@ -71,7 +71,7 @@ def register(sub, parser_class=None) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     from ..cli import _add_compile_flag, _add_precision_flag
 
-    _add_precision_flag(p)
+    _add_precision_flag(p, auto=True)
     _add_compile_flag(p)
     p.add_argument("--threads", type=_int_in("--threads", 1, 1024), help="CPU threads for torch (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
