@@ -234,6 +234,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     B, local_B = cfg.batch_size, cfg.batch_size // dist.world_size
     amp = config["precision"] == "bf16"
     model.train()
+    t_start = time.monotonic()  # the run's clock (elapsed_s) includes compiling
     if config["compiled"]:
         # Compile now, inside the time budget, on a batch of the run's shapes that leaves the run's state
         # alone (its gradients are dropped; no optimiser step, no draw from the run's generator). Under
@@ -305,8 +306,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     metrics_f = open(run_dir / "metrics.jsonl", "a") if dist.is_main else None
     lo, hi = dist.rank * local_B, (dist.rank + 1) * local_B
     perm = epoch_permutation(len(data), cfg.seed, epoch)
-    t_start = time.monotonic()
-    mark_step, mark_t = step, t_start  # where the speed for the next plan is measured from
+    mark_step, mark_t = step, time.monotonic()  # where the speed for the next plan is measured from
     win_t, win_imgs, win_loss, win_n = time.monotonic(), 0, 0.0, 0
     try:
         while (planned is None or step < planned) and not out_of_time():
