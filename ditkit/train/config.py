@@ -31,8 +31,8 @@ class TrainConfig:
     min_snr_gamma: Optional[float] = None
     label_dropout: float = 0.1
     # optimisation
-    batch_size: int = 32
-    lr: float = 2e-3
+    batch_size: int = 64  # with lr 2.8e-3: better per CPU-minute than 32 (docs/BENCHMARKS.md, "Batch size")
+    lr: float = 2.8e-3
     weight_decay: float = 0.0
     beta2: float = 0.99
     warmup_steps: int = 200

@@ -1,0 +1,67 @@
+"""Training images per second at several batch sizes, compiled, in one process, rounds alternated.
+
+    python benchmarks/train_batch_throughput.py [--batches 32,64,128] [--rounds 4] [--seconds 4] [--eager]
+
+The default recipe's step (DiT-T/4, linear interpolant, bf16 autocast where native, fused AdamW) on
+random data: the network, loss and optimiser only, without the data pipeline, EMA or logging, which
+add a fixed cost per step (and so favour larger batches a little more than this shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", default="32,64,128")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--seconds", type=float, default=4.0)
+    ap.add_argument("--eager", action="store_true", help="do not compile")
+    args = ap.parse_args()
+
+    from ditkit.condition import Condition
+    from ditkit.models import build_model, model_config
+    from ditkit.objectives import build_objective
+    from ditkit.train.config import TrainConfig
+    from ditkit.utils import resolve_precision
+
+    cfg = TrainConfig(max_steps=1)
+    amp = resolve_precision(cfg.precision, torch.device("cpu")) == "bf16"
+    objective = build_objective(cfg.objective_config())
+    steps = {}
+    for B in (int(b) for b in args.batches.split(",")):
+        torch.manual_seed(0)
+        model = build_model(model_config(cfg.model))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        net = model if args.eager else torch.compile(model, dynamic=False)
+        x = torch.randn(B, 1, 28, 28)
+        cond = Condition.from_labels(torch.randint(0, 10, (B,)), 10)
+
+        def step(net=net, opt=opt, x=x, cond=cond):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                loss = objective.loss(net, x, cond)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(5):  # compile and warm up
+            step()
+        steps[B] = step
+    res: dict[int, list[float]] = {B: [] for B in steps}
+    for _ in range(args.rounds):
+        for B, step in steps.items():
+            t, n = time.perf_counter(), 0
+            while time.perf_counter() - t < args.seconds:
+                step()
+                n += 1
+            res[B].append(B * n / (time.perf_counter() - t))
+    for B, v in res.items():
+        print(f"batch {B:4d}: {' '.join(f'{x:.0f}' for x in v)} img/s (median {sorted(v)[len(v) // 2]:.0f})")
+
+
+if __name__ == "__main__":
+    main()
