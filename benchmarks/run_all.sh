@@ -35,11 +35,13 @@ $PY benchmarks/compile_ab.py --ckpt runs/demo 2>&1 | tee $OUT/compile_ab_fp32.js
 $PY benchmarks/compile_ab.py --ckpt runs/demo --precision bf16 2>&1 | tee $OUT/compile_ab_bf16.json
 $PY benchmarks/train_compile.py eager 2>&1 | tee $OUT/train_compile.txt
 $PY benchmarks/train_compile.py compile 2>&1 | tee -a $OUT/train_compile.txt
+$PY benchmarks/train_batch_throughput.py 2>&1 | tee $OUT/train_batch_throughput.txt
 
 log serving
 $PY benchmarks/serve_load.py --ckpt runs/demo --levels 1,8,32,128 --duration-s 12 --soak-minutes 3 --out $OUT/serve.json 2>&1 | tee $OUT/serve.txt
 $PY benchmarks/serve_load.py --ckpt runs/demo --modes batched-bf16,unbatched-fp32,batched-fp32,unbatched-bf16 --levels 1,32 --duration-s 15 --out $OUT/serve_precision.json 2>&1 | tee $OUT/serve_precision.txt
 $PY benchmarks/serve_load.py --ckpt runs/demo --modes batched-bf16-compiled,unbatched-fp32-compiled,batched-bf16,unbatched-fp32 --levels 32 --duration-s 20 --sampler dpm++2m-sde --guidance 1.35 --out $OUT/serve_compiled.json 2>&1 | tee $OUT/serve_compiled.txt
+$PY benchmarks/serve_load.py --ckpt runs/demo --modes batched,unbatched,batched-compiled,unbatched-compiled --levels 32 --duration-s 20 --out $OUT/serve_auto.json 2>&1 | tee $OUT/serve_auto.txt
 
 log ddp
 $PY benchmarks/ddp_throughput.py --out $OUT/ddp.json 2>&1 | tee $OUT/ddp.txt
