@@ -171,6 +171,10 @@ def default_cache_dir() -> Path:
 def compile_failed(error: Exception, instead: str) -> DitkitError:
     """The one-line error for a machine where torch.compile cannot build its kernels (inductor needs a
     C++ compiler on the CPU); `instead` says what to run instead."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-    return DitkitError(f"--compile: torch.compile failed on this machine ({type(error).__name__}: {first}); "
-                       f"it needs a working C++ compiler for the CPU: {instead}")
+    return DitkitError(f"--compile: torch.compile failed on this machine ({type(error).__name__}: "
+                       f"{first_line(error)}); it needs a working C++ compiler for the CPU: {instead}")
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """An exception's first line (compiler errors run to pages), or its type's name if it has no text."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DitkitError, UsageError
+from ..utils import first_line
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class DistContext:
             except (RuntimeError, ValueError) as e:
                 raise DitkitError(f"rank {rank}: could not join the {ws}-process group at "
                                   f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} within {timeout_s:g} s "
-                                  f"({_first_line(e)}); are all nodes started with the same --nnodes and "
+                                  f"({first_line(e)}); are all nodes started with the same --nnodes and "
                                   "--rdzv-endpoint?") from None
             owns = True
         else:  # the caller set the group up (e.g. a launcher of its own): use it as it is, leave it open
@@ -240,7 +241,7 @@ class _Collective:
         if exc is None or self.ctx.world_size <= 1 or not _is_communication_error(exc):
             return False  # anything else (a shape error, an OOM) keeps its own traceback
         ctx = self.ctx
-        raise DitkitError(f"rank {ctx.rank}/{ctx.world_size}: {self.what} failed ({_first_line(exc)}). Another "
+        raise DitkitError(f"rank {ctx.rank}/{ctx.world_size}: {self.what} failed ({first_line(exc)}). Another "
                           f"process probably died or stalled for over {ctx.timeout_s:g} s ({TIMEOUT_ENV}); see its "
                           "log, then continue with --resume from the last checkpoint") from None
 
@@ -262,7 +263,3 @@ def _is_communication_error(exc: BaseException) -> bool:
     text = str(exc)
     return any(m in text for m in _COMM_MARKERS)
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__

@@ -22,7 +22,7 @@ from ..data import load_dataset
 from ..errors import DitkitError, UsageError
 from ..models import build_model, model_config
 from ..objectives import build_objective
-from ..utils import atomic_write_bytes, atomic_write_json, compile_failed, pick_device, resolve_precision
+from ..utils import atomic_write_bytes, atomic_write_json, compile_failed, first_line, pick_device, resolve_precision
 from .checkpoint import clean_partial, guide_checkpoint, latest_checkpoint, load_training_state, save_checkpoint, save_guide
 from .config import TrainConfig
 from .distributed import DistContext
@@ -61,10 +61,20 @@ def check_compiler() -> None:
         raise compile_failed(e, "train without --compile") from None
 
 
-def resolve_compile(cfg: TrainConfig, device: torch.device, world_size: int, steps_per_epoch: int) -> bool:
-    """Whether this run compiles its training step. --compile / --no-compile decide; auto (None) compiles
-    one CPU process whose run is long enough for compilation to pay (AUTO_COMPILE_MIN_*) on a machine
-    that can compile, and trains eagerly otherwise (saying why)."""
+def resolve_compile(cfg: TrainConfig, device: torch.device, world_size: int, steps_per_epoch: int,
+                    old: Optional[dict[str, Any]] = None) -> bool:
+    """Whether this run compiles its training step. A resumed run (`old`: its config.json) keeps what it
+    started with (compiled arithmetic differs from eager in its last bits). Otherwise --compile /
+    --no-compile decide; auto (None) compiles one CPU process whose run is long enough for compilation
+    to pay (AUTO_COMPILE_MIN_*) on a machine that can compile, and trains eagerly otherwise (saying why)."""
+    if old is not None:
+        was = old.get("compiled", bool(old["train"].get("compile")))
+        if cfg.compile is not None and cfg.compile != was:
+            raise UsageError(f"--resume: the run was trained {'with' if was else 'without'} compilation; "
+                             f"resume it {'with --compile' if was else 'with --no-compile'} (or without either)")
+        if was:
+            check_compiler()
+        return was
     if cfg.compile is not None:
         if cfg.compile:
             if world_size > 1:
@@ -161,14 +171,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
             raise DitkitError(f"--resume: {run_dir} is not a run folder (no config.json); start without --resume")
         old = json.loads((run_dir / "config.json").read_text())
         _check_resume_compatible(old, config)
-        # a run keeps its compilation (compiled arithmetic differs from eager in its last bits)
-        was = old.get("compiled", bool(old["train"].get("compile")))
-        if cfg.compile is not None and cfg.compile != was:
-            raise UsageError(f"--resume: the run was trained {'with' if was else 'without'} compilation; "
-                             f"resume it {'with --compile' if was else 'with --no-compile'} (or without either)")
-        if was:
-            check_compiler()
-        config["compiled"] = was
+        config["compiled"] = resolve_compile(cfg, device, dist.world_size, steps_per_epoch, old)
         if dist.is_main:
             clean_partial(run_dir)
         ckpt = latest_checkpoint(run_dir)
@@ -244,8 +247,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
         except Exception as e:
             if cfg.compile:
                 raise compile_failed(e, "train without --compile") from None
-            log.warning("training without compilation: torch.compile failed on this model (%s)",
-                        str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__)
+            log.warning("training without compilation: torch.compile failed on this model (%s)", first_line(e))
             net = dist.wrap(model)
             config["compiled"] = False
             atomic_write_json(run_dir / "config.json", config)
