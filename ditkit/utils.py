@@ -135,17 +135,21 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def native_bf16(device: torch.device) -> bool:
     """True where bf16 matrix products run natively and faster than fp32: CUDA GPUs with bf16 support,
-    and CPUs with AMX tiles (Intel Sapphire Rapids and later; oneDNN then runs bf16 GEMMs ~5x faster
-    than fp32 on DiT-T/4's shapes, measured)."""
+    and CPUs with bf16 instructions: AMX tiles (Intel Sapphire Rapids and later; oneDNN's bf16 GEMMs
+    ~5x fp32 at DiT-T/4's shapes) or AVX-512 BF16 (AMD Zen 4 and later, Intel Cooper Lake; measured on a
+    2-core Zen 4: a compiled DiT-T/4 training step at batch 64 1.5x, a batch-32 forward 1.25x faster)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        init_amx = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-        if init_amx is not None:
+        for probe in (getattr(getattr(torch._C, "_cpu", None), "_init_amx", None),
+                      getattr(torch.cpu, "_is_avx512_bf16_supported", None)):
+            if probe is None:
+                continue
             try:
-                return bool(init_amx())
+                if probe():
+                    return True
             except Exception:
-                return False
+                continue
     return False
 
 
