@@ -1,6 +1,10 @@
-"""Training images per second at several batch sizes, compiled, in one process, rounds alternated.
+"""Training images per second at several batch sizes and model shapes, compiled, in one process,
+rounds alternated.
 
-    python benchmarks/train_batch_throughput.py [--batches 32,64,128] [--rounds 4] [--seconds 4] [--eager]
+    python benchmarks/train_batch_throughput.py [--batches 32,64,128] [--shapes 4x128x4,6x192x6]
+                                                [--rounds 4] [--seconds 4] [--eager]
+
+--shapes: DEPTHxWIDTHxHEADS of DiT-T/4 (default: the preset, 4x128x4).
 
 The default recipe's step (DiT-T/4, linear interpolant, bf16 autocast where native, fused AdamW) on
 random data: the network, loss and optimiser only, without the data pipeline, EMA or logging, which
@@ -18,6 +22,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="32,64,128")
+    ap.add_argument("--shapes", default="4x128x4", help="DEPTHxWIDTHxHEADS, comma-separated")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--eager", action="store_true", help="do not compile")
@@ -33,9 +38,11 @@ def main() -> None:
     amp = resolve_precision(cfg.precision, torch.device("cpu")) == "bf16"
     objective = build_objective(cfg.objective_config())
     steps = {}
-    for B in (int(b) for b in args.batches.split(",")):
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    for (depth, width, heads), B in ((s, int(b)) for s in shapes for b in args.batches.split(",")):
         torch.manual_seed(0)
-        model = build_model(model_config(cfg.model))
+        model = build_model(model_config(cfg.model, depth=depth, hidden_size=width, num_heads=heads))
+        key = f"{depth}x{width}x{heads} batch {B:4d}"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         net = model if args.eager else torch.compile(model, dynamic=False)
         x = torch.randn(B, 1, 28, 28)
@@ -50,17 +57,17 @@ def main() -> None:
 
         for _ in range(5):  # compile and warm up
             step()
-        steps[B] = step
-    res: dict[int, list[float]] = {B: [] for B in steps}
+        steps[key] = (B, step)
+    res: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.rounds):
-        for B, step in steps.items():
+        for key, (B, step) in steps.items():
             t, n = time.perf_counter(), 0
             while time.perf_counter() - t < args.seconds:
                 step()
                 n += 1
-            res[B].append(B * n / (time.perf_counter() - t))
-    for B, v in res.items():
-        print(f"batch {B:4d}: {' '.join(f'{x:.0f}' for x in v)} img/s (median {sorted(v)[len(v) // 2]:.0f})")
+            res[key].append(B * n / (time.perf_counter() - t))
+    for key, v in res.items():
+        print(f"{key}: {' '.join(f'{x:.0f}' for x in v)} img/s (median {sorted(v)[len(v) // 2]:.0f})")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,9 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--unconditional", action="store_true", help="ignore class labels")
     p.add_argument("--pos-embed", default=d.pos_embed, choices=["sincos", "learned"])
+    p.add_argument("--depth", type=_positive_int("--depth"), help="number of DiT blocks (default: the preset's)")
+    p.add_argument("--width", type=_positive_int("--width"), help="hidden size (default: the preset's)")
+    p.add_argument("--heads", type=_positive_int("--heads"), help="attention heads (default: the preset's)")
     p.add_argument("--objective", default=d.objective, choices=list(OBJECTIVES),
                    help="ddpm (discrete VP) or an interpolant path (linear = rectified flow, gvp, vp)")
     p.add_argument("--prediction", choices=["eps", "v", "x0", "velocity", "noise", "data"],
@@ -136,8 +139,8 @@ def _add_train(sub) -> None:
                    help="0 = keep all")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16"],
-                   help="bf16 = bf16 autocast for the matrix products (CUDA; CPUs with AMX); auto = bf16 where "
-                        "the hardware runs it natively, else fp32")
+                   help="bf16 = bf16 autocast for the matrix products (CUDA; CPUs with AMX or AVX-512 BF16); "
+                        "auto = bf16 where the hardware runs it natively, else fp32")
     p.add_argument("--threads", type=_positive_int("--threads"), help="CPU threads (default: torch's)")
     p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
                    help="torch.compile the training step (needs a C++ compiler): ~24%% more steps/s on the CPU "

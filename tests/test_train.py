@@ -137,6 +137,16 @@ def test_resume_refuses_changed_settings(tiny_run, tmp_path):
         train(TrainConfig(out=str(tmp_path / "nothing"), max_steps=4, **SMALL), resume=True)
 
 
+def test_shape_flags_change_the_preset_and_are_kept_in_the_run(tmp_path):
+    run = train(TrainConfig(out=str(tmp_path / "r"), max_steps=2, ckpt_every=0, depth=2, width=64, heads=2, **SMALL))
+    m = json.loads((run / "config.json").read_text())["model"]
+    assert (m["depth"], m["hidden_size"], m["num_heads"], m["patch_size"]) == (2, 64, 2, 4)
+    net = load_model(run).net
+    assert len(net.blocks) == 2 and net.blocks[0].attn.num_heads == 2
+    with pytest.raises(UsageError, match="depth"):  # the shape is part of the run: no resuming into another
+        train(TrainConfig(out=str(run), max_steps=4, ckpt_every=0, depth=3, width=64, heads=2, **SMALL), resume=True)
+
+
 @pytest.mark.parametrize("sampler,steps", [("dpm++2m", 4), ("ddpm", 5), ("heun", 3)])
 def test_image_depends_only_on_seed_and_index(tiny_run, sampler, steps):
     m = load_model(tiny_run)
@@ -221,6 +231,8 @@ def run_cli(argv) -> int:
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--autoguidance", "-1"], "--autoguidance must be >= 0", 2),
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--autoguidance", "2", "--guide", "/nonexistent"],
      "no such folder", 1),
+    (["train", "--width", "130", "--out", "{tmp}/r"], "DiT-T/4 with --width 130: hidden_size 130 must be divisible by num_heads 4", 2),
+    (["train", "--heads", "0"], "--heads must be >= 1", 2),
     (["train", "--guide-at", "1", "--out", "{tmp}/r"], "--guide-at 1.0: must be in [0, 1)", 2),
     (["data", "mnist", "--idx-dir", "/nonexistent", "--cache-dir", "{tmp}/c"], "/nonexistent", 1),
 ])

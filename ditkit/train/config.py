@@ -22,6 +22,10 @@ class TrainConfig:
     channels: Optional[int] = None
     subset: Optional[int] = None  # train on the first N images only (tests, quick looks)
     pos_embed: str = "sincos"
+    # the preset's shape, changed field by field (None = the preset's value)
+    depth: Optional[int] = None
+    width: Optional[int] = None
+    heads: Optional[int] = None
     unconditional: bool = False
     # objective
     objective: str = DEFAULT_OBJECTIVE
@@ -63,6 +67,11 @@ class TrainConfig:
     sample_steps: int = 10
     sample_cfg_scale: float = 2.0
 
+    def model_overrides(self) -> dict[str, int]:
+        """The DiT config fields that --depth / --width / --heads change in the preset."""
+        names = dict(depth="depth", width="hidden_size", heads="num_heads")
+        return {names[k]: getattr(self, k) for k in names if getattr(self, k) is not None}
+
     def objective_config(self) -> dict[str, Any]:
         if self.objective == "ddpm":
             return dict(name="ddpm", prediction=self.prediction or "eps", schedule=self.schedule,
@@ -93,6 +102,9 @@ class TrainConfig:
         for flag in ("log_every", "ckpt_every", "sample_every"):
             v = getattr(self, flag)
             need(v >= 0, f"--{flag.replace('_', '-')} {v}: must be >= 0 (0 = only at the end)")
+        for flag in ("depth", "width", "heads"):
+            v = getattr(self, flag)
+            need(v is None or v >= 1, f"--{flag} {v}: must be >= 1")
         need(self.subset is None or self.subset >= 1, f"--subset {self.subset}: must be >= 1")
         need(self.keep_checkpoints >= 0, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 0")
         need(self.precision in ("auto", "fp32", "bf16"), f"--precision {self.precision!r}: allowed auto, fp32, bf16")

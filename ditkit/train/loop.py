@@ -99,7 +99,14 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
     if H != W:
         raise UsageError(f"dataset images are {H}x{W}; DiT needs square images (set --image-size)")
     num_classes = 0 if cfg.unconditional else data.num_classes
-    mcfg = model_config(cfg.model, input_size=H, in_channels=C, num_classes=num_classes, pos_embed=cfg.pos_embed)
+    try:
+        mcfg = model_config(cfg.model, input_size=H, in_channels=C, num_classes=num_classes,
+                            pos_embed=cfg.pos_embed, **cfg.model_overrides())
+    except UsageError as e:
+        if not cfg.model_overrides():
+            raise
+        given = " ".join(f"--{k} {getattr(cfg, k)}" for k in ("depth", "width", "heads") if getattr(cfg, k) is not None)
+        raise UsageError(f"{cfg.model} with {given}: {e}") from None
     objective = build_objective(cfg.objective_config())
     return {
         "ditkit_version": __version__,
@@ -115,9 +122,13 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
 
 def _check_resume_compatible(old: dict[str, Any], new: dict[str, Any]) -> None:
     for key in ("model", "objective", "data"):
-        if old.get(key) != new.get(key):
-            raise UsageError(f"--resume: the {key} settings differ from the run's config.json; "
-                             "resume with the same settings or start a new --out")
+        a, b = old.get(key), new.get(key)
+        if a != b:
+            fields = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k)) \
+                if isinstance(a, dict) and isinstance(b, dict) else []
+            diff = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in fields)
+            raise UsageError(f"--resume: the {key} settings differ from the run's config.json"
+                             f"{': ' + diff if diff else ''}; resume with the same settings or start a new --out")
     defaults = TrainConfig.__dataclass_fields__  # a key that an older ditkit did not write had its default
     changed = [k for k, v in new["train"].items()
                if old["train"].get(k, defaults[k].default if k in defaults else None) != v
