@@ -67,10 +67,16 @@ class TrainConfig:
     sample_steps: int = 10
     sample_cfg_scale: float = 2.0
 
+    # the shape flags and the DiT config fields they set
+    SHAPE_FIELDS = dict(depth="depth", width="hidden_size", heads="num_heads")
+
+    def shape_flags(self) -> dict[str, int]:
+        """The --depth / --width / --heads given (not None)."""
+        return {k: getattr(self, k) for k in self.SHAPE_FIELDS if getattr(self, k) is not None}
+
     def model_overrides(self) -> dict[str, int]:
-        """The DiT config fields that --depth / --width / --heads change in the preset."""
-        names = dict(depth="depth", width="hidden_size", heads="num_heads")
-        return {names[k]: getattr(self, k) for k in names if getattr(self, k) is not None}
+        """The DiT config fields that the shape flags change in the preset."""
+        return {self.SHAPE_FIELDS[k]: v for k, v in self.shape_flags().items()}
 
     def objective_config(self) -> dict[str, Any]:
         if self.objective == "ddpm":
@@ -102,9 +108,8 @@ class TrainConfig:
         for flag in ("log_every", "ckpt_every", "sample_every"):
             v = getattr(self, flag)
             need(v >= 0, f"--{flag.replace('_', '-')} {v}: must be >= 0 (0 = only at the end)")
-        for flag in ("depth", "width", "heads"):
-            v = getattr(self, flag)
-            need(v is None or v >= 1, f"--{flag} {v}: must be >= 1")
+        for flag, v in self.shape_flags().items():
+            need(v >= 1, f"--{flag} {v}: must be >= 1")
         need(self.subset is None or self.subset >= 1, f"--subset {self.subset}: must be >= 1")
         need(self.keep_checkpoints >= 0, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 0")
         need(self.precision in ("auto", "fp32", "bf16"), f"--precision {self.precision!r}: allowed auto, fp32, bf16")
