@@ -213,10 +213,15 @@ class DistContext:
         self.close()
 
     def close(self) -> None:
-        """Destroy the process group we created (idempotent; a no-op in a single process)."""
+        """Destroy the process group we created (idempotent; a no-op in a single process). The caller drops
+        its DDP wrapper first: the collection below frees it (a reference cycle) while the group still
+        lives, so the group's C++ teardown runs now and not in the interpreter's exit, where it can abort."""
         if self.owns_group:
+            import gc
+
             import torch.distributed as tdist
 
+            gc.collect()
             if tdist.is_initialized():
                 tdist.destroy_process_group()
             self.owns_group = False
