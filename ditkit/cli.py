@@ -114,6 +114,11 @@ def _add_train(sub) -> None:
                    help="interpolant training-time distribution")
     p.add_argument("--min-snr-gamma", type=_float("--min-snr-gamma", 0, True), help="ddpm min-SNR loss weighting")
     p.add_argument("--label-dropout", type=_float("--label-dropout", 0), default=d.label_dropout)
+    p.add_argument("--logit-mean", type=float, default=d.logit_mean,
+                   help="interpolants: location of the logit-normal training times (< 0: more weight near the data)")
+    p.add_argument("--train-guidance", type=float, default=d.train_guidance, metavar="S",
+                   help="interpolants: model guidance, the network learns the CFG-guided prediction at scale S "
+                        "and samples with no CFG at half the cost (1 = off)")
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=d.batch_size)
     p.add_argument("--lr", type=_float("--lr", 0, True), default=d.lr)
     p.add_argument("--weight-decay", type=_float("--weight-decay", 0), default=d.weight_decay)

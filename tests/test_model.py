@@ -142,6 +142,10 @@ def test_modulation_cache_changes_nothing_and_is_reused():
     assert torch.equal(alone, ref[3:4])  # one image alone, from the memo: the same bits
     assert cache.misses == 4 and len(cache) == 4  # (500,3) (500,10) (250,7) (250,10)
     assert cache.hits == 4 + 1
+    net.train()  # a no-grad forward in training (model guidance) has fresh times at every step: no memo
+    with torch.no_grad():
+        assert torch.equal(net(x, t + 1, cond), net.eval()(x, t + 1, cond))
+    assert cache.misses == 4 + 4  # only the eval-mode call filled it
 
 
 def test_modulation_cache_follows_weight_updates_and_stays_bounded():

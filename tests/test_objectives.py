@@ -186,3 +186,44 @@ def test_bad_objective_settings():
         DDPMObjective().sigma_grid(1001)
     with pytest.raises(UsageError, match="spacing"):
         InterpolantObjective().sigma_grid(10, "trailing")
+    with pytest.raises(UsageError, match="must be a number >= 1"):
+        InterpolantObjective(train_guidance=0.5)
+    with pytest.raises(UsageError, match="label-dropout"):
+        InterpolantObjective(train_guidance=2.0, label_dropout=0.0)
+
+
+class _ClassTable(torch.nn.Module):
+    """A network whose output is one learned image per label (the null label included), whatever x_t and t:
+    least squares then learns, for each label, the mean of that label's targets."""
+
+    def __init__(self, num_classes: int, shape: tuple):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.zeros(num_classes + 1, *shape))
+
+    def forward(self, x_t, t, cond):
+        return self.table[cond.labels]
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_model_guidance_learns_the_cfg_guided_prediction(scale):
+    """Model guidance's fixed point is classifier-free guidance at scale S: D_c = D_u + S (E[v|c] - D_u).
+    Two classes with data means +1 and -1 on the linear path (v = eps - x0): E[v|c] = -mu_c and the
+    unconditional mean is 0, so the conditional output must reach -S mu_c (and -mu_c without guidance)."""
+    torch.manual_seed(0)
+    obj = InterpolantObjective(path="linear", time_sampling="uniform", label_dropout=0.2, train_guidance=scale)
+    net = _ClassTable(2, (1, 2, 2))
+    opt = torch.optim.Adam(net.parameters(), lr=0.02)
+    gen = torch.Generator().manual_seed(1)
+    mu = torch.tensor([1.0, -1.0])
+    for step in range(1500):
+        labels = torch.arange(512) % 2
+        x0 = mu[labels].view(-1, 1, 1, 1) + 0.05 * torch.randn(512, 1, 2, 2, generator=gen)
+        for g in opt.param_groups:
+            g["lr"] = 0.02 * (1 - step / 1500)  # decay to 0: the fixed point without the gradient noise
+        opt.zero_grad()
+        obj.loss(net, x0, Condition.from_labels(labels, 2), generator=gen).backward()
+        opt.step()
+    table = net.table.detach()
+    torch.testing.assert_close(table[2], torch.zeros(1, 2, 2), atol=0.05, rtol=0)  # null: the mean, 0
+    torch.testing.assert_close(table[0], torch.full((1, 2, 2), -scale), atol=0.05, rtol=0)
+    torch.testing.assert_close(table[1], torch.full((1, 2, 2), scale), atol=0.05, rtol=0)

@@ -234,6 +234,12 @@ def run_cli(argv) -> int:
     (["train", "--width", "130", "--out", "{tmp}/r"], "DiT-T/4 with --width 130: hidden_size 130 must be divisible by num_heads 4", 2),
     (["train", "--heads", "0"], "--heads must be >= 1", 2),
     (["train", "--guide-at", "1", "--out", "{tmp}/r"], "--guide-at 1.0: must be in [0, 1)", 2),
+    (["train", "--train-guidance", "0.5", "--out", "{tmp}/r"], "--train-guidance 0.5: must be a number >= 1", 2),
+    (["train", "--objective", "ddpm", "--train-guidance", "2", "--out", "{tmp}/r"],
+     "model guidance is for the interpolant objectives", 2),
+    (["train", "--train-guidance", "2", "--unconditional", "--out", "{tmp}/r"], "guidance needs class labels", 2),
+    (["train", "--train-guidance", "2", "--label-dropout", "0", "--out", "{tmp}/r"], "give --label-dropout > 0", 2),
+    (["train", "--logit-mean", "inf", "--out", "{tmp}/r"], "--logit-mean inf: must be a finite number", 2),
     (["data", "mnist", "--idx-dir", "/nonexistent", "--cache-dir", "{tmp}/c"], "/nonexistent", 1),
 ])
 def test_cli_bad_inputs_exit_nonzero_with_one_clear_line(argv, needle, code, tiny_run, tmp_path, capsys):

@@ -124,8 +124,10 @@ class DiT(nn.Module):
         (t, class) in `self.modulation_cache`: a sampler asks for the same few noise levels and classes
         at every call, and this path is 7 of the 25 matrix products of a forward (a quarter of the
         latency of one image). Each entry is computed exactly as without the cache, so results do not change.
+        Not in training mode: a no-grad forward inside training (model guidance's unconditional
+        prediction) sees fresh random times and weights at every step, which a memo only slows down.
         """
-        if torch.is_grad_enabled() or self.modulation_cache is None or t.device.type != "cpu":
+        if torch.is_grad_enabled() or self.training or self.modulation_cache is None or t.device.type != "cpu":
             return self.modulations_of(self.embed_condition(t, cond))
         return self.modulation_cache.lookup(self, t, cond)
 

@@ -34,6 +34,9 @@ class TrainConfig:
     time_sampling: str = "logit-normal"  # interpolants (Esser et al. 2024); measured better per CPU-minute
     min_snr_gamma: Optional[float] = None
     label_dropout: float = 0.1
+    logit_mean: float = 0.0  # the logit-normal time distribution's location (interpolants)
+    # model guidance (interpolants): learn the CFG-guided prediction at this scale; sample it with no CFG
+    train_guidance: float = 1.0
     # optimisation
     batch_size: int = 64  # with lr 2.8e-3: better per CPU-minute than 32 (docs/BENCHMARKS.md, "Batch size")
     lr: float = 2.8e-3
@@ -82,8 +85,9 @@ class TrainConfig:
         if self.objective == "ddpm":
             return dict(name="ddpm", prediction=self.prediction or "eps", schedule=self.schedule,
                         min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout)
-        return dict(name=self.objective, prediction=self.prediction or "velocity",
-                    time_sampling=self.time_sampling, label_dropout=self.label_dropout)
+        extra = {"train_guidance": self.train_guidance} if self.train_guidance != 1 else {}
+        return dict(name=self.objective, prediction=self.prediction or "velocity", time_sampling=self.time_sampling,
+                    logit_mean=self.logit_mean, label_dropout=self.label_dropout, **extra)
 
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str) -> None:
@@ -99,6 +103,14 @@ class TrainConfig:
         need(self.grad_clip >= 0, f"--grad-clip {self.grad_clip}: must be >= 0 (0 = off)")
         need(math.isfinite(self.guide_at) and 0 <= self.guide_at < 1,
              f"--guide-at {self.guide_at}: must be in [0, 1) (a fraction of the run; 0 = keep no guide model)")
+        need(self.objective != "ddpm" or self.train_guidance == 1,
+             f"--train-guidance {self.train_guidance}: model guidance is for the interpolant objectives "
+             "(linear, gvp, vp), not ddpm")
+        need(not self.unconditional or self.train_guidance == 1,
+             f"--train-guidance {self.train_guidance}: guidance needs class labels; drop --unconditional")
+        need(self.objective != "ddpm" or self.logit_mean == 0,
+             "--logit-mean: for the interpolant objectives' logit-normal times, not ddpm")
+        need(math.isfinite(self.logit_mean), f"--logit-mean {self.logit_mean}: must be a finite number")
         need(0 <= self.ema_decay < 1, f"--ema-decay {self.ema_decay}: must be in [0, 1)")
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps {self.max_steps}: must be >= 1")
         need(self.epochs is None or self.epochs > 0, f"--epochs {self.epochs}: must be > 0")
