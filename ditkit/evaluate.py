@@ -43,9 +43,9 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
                         spacing: Optional[str] = None, weights: str = "ema", device: str = "auto",
                         write: bool = True, progress=None, autoguidance: float = 1.0,
                         guide: Optional[str | Path] = None, precision: str = "fp32", compile: bool = False,
-                        sampler_options: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                        sampler_options: Optional[dict[str, Any]] = None, cfg_schedule: str = "constant") -> dict[str, Any]:
     """Sample `num` images from a run (balanced labels), evaluate them, and (with `write`) keep the
-    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ag<w>][_bf16][_compiled][_<option><value>...]_n<num>.json
+    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ramp][_ag<w>][_bf16][_compiled][_<option><value>...]_n<num>.json
     for the report. sampler: `ditkit sample`'s default when None."""
     from .sampling import DEFAULT_SAMPLER, generate, load_model
 
@@ -58,11 +58,11 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     t0 = time.perf_counter()
     res = generate(model, num=num, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler, steps=steps,
                    cfg_scale=cfg_scale, spacing=spacing, autoguidance=autoguidance, progress=progress,
-                   sampler_options=sampler_options or None)
+                   sampler_options=sampler_options or None, cfg_schedule=cfg_schedule)
     sample_s = time.perf_counter() - t0
     ev = evaluate_samples(res["images"], res["labels"] if model.num_classes else None)
     out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
-               nfe=res["nfe"], cfg_scale=cfg_scale, seed=seed, weights=weights, precision=precision,
+               nfe=res["nfe"], cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, seed=seed, weights=weights, precision=precision,
                compiled=compile, sampler_options=sampler_options or {},
                sample_seconds=sample_s, **ev)
     if autoguidance != 1:
@@ -70,7 +70,8 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     # the report reads these two keys as dicts
     out["fid"] = dict(value=ev["fid"], ci_low=ev["fid_ci"][0], ci_high=ev["fid_ci"][1], n=ev["n"])
     if write and model.run_dir is not None:
-        tags = [f"ag{autoguidance:g}"] if autoguidance != 1 else []
+        tags = [cfg_schedule] if cfg_schedule != "constant" and cfg_scale != 1 else []
+        tags += [f"ag{autoguidance:g}"] if autoguidance != 1 else []
         tags += [precision] if precision != "fp32" else []
         tags += ["compiled"] if compile else []
         tags += [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted((sampler_options or {}).items())]

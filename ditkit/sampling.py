@@ -21,6 +21,7 @@ from .errors import DitkitError, UsageError
 from .models import DiTConfig, build_model
 from .objectives import build_objective
 from .samplers import autoguided, count_calls, get_sampler, guided
+from .samplers.guidance import SCHEDULES
 from .train.checkpoint import guide_checkpoint, load_weights, read_state, resolve_checkpoint
 from .utils import ImageRNG, compile_failed, image_seeds, pick_device
 
@@ -190,8 +191,11 @@ def parse_labels(spec: str | Sequence[int] | None, num: int, num_classes: int) -
     return [vals[i % len(vals)] for i in range(num)]
 
 
-def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale, autoguidance=1.0) -> None:
+def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale, autoguidance=1.0,
+                      cfg_schedule: str = "constant") -> None:
     spec = get_sampler(sampler)
+    if cfg_schedule not in SCHEDULES:
+        raise UsageError(f"--cfg-schedule {cfg_schedule!r}: allowed {', '.join(SCHEDULES)}")
     obj = model.objective
     limit = getattr(obj, "num_timesteps", None)
     if steps < 1 or (limit is not None and steps > limit):
@@ -217,10 +221,11 @@ def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int]
                  steps: int = DEFAULT_STEPS, cfg_scale: float | Sequence[float] = 1.0, spacing: Optional[str] = None,
                  guidance_interval: Optional[tuple[float, float]] = None, sampler_options: Optional[dict] = None,
                  callback: Optional[Callable[[dict], None]] = None, stats: Optional[dict] = None,
-                 autoguidance: float | Sequence[float] = 1.0) -> torch.Tensor:
+                 autoguidance: float | Sequence[float] = 1.0, cfg_schedule: str = "constant") -> torch.Tensor:
     """One batch: image b is fully determined by (labels[b], seeds[b], settings). Returns float (B,C,H,W) in [-1,1].
 
-    cfg_scale: classifier-free guidance; autoguidance: the scale w of autoguidance by `model.guide`
+    cfg_scale: classifier-free guidance; cfg_schedule: "constant" or "ramp" (the scale along the noise
+    levels: samplers.guidance.SCHEDULES); autoguidance: the scale w of autoguidance by `model.guide`
     (Karras et al. 2024); each a float or one value per image, 1 = off."""
     spec = get_sampler(sampler)
     dev = model.device
@@ -234,7 +239,8 @@ def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int]
     denoiser = model.objective.denoiser(model.net)
     scale = torch.as_tensor(cfg_scale, dtype=torch.float32)
     if model.num_classes > 0 and bool((scale != 1).any()):
-        denoiser = guided(denoiser, scale.to(dev) if scale.ndim else float(scale), interval=guidance_interval)
+        denoiser = guided(denoiser, scale.to(dev) if scale.ndim else float(scale), interval=guidance_interval,
+                          schedule=cfg_schedule)
     ag = torch.as_tensor(autoguidance, dtype=torch.float32)
     if bool((ag != 1).any()):
         weak = _weak_model(model)
@@ -263,7 +269,7 @@ def generate(model: LoadedModel, *, num: int, labels: str | Sequence[int] | None
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     validate_sampling(model, kw.get("sampler", DEFAULT_SAMPLER), kw.get("steps", DEFAULT_STEPS), kw.get("cfg_scale", 1.0),
-                      kw.get("autoguidance", 1.0))
+                      kw.get("autoguidance", 1.0), kw.get("cfg_schedule", "constant"))
     labs = parse_labels(labels, num, model.num_classes)
     seeds = image_seeds(seed, num)
     out, nfe, t0 = [], 0, time.perf_counter()

@@ -526,6 +526,35 @@ def test_guidance_rejects_bad_interval_and_batch_mismatch():
         g(torch.zeros(2, 4, 1, 1, dtype=F64), 1.0, cond)
 
 
+def test_guidance_ramp_schedule_is_its_formula_at_each_images_sigma():
+    """ramp: w(sigma) = 1 + 2 (w - 1) / (1 + sigma) at each image's own sigma; no guidance at pure noise, 2w - 1 at
+    the data, and on the linear path (1 / (1 + sigma) = 1 - t) a mean of w over uniform t."""
+    labels = torch.tensor([0, 1, 2, 1])
+    cond = Condition.from_labels(labels, NUM_CLASSES)
+    x = torch.randn(4, 4, 1, 1, dtype=F64, generator=torch.Generator().manual_seed(4))
+    sigma = torch.tensor([0.0, 0.5, 3.0, 1e9], dtype=F64)
+    d_c = class_denoiser()(x, sigma, cond)
+    d_u = class_denoiser()(x, sigma, cond.null())
+    for scale in (2.5, torch.tensor([2.5, 2.5, 2.5, 2.5])):
+        out = guided(class_denoiser(), scale, schedule="ramp")(x, sigma, cond)
+        w = (1 + 2 * 1.5 / (1 + sigma)).view(-1, 1, 1, 1)
+        torch.testing.assert_close(out, d_u + w * (d_c - d_u))
+    torch.testing.assert_close(out[0], (d_u + 4.0 * (d_c - d_u))[0])  # sigma 0: 2w - 1
+    torch.testing.assert_close(out[3], d_c[3], atol=1e-8, rtol=0)  # pure noise: the conditional model
+    t = torch.linspace(0, 1, 100001, dtype=F64)[:-1]
+    assert abs(float((1 + 2 * 1.5 * (1 - t)).mean()) - 2.5) < 1e-4  # sigma = t / (1 - t) on the linear path
+    # scale 1 stays the conditional model bit for bit, with one forward
+    calls = []
+    assert torch.equal(guided(class_denoiser(calls), 1.0, schedule="ramp")(x, sigma, cond), d_c) and calls == [4]
+    # a sampler run: the ramp differs from the constant scale, and both are deterministic
+    noise, _ = draw(image_seeds(63, 4))
+    sig = karras_sigmas(8, SIGMA_MIN, SIGMA_MAX)
+    run = lambda sch: get_sampler("dpm++2m").fn(guided(class_denoiser(), 2.0, schedule=sch), noise, sig, cond=cond)  # noqa: E731
+    assert torch.equal(run("ramp"), run("ramp")) and not torch.allclose(run("ramp"), run("constant"))
+    with pytest.raises(UsageError, match="allowed constant, ramp"):
+        guided(class_denoiser(), 2.0, schedule="linear")
+
+
 # ---------------------------------------------------------------------------------------------
 # Autoguidance (Karras et al. 2024): D_w = D_weak + w (D - D_weak).
 # ---------------------------------------------------------------------------------------------

@@ -229,6 +229,7 @@ def run_cli(argv) -> int:
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--cfg-scale", "-1"], "--cfg-scale must be >= 0", 2),
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--cfg-scale", "nan"], "finite", 2),
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--autoguidance", "-1"], "--autoguidance must be >= 0", 2),
+    (["eval", "--ckpt", "{run}", "--cfg-schedule", "linear"], "invalid choice: 'linear'", 2),
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--autoguidance", "2", "--guide", "/nonexistent"],
      "no such folder", 1),
     (["train", "--width", "130", "--out", "{tmp}/r"], "DiT-T/4 with --width 130: hidden_size 130 must be divisible by num_heads 4", 2),

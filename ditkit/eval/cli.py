@@ -22,11 +22,10 @@ def register(sub, parser_class) -> None:
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS))
     p.add_argument("--steps", type=_positive_int("--steps"), default=DEFAULT_STEPS)
     p.add_argument("--spacing")
-    p.add_argument("--cfg-scale", type=_float("--cfg-scale", 0), default=1.0)
-    from ..cli import _add_autoguidance_flags, _add_compile_flag, _add_precision_flag, _add_sampler_option_flag
+    from ..cli import _add_compile_flag, _add_guidance_flags, _add_precision_flag, _add_sampler_option_flag
 
     _add_sampler_option_flag(p)
-    _add_autoguidance_flags(p)
+    _add_guidance_flags(p)
     _add_precision_flag(p)
     _add_compile_flag(p)
     p.add_argument("--num", type=_positive_int("--num"), default=10000)
@@ -66,7 +65,7 @@ def run(args) -> int:
             res = evaluate_checkpoint(args.ckpt, num=args.num, sampler=args.sampler, steps=args.steps,
                                       cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
                                       spacing=args.spacing, weights=args.weights, device=args.device,
-                                      sampler_options=dict(args.sampler_option),
+                                      sampler_options=dict(args.sampler_option), cfg_schedule=args.cfg_schedule,
                                       autoguidance=args.autoguidance, guide=args.guide, precision=args.precision,
                                       compile=args.compile, progress=bar.update)
     print(json.dumps(res, indent=2, default=str) if args.json else format_result(res))

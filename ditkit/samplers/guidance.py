@@ -18,6 +18,11 @@ from ..errors import UsageError
 from ..objectives.base import Denoiser
 
 Scale = Union[float, torch.Tensor]
+# How the scale varies along the noise level. "constant": w at every sigma. "ramp": w(sigma) = 1 + 2 (w - 1) / (1 + sigma),
+# from no guidance at pure noise to 2w - 1 at the data; on the linear interpolant 1 / (1 + sigma) = 1 - t, so the
+# scale grows linearly as sampling proceeds and its mean over t is w (a "linearly increasing" schedule: Wang et
+# al. 2024, "Analysis of classifier-free guidance weight schedulers").
+SCHEDULES = ("constant", "ramp")
 
 
 def _check_scale(scale: Scale) -> Union[float, torch.Tensor]:
@@ -49,19 +54,28 @@ def _check_interval(interval) -> Optional[tuple[float, float]]:
     return lo, hi
 
 
-def guided(denoiser: Denoiser, scale: Scale, interval: Optional[tuple[float, float]] = None) -> Denoiser:
+def _check_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise UsageError(f"guidance schedule {schedule!r}: allowed {', '.join(SCHEDULES)}")
+    return schedule
+
+
+def guided(denoiser: Denoiser, scale: Scale, interval: Optional[tuple[float, float]] = None,
+           schedule: str = "constant") -> Denoiser:
     """The classifier-free-guided denoiser.
 
     scale: a float, or a (B,) tensor of per-image scales (a server mixes requests in one batch);
       1 is the conditional model exactly, 0 the unconditional one; NaN / negative -> UsageError.
     interval: (sigma_lo, sigma_hi): guide only where sigma_lo <= sigma <= sigma_hi and use the
       conditional prediction elsewhere (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval").
+    schedule: "constant" or "ramp" (see SCHEDULES): the scale at each image's own sigma.
     Images that need no guidance (scale 1, or sigma outside the interval) get the conditional prediction
     bit for bit, and the unconditional half is run only for the images that do need it (none: one plain
     conditional forward).
     """
     w_all = _check_scale(scale)
     band = _check_interval(interval)
+    ramp = _check_schedule(schedule) == "ramp"
     memo: dict = {}  # this wrapper's own: the (cond, null) pair of the condition it last saw
 
     def both_halves(cond: Condition) -> Condition:
@@ -74,7 +88,7 @@ def guided(denoiser: Denoiser, scale: Scale, interval: Optional[tuple[float, flo
 
     def fn(x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
         B = x.shape[0]
-        if (not isinstance(w_all, torch.Tensor) and w_all != 1 and band is None
+        if (not isinstance(w_all, torch.Tensor) and w_all != 1 and band is None and not ramp
                 and (cond.labels is not None or cond.tokens is not None)):
             # One scale for every image and no interval (ditkit sample, a single request): the same
             # arithmetic as below, without the bookkeeping - one image's latency is dispatch-bound.
@@ -90,6 +104,8 @@ def guided(denoiser: Denoiser, scale: Scale, interval: Optional[tuple[float, flo
             w = w_all.to(device=x.device)
         else:
             w = torch.full((B,), w_all, dtype=torch.float64, device=x.device)
+        if ramp:
+            w = 1 + 2 * (w.to(torch.float64) - 1) / (1 + sigma.detach().to(device=w.device, dtype=torch.float64))
         need = w != 1  # (B,) images whose output differs from the conditional prediction
         if band is not None:
             sg = sigma.detach().to(torch.float64)

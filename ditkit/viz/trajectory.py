@@ -72,7 +72,7 @@ def _u8(x: torch.Tensor) -> np.ndarray:
 
 def record_trajectory(model, labels: Sequence[int], seeds: Sequence[int], *, sampler: str = "dpm++2m", steps: int = 20,
                       cfg_scale: float = 1.0, every: Optional[int] = None,
-                      at: Optional[Sequence[int]] = None) -> Trajectory:
+                      at: Optional[Sequence[int]] = None, cfg_schedule: str = "constant") -> Trajectory:
     """Sample B images (one per (label, image seed)) and keep x_t and predicted x0 at the chosen steps.
 
     `seeds` are per-image seeds as `ditkit.utils.image_seeds` makes them, so image b is the same picture
@@ -80,7 +80,7 @@ def record_trajectory(model, labels: Sequence[int], seeds: Sequence[int], *, sam
     """
     from ..sampling import sample_batch, validate_sampling
 
-    validate_sampling(model, sampler, steps, cfg_scale)
+    validate_sampling(model, sampler, steps, cfg_scale, cfg_schedule=cfg_schedule)
     chosen = set(pick_steps(steps, every, at))
     xs, x0s, got_steps, sigmas = [], [], [], []
 
@@ -94,7 +94,7 @@ def record_trajectory(model, labels: Sequence[int], seeds: Sequence[int], *, sam
             x0s.append(_u8(d["denoised"]))
 
     final = sample_batch(model, list(labels), list(seeds), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                         callback=callback)
+                         cfg_schedule=cfg_schedule, callback=callback)
     if not got_steps:  # a sampler that reports no steps: keep the final image only
         return Trajectory([], [], np.zeros((0, *_u8(final).shape), np.uint8), np.zeros((0, *_u8(final).shape), np.uint8),
                           _u8(final), list(labels), list(seeds), steps, sampler)
@@ -165,7 +165,7 @@ def trajectory_gif(traj: Trajectory, out: str | Path, scale: int = 6, frame_ms: 
 
 
 def save_trajectory(model, label: Optional[int], seed: int, sampler: str, steps: int, cfg_scale: float,
-                    path: str | Path, every: Optional[int] = None) -> Path:
+                    path: str | Path, every: Optional[int] = None, cfg_schedule: str = "constant") -> Path:
     """Write the trajectory of one image as a PNG strip (`.png`) or an animated GIF (`.gif`).
 
     The image is image 0 of `ditkit sample --seed SEED --labels LABEL` (same per-image seed), so the
@@ -183,7 +183,7 @@ def save_trajectory(model, label: Optional[int], seed: int, sampler: str, steps:
     if every is None and kind == ".gif":
         every = 1
     traj = record_trajectory(model, labels, image_seeds(seed, 1), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                             every=every)
+                             every=every, cfg_schedule=cfg_schedule)
     if kind == ".gif":
         return trajectory_gif(traj, path)
     return plot_trajectory(traj, path, model.class_names if model.num_classes else None)
