@@ -46,11 +46,15 @@ def test_checkpoint_round_trip(tiny_run):
     assert (tiny_run / "samples").is_dir()
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("train_guidance", [1.0, 1.5])
+def test_resume_is_bit_exact(tmp_path, train_guidance):
     # Extending a run (max-steps 5 -> 12) moves a planned lr decay, so this test trains without one;
-    # test_resume_after_kill_9 resumes under the default decay with an unchanged plan.
-    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=12, ckpt_every=0, lr_decay=0.0, **SMALL))
-    part = TrainConfig(out=str(tmp_path / "part"), max_steps=5, ckpt_every=0, lr_decay=0.0, **SMALL)
+    # test_resume_after_kill_9 resumes under the default decay with an unchanged plan. Model guidance
+    # (1.5) adds a no-grad forward to every step: still deterministic.
+    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, train_guidance=train_guidance)
+    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=12, **kw))
+    assert json.loads((full / "config.json").read_text())["objective"].get("train_guidance", 1.0) == train_guidance
+    part = TrainConfig(out=str(tmp_path / "part"), max_steps=5, **kw)
     train(part)
     part.max_steps = 12
     train(part, resume=True)
