@@ -21,7 +21,7 @@ from .errors import DitkitError, UsageError
 from .models import DiTConfig, build_model
 from .objectives import build_objective
 from .samplers import autoguided, count_calls, get_sampler, guided
-from .samplers.guidance import SCHEDULES
+from .samplers.guidance import check_schedule
 from .train.checkpoint import guide_checkpoint, load_weights, read_state, resolve_checkpoint
 from .utils import ImageRNG, compile_failed, image_seeds, pick_device
 
@@ -194,8 +194,7 @@ def parse_labels(spec: str | Sequence[int] | None, num: int, num_classes: int) -
 def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale, autoguidance=1.0,
                       cfg_schedule: str = "constant") -> None:
     spec = get_sampler(sampler)
-    if cfg_schedule not in SCHEDULES:
-        raise UsageError(f"--cfg-schedule {cfg_schedule!r}: allowed {', '.join(SCHEDULES)}")
+    check_schedule(cfg_schedule)
     obj = model.objective
     limit = getattr(obj, "num_timesteps", None)
     if steps < 1 or (limit is not None and steps > limit):

@@ -54,7 +54,8 @@ def _check_interval(interval) -> Optional[tuple[float, float]]:
     return lo, hi
 
 
-def _check_schedule(schedule: str) -> str:
+def check_schedule(schedule: str) -> str:
+    """The schedule's name, or a UsageError naming the allowed ones (guided() and validate_sampling)."""
     if schedule not in SCHEDULES:
         raise UsageError(f"guidance schedule {schedule!r}: allowed {', '.join(SCHEDULES)}")
     return schedule
@@ -75,7 +76,7 @@ def guided(denoiser: Denoiser, scale: Scale, interval: Optional[tuple[float, flo
     """
     w_all = _check_scale(scale)
     band = _check_interval(interval)
-    ramp = _check_schedule(schedule) == "ramp"
+    ramp = check_schedule(schedule) == "ramp"
     memo: dict = {}  # this wrapper's own: the (cond, null) pair of the condition it last saw
 
     def both_halves(cond: Condition) -> Condition:
