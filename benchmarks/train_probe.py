@@ -32,15 +32,13 @@ REAL_ADAMW = torch.optim.AdamW
 
 
 class Combo:
-    """AdamW and Muon behind one optimiser face (param_groups, zero_grad, step, state_dict)."""
+    """AdamW and Muon behind one optimiser face: param_groups are the inner optimisers' own dicts, so the
+    loop's g["lr"] = ... reaches both; state_dict numbers AdamW's parameters first, then Muon's."""
 
-    def __init__(self, adam: torch.optim.Optimizer, muon: torch.optim.Optimizer, muon_lr_ratio: float):
-        self.adam, self.muon, self.ratio = adam, muon, muon_lr_ratio
+    def __init__(self, adam: torch.optim.Optimizer, muon: torch.optim.Optimizer):
+        self.adam, self.muon = adam, muon
         self.n_adam = sum(len(g["params"]) for g in adam.param_groups)
-
-    @property
-    def param_groups(self):
-        return _Groups(self)
+        self.param_groups = adam.param_groups + muon.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.adam.zero_grad(set_to_none=set_to_none)
@@ -59,30 +57,11 @@ class Combo:
         return {"state": state, "param_groups": groups}
 
 
-class _Groups(list):
-    """Setting g["lr"] on a Muon group applies the Muon/AdamW lr ratio."""
-
-    def __init__(self, combo: Combo):
-        super().__init__([_Group(g, 1.0) for g in combo.adam.param_groups]
-                         + [_Group(g, combo.ratio) for g in combo.muon.param_groups])
-
-
-class _Group(dict):
-    def __init__(self, g: dict, ratio: float):
-        super().__init__(g)
-        self.g, self.r = g, ratio
-
-    def __setitem__(self, k, v):
-        self.g[k] = v * self.r if k == "lr" else v
-        super().__setitem__(k, v)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--muon", action="store_true")
     ap.add_argument("--contrastive", type=float, default=0.0)
     ap.add_argument("--ema-gammas", default="")
-    ap.add_argument("--muon-lr-ratio", type=float, default=1.0, help="Muon lr / AdamW lr")
     ap.add_argument("--muon-modulation", action="store_true")
     ap.add_argument("train_args", nargs=argparse.REMAINDER)
     args = ap.parse_args()
@@ -100,12 +79,11 @@ def main() -> None:
         print(f"optimizer probe: {len(muon_p)} matrices on Muon "
               f"({sum(p.numel() for p in muon_p)} weights), {len(adam_p)} tensors on AdamW", flush=True)
         adam = REAL_ADAMW(adam_p, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused)
-        muon = torch.optim.Muon(muon_p, lr=lr * args.muon_lr_ratio, weight_decay=weight_decay,
-                                adjust_lr_fn="match_rms_adamw")
-        return Combo(adam, muon, args.muon_lr_ratio)
+        muon = torch.optim.Muon(muon_p, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        return Combo(adam, muon)
 
     import ditkit.train.loop as loop
-    from ditkit.objectives.interpolant import InterpolantObjective
+    from ditkit.objectives.interpolant import TIME_SCALE, InterpolantObjective, drop_labels
     real_build = loop.build_model
     real_loss = InterpolantObjective.loss
     if args.contrastive:
@@ -115,7 +93,7 @@ def main() -> None:
             assert self.prediction == "velocity" and self.train_guidance == 1 and self.loss_weighting is None
             B = x0.shape[0]
             t64, eps = noise["t"], noise["eps"].to(x0.device, x0.dtype)
-            cond = loop_drop(cond, noise["drop"])
+            cond = drop_labels(cond, noise["drop"])
             p = self.path
             col = lambda f: f(t64).to(x0.device, x0.dtype).view(B, 1, 1, 1)  # noqa: E731
             x_t = col(p.alpha) * x0 + col(p.s) * eps
@@ -125,7 +103,6 @@ def main() -> None:
             return ((out - target).pow(2).flatten(1).mean(1)
                     - lam * (out - negative).pow(2).flatten(1).mean(1)).mean()
 
-        from ditkit.objectives.interpolant import TIME_SCALE, drop_labels as loop_drop
         InterpolantObjective.loss = loss
 
     def build_model(cfg):
