@@ -45,8 +45,9 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
                         guide: Optional[str | Path] = None, precision: str = "fp32", compile: bool = False,
                         sampler_options: Optional[dict[str, Any]] = None, cfg_schedule: str = "constant") -> dict[str, Any]:
     """Sample `num` images from a run (balanced labels), evaluate them, and (with `write`) keep the
-    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ramp][_ag<w>][_bf16][_compiled][_<option><value>...]_n<num>.json
-    for the report. sampler: `ditkit sample`'s default when None."""
+    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ramp][_ag<w>][_<spacing>][_raw][_seed<s>][_bf16]
+    [_compiled][_<option><value>...]_n<num>.json for the report: every setting that changes the images
+    names its own file. sampler: `ditkit sample`'s default when None."""
     from .sampling import DEFAULT_SAMPLER, generate, load_model
 
     sampler = sampler or DEFAULT_SAMPLER
@@ -62,7 +63,8 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     sample_s = time.perf_counter() - t0
     ev = evaluate_samples(res["images"], res["labels"] if model.num_classes else None)
     out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
-               nfe=res["nfe"], cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, seed=seed, weights=weights, precision=precision,
+               nfe=res["nfe"], cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, spacing=spacing, seed=seed, weights=weights,
+               precision=precision,
                compiled=compile, sampler_options=sampler_options or {},
                sample_seconds=sample_s, **ev)
     if autoguidance != 1:
@@ -72,6 +74,9 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     if write and model.run_dir is not None:
         tags = [cfg_schedule] if cfg_schedule != "constant" and cfg_scale != 1 else []
         tags += [f"ag{autoguidance:g}"] if autoguidance != 1 else []
+        tags += [spacing] if spacing else []
+        tags += ["raw"] if weights != "ema" else []
+        tags += [f"seed{seed}"] if seed != 0 else []
         tags += [precision] if precision != "fp32" else []
         tags += ["compiled"] if compile else []
         tags += [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted((sampler_options or {}).items())]
@@ -91,5 +96,12 @@ def format_result(res: dict[str, Any]) -> str:
     if acc:
         lines.append(f"class accuracy = {100 * acc['value']:.2f}%  (95% CI {100 * acc['ci_low']:.2f}% – "
                      f"{100 * acc['ci_high']:.2f}%, n = {acc['n']})")
+        per_class = acc.get("per_class") or {}
+        if per_class and acc["value"] < 1:
+            weakest = sorted(per_class.items(), key=lambda kv: (kv[1], kv[0]))[:3]
+            lines.append("weakest digits: " + ", ".join(f"{d} {100 * a:.1f}%" for d, a in weakest))
+        if acc.get("confusions"):
+            lines.append("most frequent misreadings (asked -> read): " +
+                         ", ".join(f"{c['asked']} -> {c['read']} ({c['count']})" for c in acc["confusions"]))
     lines.append(f"note: {res['note']}")
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -260,6 +261,20 @@ def test_fid_with_ci_and_evaluate_images(cache, model, ref, held_out):
     assert acc == M.class_accuracy(x, y, model=model)
     assert acc["value"] > 0.98 and acc["ci_low"] < acc["value"] <= acc["ci_high"] <= 1.0
     assert M.evaluate_images(x, n_boot=5, model=model, cache_dir=cache)["class_accuracy"] is None
+
+
+def test_accuracy_names_the_weak_digits_and_the_misreadings():
+    labels = np.array([4] * 10 + [9] * 10 + [7] * 10)
+    pred = labels.copy()
+    pred[:3] = 9   # three 4s read as 9
+    pred[10] = 4   # one 9 read as 4
+    pred[20] = 1   # one 7 read as 1
+    acc = M._accuracy_dict(pred, labels, 0.05)
+    assert acc["value"] == 25 / 30 and acc["per_class"] == {"4": 0.7, "7": 0.9, "9": 0.9}
+    assert acc["confusions"] == [{"asked": 4, "read": 9, "count": 3}, {"asked": 7, "read": 1, "count": 1},
+                                 {"asked": 9, "read": 4, "count": 1}]
+    assert M._accuracy_dict(labels, labels, 0.05)["confusions"] == []
+    json.dumps(acc)  # written into RUN/eval/*.json as it is
 
 
 def test_wilson_interval_at_perfect_accuracy():

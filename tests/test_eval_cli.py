@@ -34,6 +34,13 @@ def test_eval_checkpoint_writes_result_for_the_report(tiny_run, tmp_path, capsys
     res = json.loads(capsys.readouterr().out)
     assert res["autoguidance"] == 2 and res["guide_step"] == 10 and res["n"] == 20
     assert len(list((run / "eval").glob("*_ag2_n20.json"))) == 1
+    # a setting that changes the images (grid, weights, seed) writes its own file, never over another's
+    before = {f.name for f in (run / "eval").glob("*.json")}
+    for extra in (["--spacing", "karras"], ["--weights", "model"], ["--seed", "3"]):
+        assert cli_main(["eval", "--ckpt", str(run), "--num", "20", "--steps", "2", *extra]) == 0
+    new = {f.name for f in (run / "eval").glob("*.json")} - before
+    assert len(new) == 3 and any("_karras_" in f for f in new) and any("_raw_" in f for f in new), new
+    assert json.loads((run / "eval" / next(f for f in new if "_karras_" in f)).read_text())["spacing"] == "karras"
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -113,17 +113,27 @@ def _check_labels(labels: Any, n: int) -> np.ndarray:
     return labels.astype(np.int64)
 
 
-def _accuracy_dict(pred: np.ndarray, labels: np.ndarray, alpha: float) -> dict[str, float]:
+def _accuracy_dict(pred: np.ndarray, labels: np.ndarray, alpha: float, top_confusions: int = 5) -> dict[str, Any]:
+    """Overall accuracy with its interval, the accuracy of each asked digit, and the most frequent
+    misreadings (asked digit, digit read, count), most frequent first."""
     n = len(labels)
     correct = int((pred == labels).sum())
     lo, hi = wilson_interval(correct, n, alpha)
-    return {"value": correct / n, "n": n, "ci_low": lo, "ci_high": hi}
+    per_class = {str(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
+    wrong = pred != labels
+    pairs, counts = np.unique(np.stack([labels[wrong], pred[wrong]], 1), axis=0, return_counts=True) if wrong.any() \
+        else (np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:top_confusions] if len(counts) else []
+    confusions = [{"asked": int(pairs[i, 0]), "read": int(pairs[i, 1]), "count": int(counts[i])} for i in order]
+    return {"value": correct / n, "n": n, "ci_low": lo, "ci_high": hi, "per_class": per_class,
+            "confusions": confusions}
 
 
 def class_accuracy(
     images: Any, labels: Any, model: MnistClassifier | None = None, alpha: float = 0.05
 ) -> dict[str, float]:
-    """How often the classifier reads each image as its intended label: dict(value, n, ci_low, ci_high).
+    """How often the classifier reads each image as its intended label: dict(value, n, ci_low, ci_high,
+    per_class = {digit: accuracy}, confusions = the most frequent [{asked, read, count}]).
 
     The interval is the Wilson score interval (at 100% accuracy a bootstrap interval collapses to
     a point; Wilson still says how sure n images make us).
