@@ -16,6 +16,16 @@ import numpy as np
 import torch
 
 
+def network_gflop(model, steps: int) -> float:
+    """GFLOP of one guided image: `steps` forwards of a batch of 2 (conditional and unconditional rows),
+    the matrix products and attention of the trunk (the per-image adaLN products once per row)."""
+    c = model.net.config
+    n = (c.input_size // c.patch_size) ** 2
+    d = c.hidden_size
+    per_block = 2 * n * (3 * d * d + d * d + 2 * d * int(d * c.mlp_ratio)) + 4 * n * n * d + 2 * 6 * d * d
+    return 2 * steps * (c.depth * per_block + 2 * n * d * c.patch_size ** 2 * c.in_channels * 2) / 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True)
@@ -73,14 +83,8 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             sample_batch(model, [3], [7], **kw)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-    flops = 0
-    c = model.net.config
-    n = (c.input_size // c.patch_size) ** 2
-    d = c.hidden_size
-    per_block = 2 * n * (3 * d * d + d * d + 2 * d * int(d * c.mlp_ratio)) + 4 * n * n * d + 2 * 6 * d * d
-    flops = 2 * args.steps * (c.depth * per_block + 2 * n * d * c.patch_size ** 2 * c.in_channels * 2)
     res = dict(p50_ms=float(np.percentile(lat, 50)), p90_ms=float(np.percentile(lat, 90)),
-               p99_ms=float(np.percentile(lat, 99)), network_only_ms=net_ms, gflop=flops / 1e9,
+               p99_ms=float(np.percentile(lat, 99)), network_only_ms=net_ms, gflop=network_gflop(model, args.steps),
                threads=torch.get_num_threads(), precision=args.precision, compiled=args.compile, **kw)
     print(table)
     print(json.dumps(res, indent=2))

@@ -9,7 +9,7 @@ mkdir -p "$OUT" runs/bench
 log() { echo "== $(date +%H:%M:%S) $*"; }
 
 log throughput vs diffusers
-$PY benchmarks/train_throughput.py --rounds 3 --seconds 6 2>&1 | grep -v Warning | tee $OUT/throughput.txt
+$PY benchmarks/train_throughput.py --rounds 3 --seconds 6 --compile 2>&1 | grep -v Warning | tee $OUT/throughput.txt
 
 log one epoch, DDPM eps, batch 128, peak memory
 rm -rf runs/bench/epoch
@@ -38,6 +38,7 @@ $PY benchmarks/train_compile.py compile 2>&1 | tee -a $OUT/train_compile.txt
 $PY benchmarks/train_batch_throughput.py 2>&1 | tee $OUT/train_batch_throughput.txt
 
 log serving
+$PY benchmarks/serve_ceiling.py --ckpt runs/demo 2>&1 | grep -v Warning | tee $OUT/serve_ceiling.txt
 $PY benchmarks/serve_load.py --ckpt runs/demo --levels 1,8,32,128 --duration-s 12 --soak-minutes 3 --out $OUT/serve.json 2>&1 | tee $OUT/serve.txt
 $PY benchmarks/serve_load.py --ckpt runs/demo --modes batched-bf16,unbatched-fp32,batched-fp32,unbatched-bf16 --levels 1,32 --duration-s 15 --out $OUT/serve_precision.json 2>&1 | tee $OUT/serve_precision.txt
 $PY benchmarks/serve_load.py --ckpt runs/demo --modes batched-bf16-compiled,unbatched-fp32-compiled,batched-bf16,unbatched-fp32 --levels 32 --duration-s 20 --sampler dpm++2m-sde --guidance 1.35 --out $OUT/serve_compiled.json 2>&1 | tee $OUT/serve_compiled.txt
