@@ -57,11 +57,11 @@ def main() -> None:
     kw = dict(steps=args.steps, cfg_scale=args.cfg_scale)
     res: dict = dict(threads=torch.get_num_threads(), peak_gflops={
         "fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)})
-    rows = []
+    rows, gf = [], None
     for precision in ("fp32", "bf16"):
         for compile in (False, True):
             model = load_model(args.ckpt, precision=precision, compile=compile)
-            gf = network_gflop(model, args.steps)
+            gf = gf or network_gflop(model, args.steps)  # the same network in every mode
             for b in [1] + [int(x) for x in args.batches.split(",")]:
                 ips = images_per_s(model, b, max(args.rounds, 12 // b), **kw)
                 rows.append(dict(precision=precision, compiled=compile, batch=b, img_per_s=round(ips, 1),

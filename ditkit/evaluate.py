@@ -37,6 +37,30 @@ def evaluate_samples(images: np.ndarray, labels: Optional[np.ndarray]) -> dict[s
     return evaluate_images(images, labels)
 
 
+def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
+    """The settings of an evaluation (its result dict) beyond sampler, steps and guidance scale that change
+    the images, each as (file-name tag, label for the report), in file-name order; defaults are left out."""
+    out = []
+    if res.get("cfg_schedule", "constant") != "constant" and res.get("cfg_scale", 1) != 1:
+        out.append((res["cfg_schedule"], f"{res['cfg_schedule']} schedule"))
+    if res.get("autoguidance", 1) != 1:
+        out.append((f"ag{res['autoguidance']:g}", f"autoguidance {res['autoguidance']}"))
+    if res.get("spacing"):
+        out.append((res["spacing"], f"{res['spacing']} grid"))
+    if res.get("weights", "ema") != "ema":
+        out.append(("raw", "raw weights"))
+    if res.get("seed", 0) != 0:
+        out.append((f"seed{res['seed']}", f"seed {res['seed']}"))
+    if res.get("precision", "fp32") != "fp32":
+        out.append((str(res["precision"]), str(res["precision"])))
+    if res.get("compiled"):
+        out.append(("compiled", "compiled"))
+    opts = res.get("sampler_options")
+    for k, v in sorted(opts.items() if isinstance(opts, dict) else []):
+        out.append((f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}", f"{k}={v}"))
+    return out
+
+
 def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional[str] = None,
                         steps: int = 20,
                         cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, labels: str = "all",
@@ -72,14 +96,7 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     # the report reads these two keys as dicts
     out["fid"] = dict(value=ev["fid"], ci_low=ev["fid_ci"][0], ci_high=ev["fid_ci"][1], n=ev["n"])
     if write and model.run_dir is not None:
-        tags = [cfg_schedule] if cfg_schedule != "constant" and cfg_scale != 1 else []
-        tags += [f"ag{autoguidance:g}"] if autoguidance != 1 else []
-        tags += [spacing] if spacing else []
-        tags += ["raw"] if weights != "ema" else []
-        tags += [f"seed{seed}"] if seed != 0 else []
-        tags += [precision] if precision != "fp32" else []
-        tags += ["compiled"] if compile else []
-        tags += [f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted((sampler_options or {}).items())]
+        tags = [tag for tag, _ in image_settings(out)]
         name = f"step_{model.step:07d}_{sampler}_{steps}_cfg{cfg_scale:g}{''.join('_' + t for t in tags)}_n{num}.json"
         atomic_write_json(Path(model.run_dir) / "eval" / name, out)
     return out

@@ -15,6 +15,7 @@ import math
 import statistics
 import os
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -121,17 +122,16 @@ def _accuracy_dict(pred: np.ndarray, labels: np.ndarray, alpha: float, top_confu
     lo, hi = wilson_interval(correct, n, alpha)
     per_class = {str(c): float((pred[labels == c] == c).mean()) for c in np.unique(labels)}
     wrong = pred != labels
-    pairs, counts = np.unique(np.stack([labels[wrong], pred[wrong]], 1), axis=0, return_counts=True) if wrong.any() \
-        else (np.zeros((0, 2), np.int64), np.zeros(0, np.int64))
-    order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:top_confusions] if len(counts) else []
-    confusions = [{"asked": int(pairs[i, 0]), "read": int(pairs[i, 1]), "count": int(counts[i])} for i in order]
+    pairs = Counter(zip(labels[wrong].tolist(), pred[wrong].tolist()))
+    confusions = [{"asked": a, "read": r, "count": k}
+                  for (a, r), k in sorted(pairs.items(), key=lambda item: (-item[1], item[0]))[:top_confusions]]
     return {"value": correct / n, "n": n, "ci_low": lo, "ci_high": hi, "per_class": per_class,
             "confusions": confusions}
 
 
 def class_accuracy(
     images: Any, labels: Any, model: MnistClassifier | None = None, alpha: float = 0.05
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """How often the classifier reads each image as its intended label: dict(value, n, ci_low, ci_high,
     per_class = {digit: accuracy}, confusions = the most frequent [{asked, read, count}]).
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ..errors import DitkitError, UsageError
+from ..evaluate import image_settings
 from ..train.checkpoint import list_checkpoints
 from ..utils import atomic_write_bytes, image_seeds
 from .plots import save_figure
@@ -149,16 +150,7 @@ def read_eval_results(run: Path) -> tuple[list[dict], list[str]]:
             notes.append(f"{rel}: no checkpoint_step or no fid / class_accuracy value; skipped")
             continue
         sampler, steps, cfg = d.get("sampler", "?"), d.get("steps", "?"), d.get("cfg_scale", "?")
-        ag = f", autoguidance {d['autoguidance']}" if d.get("autoguidance", 1) != 1 else ""
-        more = [f"{d['cfg_schedule']} schedule"] if d.get("cfg_schedule", "constant") != "constant" else []
-        more += [f"{d['spacing']} grid"] if d.get("spacing") else []
-        more += ["raw weights"] if d.get("weights", "ema") != "ema" else []
-        more += [f"seed {d['seed']}"] if d.get("seed", 0) != 0 else []
-        more += [str(d["precision"])] if d.get("precision", "fp32") != "fp32" else []
-        more += ["compiled"] if d.get("compiled") else []
-        opts = d.get("sampler_options")
-        more += [f"{k}={v}" for k, v in sorted(opts.items())] if isinstance(opts, dict) else []
-        setting = f"{sampler}, {steps} steps, cfg {cfg}{ag}" + "".join(f", {m}" for m in more)
+        setting = f"{sampler}, {steps} steps, cfg {cfg}" + "".join(f", {label}" for _, label in image_settings(d))
         out.append({"file": rel, "step": int(step), "sampler": sampler, "steps": steps, "cfg_scale": cfg,
                     "setting": setting, "fid": fid, "fid_lo": lo, "fid_hi": hi,
                     "n": n if isinstance(n, int) else None, "acc": acc})
