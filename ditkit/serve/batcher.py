@@ -269,14 +269,8 @@ class Batcher:
         if job.cancelled:
             return
         job.cancelled = True
-        try:
-            self._queue.remove(job)
-        except ValueError:
-            pass
-        else:
-            self._queue_changed()
-            if self._wake is not None:
-                self._wake.set()
+        if self._dequeue(job) and self._wake is not None:
+            self._wake.set()
         if job.future is not None and not job.future.done():
             job.future.cancel()
 
@@ -407,14 +401,18 @@ class Batcher:
                         fut.set_result(job._images)
             offset += count
 
-    def _fail(self, job: Job, error: BaseException) -> None:
-        """Fail `job` and drop the rest of it (a request split across batches) from the queue."""
-        job.cancelled = True
+    def _dequeue(self, job: Job) -> bool:
+        """Take `job` out of the queue; whether it was there (a job already taken into a batch is not)."""
         try:
             self._queue.remove(job)
         except ValueError:
-            pass
-        else:
-            self._queue_changed()
+            return False
+        self._queue_changed()
+        return True
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        """Fail `job` and drop the rest of it (a request split across batches) from the queue."""
+        job.cancelled = True
+        self._dequeue(job)
         if job.future is not None and not job.future.done():
             job.future.set_exception(error)
