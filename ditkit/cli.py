@@ -105,11 +105,6 @@ def _add_train(sub) -> None:
     p.add_argument("--depth", type=_positive_int("--depth"), help="number of DiT blocks (default: the preset's)")
     p.add_argument("--width", type=_positive_int("--width"), help="hidden size (default: the preset's)")
     p.add_argument("--heads", type=_positive_int("--heads"), help="attention heads (default: the preset's)")
-    p.add_argument("--conv-stem", type=_positive_int("--conv-stem"), metavar="CHANNELS",
-                   help="a 3x3 conv with this many feature maps (and a GELU) before patchify (default: none)")
-    p.add_argument("--conv-head", type=_positive_int("--conv-head"), metavar="CHANNELS",
-                   help="the final layer writes this many maps per pixel, read by a 3x3 conv after unpatchify "
-                        "(default: none)")
     p.add_argument("--objective", default=d.objective, choices=list(OBJECTIVES),
                    help="ddpm (discrete VP) or an interpolant path (linear = rectified flow, gvp, vp)")
     p.add_argument("--prediction", choices=["eps", "v", "x0", "velocity", "noise", "data"],

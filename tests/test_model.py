@@ -238,39 +238,3 @@ def test_bf16_dit_t_image_does_not_depend_on_its_batch():
         for k in range(40):
             i = torch.tensor([k])
             assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), k
-
-
-def test_conv_stem_and_head_keep_adaln_zero_and_one_seed_one_image():
-    """The optional 3x3 convs (--conv-stem, --conv-head): a fresh net still outputs 0 and learns after a
-    step; at inference an image's bits do not depend on its batch (fp32 and bf16); the training path
-    (F.conv2d) and the inference path (im2col) compute the same convolution."""
-    torch.manual_seed(0)
-    cfg = model_config("DiT-T/4", conv_stem=8, conv_head=8)
-    assert DiTConfig.from_dict(cfg.to_dict()) == cfg
-    net = build_model(cfg)
-    x, t = torch.randn(6, 1, 28, 28), torch.rand(6)
-    cond = Condition.from_labels(torch.tensor([0, 1, 2, 3, 4, 10]), 10)
-    assert net(x, t, cond).shape == x.shape and torch.count_nonzero(net(x, t, cond)) == 0
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    (net(x, t, cond) - x).pow(2).mean().backward()
-    opt.step()
-    assert torch.count_nonzero(net(x, t, cond)) > 0
-    for p in net.parameters():
-        p.data.normal_(0, 0.05)
-    net.eval().requires_grad_(False)
-    with torch.no_grad():
-        full = net(x, t, cond)
-        with torch.enable_grad():  # the training path: F.conv2d
-            trained = net(x, t, cond)
-        torch.testing.assert_close(trained, full, atol=1e-4, rtol=1e-4)
-        for dtype in (torch.float32, torch.bfloat16):
-            net.to(dtype)
-            full = net(x, t, cond)
-            for idx in ([0], [1, 2], [3, 4, 5]):
-                i = torch.tensor(idx)
-                assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), (dtype, idx)
-
-
-def test_bad_conv_widths_are_refused():
-    with pytest.raises(UsageError, match="conv_stem=-1"):
-        model_config("DiT-T/4", conv_stem=-1)

@@ -151,16 +151,6 @@ def test_shape_flags_change_the_preset_and_are_kept_in_the_run(tmp_path):
         train(TrainConfig(out=str(run), max_steps=4, ckpt_every=0, depth=3, width=64, heads=2, **SMALL), resume=True)
 
 
-def test_conv_flags_are_kept_in_the_run_and_loaded(tmp_path):
-    run = train(TrainConfig(out=str(tmp_path / "r"), max_steps=2, ckpt_every=0, conv_stem=4, conv_head=4, **SMALL))
-    m = json.loads((run / "config.json").read_text())["model"]
-    assert (m["conv_stem"], m["conv_head"]) == (4, 4)
-    net = load_model(run).net
-    assert net.stem.conv.out_channels == 4 and net.head.conv.in_channels == 4
-    with pytest.raises(UsageError, match="--conv-head 0: must be >= 1"):
-        TrainConfig(out=str(tmp_path / "bad"), max_steps=1, conv_head=0).validate()
-
-
 @pytest.mark.parametrize("sampler,steps", [("dpm++2m", 4), ("ddpm", 5), ("heun", 3)])
 def test_image_depends_only_on_seed_and_index(tiny_run, sampler, steps):
     m = load_model(tiny_run)

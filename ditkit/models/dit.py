@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .layers import (AdaLNZeroBlock, ConvHead, ConvStem, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, invariant_rows,
+from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, invariant_rows,
                      sincos_pos_embed_2d, unpatchify)
 
 
@@ -33,10 +33,6 @@ class DiTConfig:
     num_classes: int = 10  # 0 = unconditional; the null (guidance) class id is num_classes
     pos_embed: str = "sincos"  # "sincos" (fixed, as in the paper) or "learned"
     gelu_approximate: str = "none"  # "none" (exact, fast on CPU) or "tanh" (the DiT reference's)
-    # optional 3x3 convolutions around the transformer (0 = off, the paper's DiT): feature maps of an
-    # early conv before patchify, and of a conv after unpatchify (layers.ConvStem, layers.ConvHead)
-    conv_stem: int = 0
-    conv_head: int = 0
 
     def validate(self) -> "DiTConfig":
         if self.input_size < 1 or self.input_size % self.patch_size:
@@ -51,8 +47,6 @@ class DiTConfig:
             raise UsageError(f"pos_embed={self.pos_embed!r}: allowed values are 'sincos' and 'learned'")
         if self.gelu_approximate not in ("none", "tanh"):
             raise UsageError(f"gelu_approximate={self.gelu_approximate!r}: allowed 'none' and 'tanh'")
-        if self.conv_stem < 0 or self.conv_head < 0:
-            raise UsageError(f"conv_stem={self.conv_stem}, conv_head={self.conv_head}: must be >= 0 (0 = off)")
         if self.num_classes < 0:
             raise UsageError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
         return self
@@ -78,9 +72,7 @@ class DiT(nn.Module):
         c = config
         self.grid = c.input_size // c.patch_size
         self.num_tokens = self.grid * self.grid
-        self.stem = ConvStem(c.in_channels, c.conv_stem) if c.conv_stem else None
-        self.head = ConvHead(c.conv_head, c.in_channels) if c.conv_head else None
-        self.x_embedder = PatchEmbed(c.patch_size, c.conv_stem or c.in_channels, c.hidden_size)
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
         self.t_embedder = TimestepEmbedder(c.hidden_size)
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size) if c.num_classes > 0 else None
         pos = torch.from_numpy(sincos_pos_embed_2d(c.hidden_size, self.grid, self.grid)).float().unsqueeze(0)
@@ -89,7 +81,7 @@ class DiT(nn.Module):
         else:
             self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
         self.blocks = nn.ModuleList(AdaLNZeroBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.gelu_approximate) for _ in range(c.depth))
-        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.conv_head or c.in_channels)
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.in_channels)
         self.modulation_cache: Optional[ModulationCache] = ModulationCache()  # None turns the memo off
         self._compiled_trunk = None  # set by compile_for_inference()
         self.compiled_min_batch = 1
@@ -157,15 +149,12 @@ class DiT(nn.Module):
     def _trunk(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
         """Everything per token: patchify, the blocks, the final layer, unpatchify (the condition path,
         `mods`, is computed, and memoised, outside)."""
-        if self.stem is not None:
-            x = self.stem(x)
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         for block, mod in zip(self.blocks, mods):
             tokens = block(tokens, mod=mod)
-        out = self.final_layer(tokens, mod=mods[-1])  # (B, N, P*P*C')
+        out = self.final_layer(tokens, mod=mods[-1])  # (B, N, P*P*C)
         cfg = self.config
-        out = unpatchify(out, cfg.patch_size, cfg.conv_head or cfg.in_channels, cfg.input_size, cfg.input_size)
-        return out if self.head is None else self.head(out)
+        return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.input_size, cfg.input_size)
 
     # -- compiled inference ------------------------------------------------------------------------
     def compile_for_inference(self) -> None:
@@ -192,9 +181,8 @@ class DiT(nn.Module):
         floor = 1
         if dev.type == "cpu":
             dtype = self.pos_embed.dtype
-            # images needed for every product to reach its floor (rows per image: tokens, or pixels)
-            floor = max(-(-invariant_rows(k, n, dtype) // rows) for k, n, rows in self._products())
-        self.compiled_min_batch = max(2, floor)  # >= 2: one graph for every batch
+            floor = max(invariant_rows(k, n, dtype) for k, n in self._token_products())
+        self.compiled_min_batch = max(2, -(-floor // self.num_tokens))  # >= 2: one graph for every batch
         # dynamo keeps its graphs per code object (`_trunk`, shared by every DiT) and, past a limit, would
         # fall back to eager without a word: leave room for every network this process compiles
         DiT._compiled_count += 1
@@ -220,18 +208,12 @@ class DiT(nn.Module):
         """Whether inference runs through the compiled trunk (`compile_for_inference`)."""
         return self._compiled_trunk is not None
 
-    def _products(self) -> list[tuple[int, int, int]]:
-        """(K, N, rows per image) of every matrix product of the trunk."""
+    def _token_products(self) -> list[tuple[int, int]]:
+        """(K, N) of every matrix product of the trunk, each applied to B * num_tokens rows."""
         c = self.config
-        d, h, n = c.hidden_size, int(c.hidden_size * c.mlp_ratio), self.num_tokens
-        p2, pixels = c.patch_size ** 2, c.input_size ** 2
-        out = [(p2 * (c.conv_stem or c.in_channels), d, n), (d, 3 * d, n), (d, d, n), (d, h, n), (h, d, n),
-               (d, p2 * (c.conv_head or c.in_channels), n)]
-        if c.conv_stem:
-            out.append((9 * c.in_channels, c.conv_stem, pixels))
-        if c.conv_head:
-            out.append((9 * c.conv_head, c.in_channels, pixels))
-        return out
+        d, h = c.hidden_size, int(c.hidden_size * c.mlp_ratio)
+        return [(c.patch_size ** 2 * c.in_channels, d), (d, 3 * d), (d, d), (d, h), (h, d),
+                (d, c.patch_size ** 2 * c.in_channels)]
 
     def _run_compiled(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
         B, pad = x.shape[0], self.compiled_min_batch - x.shape[0]

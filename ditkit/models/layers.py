@@ -113,47 +113,6 @@ class PatchEmbed(nn.Module):
         return invariant_linear(patchify(x, self.patch_size), w, self.proj.bias)  # (B, N, P*P*C) -> (B, N, D)
 
 
-def invariant_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """A 3x3 convolution, stride 1, zero padding 1: (B, C, H, W) -> (B, C_out, H, W). At inference it is
-    computed as im2col (`F.unfold`) and `invariant_linear`, so that an image's result does not depend on
-    its batch; in training (gradients on), which needs no such invariance, as `F.conv2d`, whose backward
-    is ~15x faster than unfold's on the CPU."""
-    if torch.is_grad_enabled():
-        return F.conv2d(x, weight, bias, padding=1)
-    B, C, H, W = x.shape
-    cols = F.unfold(x, kernel_size=3, padding=1).transpose(1, 2).contiguous()  # (B, H*W, C*9), one layout at any B
-    out = invariant_linear(cols, weight.reshape(weight.shape[0], -1), bias)  # (B, H*W, C_out)
-    return out.transpose(1, 2).reshape(B, weight.shape[0], H, W)
-
-
-class ConvStem(nn.Module):
-    """Optional early convolution before patchify: a 3x3 conv to `channels` feature maps and a GELU
-    (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"), so that each token's patch
-    is read through features that already see across the patch's borders."""
-
-    def __init__(self, in_channels: int, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, channels, kernel_size=3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.gelu(invariant_conv3x3(x, self.conv.weight, self.conv.bias))
-
-
-class ConvHead(nn.Module):
-    """Optional convolution after unpatchify (as U-ViT's output conv, Bao et al. 2023, with a GELU and
-    `channels` feature maps): the final layer writes `channels` maps per pixel, a 3x3 conv reads them
-    across patch borders into the output. The final linear stays zero-initialised, so a fresh net
-    still outputs 0 (adaLN-Zero); the conv keeps its default initialisation so gradients reach both."""
-
-    def __init__(self, channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
-        nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return invariant_conv3x3(F.gelu(x), self.conv.weight, self.conv.bias)
-
-
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
     """Fixed 2-D sin-cos position embedding (MAE / DiT): half the channels encode rows, half columns.
 

@@ -26,8 +26,6 @@ class TrainConfig:
     depth: Optional[int] = None
     width: Optional[int] = None
     heads: Optional[int] = None
-    conv_stem: Optional[int] = None
-    conv_head: Optional[int] = None
     unconditional: bool = False
     # objective
     objective: str = DEFAULT_OBJECTIVE
@@ -73,8 +71,7 @@ class TrainConfig:
     sample_cfg_scale: float = 2.0
 
     # the shape flags and the DiT config fields they set
-    SHAPE_FIELDS = dict(depth="depth", width="hidden_size", heads="num_heads", conv_stem="conv_stem",
-                        conv_head="conv_head")
+    SHAPE_FIELDS = dict(depth="depth", width="hidden_size", heads="num_heads")
 
     def shape_flags(self) -> dict[str, int]:
         """The --depth / --width / --heads given (not None)."""
@@ -124,7 +121,7 @@ class TrainConfig:
             v = getattr(self, flag)
             need(v >= 0, f"--{flag.replace('_', '-')} {v}: must be >= 0 (0 = only at the end)")
         for flag, v in self.shape_flags().items():
-            need(v >= 1, f"--{flag.replace('_', '-')} {v}: must be >= 1")
+            need(v >= 1, f"--{flag} {v}: must be >= 1")
         need(self.subset is None or self.subset >= 1, f"--subset {self.subset}: must be >= 1")
         need(self.keep_checkpoints >= 0, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 0")
         need(self.precision in ("auto", "fp32", "bf16"), f"--precision {self.precision!r}: allowed auto, fp32, bf16")

@@ -105,7 +105,7 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
     except UsageError as e:
         if not cfg.model_overrides():
             raise
-        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.shape_flags().items())
+        given = " ".join(f"--{k} {v}" for k, v in cfg.shape_flags().items())
         raise UsageError(f"{cfg.model} with {given}: {e}") from None
     objective = build_objective(cfg.objective_config())
     return {
