@@ -3,9 +3,10 @@ Models") on a linear-interpolant run, through `ditkit eval` unchanged.
 
 CFG-Zero* guides in velocity space with the unconditional velocity first projected on the conditional one,
     v = s* v_u + w (v_c - s* v_u),   s* = <v_c, v_u> / |v_u|^2   (per image),
-and ("zero-init") returns v = 0 for the first `--zero-steps` sampler steps. Here the velocity of the linear
-path at x = x_t / alpha in sigma-space is proportional to u = alpha x - D (alpha = 1 / (1 + sigma)), and
-the scale t cancels in s*, so the wrapper works on u and maps back: D = alpha x - u. A zero velocity is D = alpha x.
+and ("zero-init") returns v = 0 for the first `--zero-steps` sampler steps. On the linear path the velocity
+at x = x_t / alpha in sigma-space is (x_t - D) / t, proportional to u = alpha x - D (alpha from the model's
+path), and t cancels in s*, so the wrapper works on u and maps back: D = alpha x - u. A zero velocity is
+D = alpha x. Only the linear path: on the others the velocity is not proportional to u.
 
     python benchmarks/cfg_zero_star.py --ckpt RUN_COPY [--zero-steps K] -- --cfg-scale 1.25 --num 3000 --compile
 
@@ -28,6 +29,9 @@ from ditkit.condition import Condition
 def cfg_zero_star(zero_steps: int):
     def guided(denoiser, scale, interval=None, schedule="constant"):
         w = float(scale)
+        path = denoiser.path
+        if path is None or path.name != "linear":
+            raise SystemExit("cfg_zero_star.py: needs a model of the linear interpolant (ditkit train --objective linear)")
         seen: list[float] = []
 
         def fn(x, sigma, cond):
@@ -35,7 +39,7 @@ def cfg_zero_star(zero_steps: int):
             s0 = float(sigma.reshape(-1)[0])
             if s0 not in seen:
                 seen.append(s0)
-            alpha = (1.0 / (1.0 + sigma.to(x.dtype))).view(-1, 1, 1, 1)
+            alpha = path.alpha(path.t_of_sigma(sigma.double())).to(x.dtype).view(-1, 1, 1, 1)
             if len(seen) <= zero_steps:
                 return alpha * x  # zero velocity
             out = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), Condition.cat(cond, cond.null()))

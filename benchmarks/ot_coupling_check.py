@@ -15,7 +15,7 @@ import json
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from ditkit.data.mnist import load_mnist
+from ditkit.data import load_dataset
 
 
 def assigned_cost(cost: torch.Tensor) -> float:
@@ -28,15 +28,14 @@ def main() -> None:
     ap.add_argument("--batches", default="64,256")
     ap.add_argument("--rounds", type=int, default=20)
     args = ap.parse_args()
-    images, labels = load_mnist("train")
-    x = torch.from_numpy(images).float().div(255).mul(2).sub(1).flatten(1)
-    y = torch.from_numpy(labels).long()
+    data = load_dataset("mnist", "train")
     g = torch.Generator().manual_seed(0)
     for B in (int(b) for b in args.batches.split(",")):
         random = per_class = whole = 0.0
         for _ in range(args.rounds):
-            idx = torch.randint(0, len(x), (B,), generator=g)
-            xb, yb = x[idx], y[idx]
+            idx = torch.randint(0, len(data), (B,), generator=g)
+            xb, yb = data.batch(idx)  # in [-1, 1], as the training loop sees them
+            xb = xb.flatten(1)
             eps = torch.randn(xb.shape, generator=g)
             cost = torch.cdist(xb, eps) ** 2
             random += float(cost.diag().sum())

@@ -87,9 +87,8 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     sample_s = time.perf_counter() - t0
     ev = evaluate_samples(res["images"], res["labels"] if model.num_classes else None)
     out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
-               nfe=res["nfe"], cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, spacing=spacing, seed=seed, weights=weights,
-               precision=precision,
-               compiled=compile, sampler_options=sampler_options or {},
+               nfe=res["nfe"], cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, spacing=spacing, seed=seed,
+               weights=weights, precision=precision, compiled=compile, sampler_options=sampler_options or {},
                sample_seconds=sample_s, **ev)
     if autoguidance != 1:
         out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
