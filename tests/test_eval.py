@@ -250,6 +250,8 @@ def test_fid_with_ci_and_evaluate_images(cache, model, ref, held_out):
     x, y = held_out
     fid = M.fid_with_ci(x, n_boot=50, model=model, cache_dir=cache)
     assert fid["n"] == 1000 and fid["ci_low"] < fid["value"] < fid["ci_high"]
+    small = M.fid_with_ci(x[:20], n_boot=50, model=model, cache_dir=cache)  # re-centred, it crossed 0
+    assert 0.0 <= small["ci_low"] < small["value"] < small["ci_high"]
     report = M.evaluate_images(x, y, n_boot=50, model=model, cache_dir=cache)
     assert report["fid"] == pytest.approx(fid["value"])
     assert report["fid_ci"] == pytest.approx([fid["ci_low"], fid["ci_high"]])
