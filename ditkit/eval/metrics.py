@@ -171,7 +171,8 @@ def fid_with_ci(
     """FID against the MNIST test reference with a bootstrap interval: dict(value, n, ci_low, ci_high).
 
     The interval resamples the generated images' features (the reference is fixed) and is
-    re-centred on the point estimate (see `bootstrap_ci`): it is the spread of FID at this n.
+    re-centred on the point estimate (see `bootstrap_ci`): it is the spread of FID at this n. Its lower
+    end stops at 0, where at small n the re-centring would carry it below.
     """
     images = check_images(images, min_count=2)
     return _fid_ci_from_features(features(images, model), model, n_boot, seed, alpha, cache_dir)
