@@ -116,6 +116,9 @@ def _add_train(sub) -> None:
     p.add_argument("--label-dropout", type=_float("--label-dropout", 0), default=d.label_dropout)
     p.add_argument("--logit-mean", type=float, default=d.logit_mean,
                    help="interpolants: location of the logit-normal training times (< 0: more weight near the data)")
+    p.add_argument("--center", default=d.center, choices=["none", "mean"],
+                   help="mean = the network learns each image minus the training set's mean image, which the "
+                        "denoiser adds back (stored in config.json; measured: a head start at 10 minutes, equal at 30)")
     p.add_argument("--train-guidance", type=float, default=d.train_guidance, metavar="S",
                    help="interpolants: model guidance, the network learns the CFG-guided prediction at scale S "
                         "and samples with one forward a step, no CFG (1 = off; measured: worse per CPU-minute)")

@@ -227,3 +227,104 @@ def test_model_guidance_learns_the_cfg_guided_prediction(scale):
     torch.testing.assert_close(table[2], torch.zeros(1, 2, 2), atol=0.05, rtol=0)  # null: the mean, 0
     torch.testing.assert_close(table[0], torch.full((1, 2, 2), -scale), atol=0.05, rtol=0)
     torch.testing.assert_close(table[1], torch.full((1, 2, 2), scale), atol=0.05, rtol=0)
+
+
+# -- mean-image centring (objectives.base.DataMean) ------------------------------------------------
+MEAN = torch.tensor([0.5, -0.25, 0.75, -0.6], dtype=torch.float64).view(4, 1, 1)  # a (C, H, W) "image"
+VAR = torch.tensor([0.25, 1.0, 2.0, 0.5], dtype=torch.float64).view(1, 4, 1, 1)
+
+
+class CentredGaussianOracle(torch.nn.Module):
+    """The exact network for data N(0, VAR), the centred version of N(MEAN, VAR): it never sees MEAN."""
+
+    def __init__(self, objective):
+        super().__init__()
+        self.obj = objective
+
+    def forward(self, x_t, tt, cond):
+        if isinstance(self.obj, DDPMObjective):  # tt: continuous DDPM timestep; abar by interpolation
+            i = tt.double().clamp(0, self.obj.num_timesteps - 1)
+            lo = i.floor().long().clamp(max=self.obj.num_timesteps - 2)
+            la = self.obj.alphas_cumprod.log()
+            abar = (la[lo] + (i - lo) * (la[lo + 1] - la[lo])).exp().view(-1, 1, 1, 1)
+            a, s = abar.sqrt(), (1 - abar).sqrt()
+            return s * x_t / (a * a * VAR + s * s)  # E[eps | x_t]
+        t = tt.double() / 1000
+        a, s = (1 - t).view(-1, 1, 1, 1), t.view(-1, 1, 1, 1)
+        return a * VAR * x_t / (a * a * VAR + s * s)  # E[x0 | x_t] ("data" prediction)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "linear"])
+def test_centring_turns_the_centred_exact_network_into_the_exact_denoiser(name):
+    """With data_mean = MEAN, a network that is exact for the centred data N(0, VAR) gives the exact
+    denoiser of N(MEAN, VAR): D(x, sigma) = MEAN + VAR / (VAR + sigma^2) (x - MEAN). Without centring the
+    same network would be the denoiser of N(0, VAR), wrong by the whole mean."""
+    cfg = {"name": name, "prediction": "eps" if name == "ddpm" else "data", "data_mean": MEAN.tolist()}
+    obj = build_objective(cfg)
+    D = obj.denoiser(CentredGaussianOracle(obj))
+    x = torch.randn(5, 4, 1, 1, dtype=torch.float64) * 3
+    sigma = torch.tensor([0.05, 0.3, 1.0, 4.0, 20.0], dtype=torch.float64)
+    want = MEAN + VAR / (VAR + sigma.view(-1, 1, 1, 1) ** 2) * (x - MEAN)
+    torch.testing.assert_close(D(x, sigma, Condition.none(5)), want, atol=2e-4 if name == "ddpm" else 1e-10, rtol=1e-4)
+    plain = build_objective({k: v for k, v in cfg.items() if k != "data_mean"})
+    gap = (plain.denoiser(CentredGaussianOracle(plain))(x, sigma, Condition.none(5)) - want).abs().max()
+    assert gap > 0.1
+
+
+@pytest.mark.parametrize("name", ["ddpm", "linear"])
+def test_centring_loss_is_the_plain_loss_on_centred_images_and_an_untrained_net_draws_the_mean(name):
+    obj = build_objective({"name": name, "data_mean": MEAN.tolist()})
+    plain = build_objective({"name": name})
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(4, 4, 1).double()
+    wrapped = lambda x, t, c: net(x)  # noqa: E731
+    x0 = torch.randn(6, 4, 1, 1, dtype=torch.float64)
+    noise = obj.sample_noise(6, (4, 1, 1), torch.Generator().manual_seed(3))
+    cond = Condition.none(6)
+    torch.testing.assert_close(obj.loss(wrapped, x0, cond, noise), plain.loss(wrapped, x0 - MEAN, cond, noise))
+    # the denoiser is the plain one moved by the mean: D(x) = MEAN + D_plain(x - MEAN)
+    x, sigma = torch.randn(6, 4, 1, 1, dtype=torch.float64), torch.full((6,), 0.7, dtype=torch.float64)
+    torch.testing.assert_close(obj.denoiser(wrapped)(x, sigma, cond),
+                               MEAN + plain.denoiser(wrapped)(x - MEAN, sigma, cond))
+    # an x0-predicting network that outputs zeros (zero-initialised head) already draws the mean image
+    zero_obj = build_objective({"name": name, "prediction": "x0" if name == "ddpm" else "data",
+                                "data_mean": MEAN.tolist()})
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731
+    torch.testing.assert_close(zero_obj.denoiser(zero)(x, sigma, cond), MEAN.expand_as(x))
+
+
+def test_centring_config_round_trips_and_old_configs_are_unchanged():
+    for name in ("ddpm", "linear", "gvp", "vp"):
+        plain = build_objective({"name": name})
+        assert "data_mean" not in plain.config()  # runs from before centring load and compare as before
+        assert build_objective(plain.config()).config() == plain.config()
+        cfg = build_objective({"name": name, "data_mean": [[[0.1, -0.123456], [0.999999, -1.0]]]}).config()
+        assert cfg["data_mean"] == [[[0.1, -0.123456], [0.999999, -1.0]]]  # the stored numbers, exactly
+        assert build_objective(cfg).config() == cfg
+
+
+def test_mean_image_is_the_training_range_mean():
+    from ditkit.data.dataset import ImageDataset
+    from ditkit.objectives import mean_image
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (37, 2, 3, 3), generator=g, dtype=torch.uint8)
+    data = ImageDataset(images, torch.zeros(37, dtype=torch.long), 0)
+    want = data.batch(torch.arange(37))[0].double().mean(0)
+    got = torch.tensor(mean_image(images, chunk=5), dtype=torch.float64)
+    assert got.shape == (2, 3, 3)
+    torch.testing.assert_close(got, want, atol=5e-7, rtol=0)
+
+
+def test_centring_bad_inputs():
+    with pytest.raises(UsageError, match=r"\(C, H, W\)"):
+        build_objective({"name": "linear", "data_mean": [0.1, 0.2]})
+    with pytest.raises(UsageError, match="finite"):
+        build_objective({"name": "ddpm", "data_mean": [[[float("nan")]]]})
+    with pytest.raises(UsageError, match="numbers"):
+        build_objective({"name": "linear", "data_mean": [[["a"]]]})
+    obj = build_objective({"name": "linear", "data_mean": MEAN.tolist()})
+    with pytest.raises(UsageError, match=r"shape \(1, 2, 2\).*shape \(4, 1, 1\)"):
+        obj.loss(lambda x, t, c: x, torch.zeros(2, 1, 2, 2), Condition.none(2))
+    with pytest.raises(UsageError, match="image shape"):
+        obj.denoiser(lambda x, t, c: x)(torch.zeros(2, 1, 2, 2), 1.0, Condition.none(2))

@@ -46,14 +46,26 @@ def test_checkpoint_round_trip(tiny_run):
     assert (tiny_run / "samples").is_dir()
 
 
-@pytest.mark.parametrize("train_guidance", [1.0, 1.5])
-def test_resume_is_bit_exact(tmp_path, train_guidance):
+@pytest.mark.parametrize("train_guidance,center", [(1.0, "none"), (1.5, "none"), (1.0, "mean")])
+def test_resume_is_bit_exact(tmp_path, train_guidance, center):
     # Extending a run (max-steps 5 -> 12) moves a planned lr decay, so this test trains without one;
     # test_resume_after_kill_9 resumes under the default decay with an unchanged plan. Model guidance
-    # (1.5) adds a no-grad forward to every step: still deterministic.
-    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, train_guidance=train_guidance)
+    # (1.5) adds a no-grad forward to every step: still deterministic. Centring stores the mean image of
+    # the images trained on (the first 512) in config.json, and resuming recomputes the same one.
+    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, train_guidance=train_guidance, center=center)
     full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=12, **kw))
-    assert json.loads((full / "config.json").read_text())["objective"].get("train_guidance", 1.0) == train_guidance
+    objective = json.loads((full / "config.json").read_text())["objective"]
+    assert objective.get("train_guidance", 1.0) == train_guidance
+    if center == "mean":
+        from ditkit.data import load_dataset
+        from ditkit.objectives import mean_image
+        assert objective["data_mean"] == mean_image(load_dataset("mnist").subset(512).images)
+        digit = load_model(full, weights="model")  # samples through the centred denoiser
+        assert digit.objective.centring.mean is not None and digit.objective.centring.mean.shape == (1, 28, 28)
+        out = generate(digit, num=2, labels=[3], sampler="euler", steps=2, seed=0)
+        assert out["images"].shape == (2, 28, 28, 1) and out["images"].dtype == np.uint8
+    else:
+        assert "data_mean" not in objective
     part = TrainConfig(out=str(tmp_path / "part"), max_steps=5, **kw)
     train(part)
     part.max_steps = 12
@@ -245,6 +257,7 @@ def run_cli(argv) -> int:
     (["train", "--train-guidance", "2", "--unconditional", "--out", "{tmp}/r"], "guidance needs class labels", 2),
     (["train", "--train-guidance", "2", "--label-dropout", "0", "--out", "{tmp}/r"], "give --label-dropout > 0", 2),
     (["train", "--logit-mean", "inf", "--out", "{tmp}/r"], "--logit-mean inf: must be a finite number", 2),
+    (["train", "--center", "median", "--out", "{tmp}/r"], "invalid choice: 'median'", 2),
     (["data", "mnist", "--idx-dir", "/nonexistent", "--cache-dir", "{tmp}/c"], "/nonexistent", 1),
 ])
 def test_cli_bad_inputs_exit_nonzero_with_one_clear_line(argv, needle, code, tiny_run, tmp_path, capsys):

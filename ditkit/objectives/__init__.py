@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UsageError
-from .base import Denoiser, Path, karras_sigmas, loglinear_sigmas
+from .base import DataMean, Denoiser, Path, karras_sigmas, loglinear_sigmas, mean_image
 from .ddpm import DDPMObjective
 from .interpolant import InterpolantObjective
 
@@ -23,5 +23,5 @@ def build_objective(config: dict[str, Any]) -> DDPMObjective | InterpolantObject
     raise UsageError(f"--objective {name!r}: allowed {', '.join(OBJECTIVES)}")
 
 
-__all__ = ["OBJECTIVES", "build_objective", "DDPMObjective", "InterpolantObjective", "Denoiser", "Path",
-           "karras_sigmas", "loglinear_sigmas"]
+__all__ = ["OBJECTIVES", "build_objective", "DDPMObjective", "InterpolantObjective", "DataMean", "Denoiser", "Path",
+           "karras_sigmas", "loglinear_sigmas", "mean_image"]

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..condition import Condition
+from ..errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,67 @@ class Denoiser:
     def wrap(self, fn: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]) -> "Denoiser":
         """A denoiser with the same sigma range and path but a different function (for wrappers)."""
         return Denoiser(fn, sigma_min=self.sigma_min, sigma_max=self.sigma_max, path=self.path)
+
+
+class DataMean:
+    """Mean-image centring: the network models x0 - m (m: the training images' mean, (C, H, W)), and the
+    denoiser adds m back: D(x, sigma) = m + D'(x - m, sigma). In sigma-space x - m = (x0 - m) + sigma eps,
+    so every sampler runs unchanged; an untrained network (x0-prediction 0) already gives the mean image,
+    and the network spends its capacity on how a digit differs from the average one. Off (m = None) it is
+    the identity, and a config without `data_mean` (every run before it existed) loads as before.
+
+    The mean is stored in the objective's config as nested lists (rounded to 1e-6, which is then the mean
+    itself: training and sampling both rebuild it from the config), so a run folder carries it everywhere.
+    """
+
+    def __init__(self, value: Any = None):
+        self.mean: Optional[torch.Tensor] = None
+        if value is None:
+            return
+        try:
+            m = torch.as_tensor(value, dtype=torch.float64)  # float64: config() gives back the stored numbers
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UsageError(f"objective data_mean: must be a (C, H, W) image of numbers ({e})") from None
+        if m.ndim != 3 or m.numel() == 0 or not bool(torch.isfinite(m).all()):
+            raise UsageError(f"objective data_mean: must be a finite (C, H, W) image, got shape {tuple(m.shape)}")
+        self.mean = m
+
+    def config(self) -> dict[str, Any]:
+        """{"data_mean": nested lists} when on, {} when off (old configs stay byte-identical)."""
+        return {} if self.mean is None else {"data_mean": self.mean.tolist()}
+
+    def centre(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 - m for a batch (B, C, H, W); a clear error if the images are not the mean's shape."""
+        if self.mean is None:
+            return x0
+        if tuple(x0.shape[1:]) != tuple(self.mean.shape):
+            raise UsageError(f"images of shape {tuple(x0.shape[1:])} for an objective centred on a mean image of "
+                             f"shape {tuple(self.mean.shape)}: train and sample at the run's image shape")
+        return x0 - self.mean.to(x0.device, x0.dtype)
+
+    def wrap(self, fn: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
+             ) -> Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]:
+        """The denoiser of uncentred data from `fn`, the denoiser of centred data."""
+        if self.mean is None:
+            return fn
+
+        def centred(x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
+            m = self.mean.to(x.device, x.dtype)
+            return fn(self.centre(x), sigma, cond) + m
+
+        return centred
+
+
+def mean_image(images: torch.Tensor, chunk: int = 8192) -> list:
+    """The per-pixel mean of uint8 images (N, C, H, W) in the training range [-1, 1], as nested lists
+    rounded to 1e-6 (the form the objective config stores: `DataMean(mean_image(...))`)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] == 0:
+        raise UsageError(f"mean_image: needs (N, C, H, W) uint8 images, N >= 1; got {tuple(images.shape)} {images.dtype}")
+    total = torch.zeros(images.shape[1:], dtype=torch.float64)
+    for i in range(0, images.shape[0], chunk):  # float64 sums in chunks: no N x C x H x W float copy
+        total += images[i:i + chunk].to(torch.float64).sum(0)
+    m = total / images.shape[0] / 127.5 - 1.0  # the same map as ImageDataset.batch: 0 -> -1, 255 -> 1
+    return [[[round(float(v), 6) for v in row] for row in ch] for ch in m]
 
 
 # EDM's sigma_max (Karras et al. 2022, sec. 5): above it the data is a negligible part of x = x0 + sigma

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .base import KARRAS_SIGMA_MAX, Denoiser, karras_sigmas, loglinear_sigmas
+from .base import KARRAS_SIGMA_MAX, DataMean, Denoiser, karras_sigmas, loglinear_sigmas
 
 PREDICTIONS = ("eps", "v", "x0")
 SCHEDULES = ("linear", "cosine")
@@ -38,7 +38,7 @@ class DDPMObjective:
 
     def __init__(self, *, num_timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, prediction: str = "eps", min_snr_gamma: Optional[float] = None,
-                 label_dropout: float = 0.1):
+                 label_dropout: float = 0.1, data_mean: Any = None):
         if prediction not in PREDICTIONS:
             raise UsageError(f"--prediction {prediction!r} for the ddpm objective: allowed {', '.join(PREDICTIONS)}")
         if schedule not in SCHEDULES:
@@ -55,6 +55,7 @@ class DDPMObjective:
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma
         self.label_dropout = label_dropout
+        self.centring = DataMean(data_mean)  # off unless a mean image is given (base.DataMean)
         self.betas = linear_betas(T, beta_start, beta_end) if schedule == "linear" else cosine_betas(T)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # abar_t, float64 (T,)
         # sigma_t = s_t / alpha_t in the VE view; increasing in t.
@@ -65,7 +66,7 @@ class DDPMObjective:
     def config(self) -> dict[str, Any]:
         return dict(name=self.name, num_timesteps=self.num_timesteps, schedule=self.schedule,
                     beta_start=self.beta_start, beta_end=self.beta_end, prediction=self.prediction,
-                    min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout)
+                    min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout, **self.centring.config())
 
     @property
     def sigma_min(self) -> float:
@@ -93,6 +94,7 @@ class DDPMObjective:
             noise = self.sample_noise(B, tuple(x0.shape[1:]), generator)
         t, eps = noise["t"].to(dev), noise["eps"].to(dev, x0.dtype)
         cond = drop_labels(cond, noise["drop"])
+        x0 = self.centring.centre(x0)
         abar = self.alphas_cumprod.to(dev)[t].to(x0.dtype).view(B, 1, 1, 1)
         a, s = abar.sqrt(), (1 - abar).sqrt()
         x_t = a * x0 + s * eps
@@ -131,7 +133,7 @@ class DDPMObjective:
                 return alpha ** 2 * x - sig * alpha * out
             return out
 
-        return Denoiser(fn, sigma_min=self.sigma_min, sigma_max=self.sigma_max)
+        return Denoiser(self.centring.wrap(fn), sigma_min=self.sigma_min, sigma_max=self.sigma_max)
 
     def timesteps(self, steps: int, spacing: str = "leading") -> torch.Tensor:
         """`steps` training timesteps, decreasing (DDIM's 'leading', 'trailing' (Lin et al. 2024), 'uniform')."""

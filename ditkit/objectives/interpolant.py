@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .base import KARRAS_SIGMA_MAX, Denoiser, Path, karras_sigmas, loglinear_sigmas
+from .base import KARRAS_SIGMA_MAX, DataMean, Denoiser, Path, karras_sigmas, loglinear_sigmas
 from .ddpm import drop_labels
 
 PATHS = ("linear", "gvp", "vp")
@@ -64,7 +64,7 @@ class InterpolantObjective:
 
     def __init__(self, *, path: str = "linear", prediction: str = "velocity", time_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, loss_weighting: Optional[str] = None,
-                 label_dropout: float = 0.1, train_guidance: float = 1.0):
+                 label_dropout: float = 0.1, train_guidance: float = 1.0, data_mean: Any = None):
         if prediction not in PREDICTIONS:
             raise UsageError(f"--prediction {prediction!r} for the {path} objective: allowed {', '.join(PREDICTIONS)}")
         if time_sampling not in TIME_SAMPLING:
@@ -88,13 +88,15 @@ class InterpolantObjective:
         self.loss_weighting = None if loss_weighting == "none" else loss_weighting
         self.label_dropout = label_dropout
         self.train_guidance = train_guidance
+        self.centring = DataMean(data_mean)  # off unless a mean image is given (base.DataMean)
 
     def config(self) -> dict[str, Any]:
         return dict(name=self.name, prediction=self.prediction, time_sampling=self.time_sampling,
                     logit_mean=self.logit_mean, logit_std=self.logit_std, loss_weighting=self.loss_weighting,
                     label_dropout=self.label_dropout,
                     # written only when on: runs from before it existed resume unchanged
-                    **({"train_guidance": self.train_guidance} if self.train_guidance != 1 else {}))
+                    **({"train_guidance": self.train_guidance} if self.train_guidance != 1 else {}),
+                    **self.centring.config())
 
     @property
     def sigma_min(self) -> float:
@@ -128,6 +130,7 @@ class InterpolantObjective:
             noise = self.sample_noise(B, tuple(x0.shape[1:]), generator)
         t64, eps = noise["t"], noise["eps"].to(dev, x0.dtype)
         cond = drop_labels(cond, noise["drop"])
+        x0 = self.centring.centre(x0)
         p = self.path
         col = lambda f: f(t64).to(dev, x0.dtype).view(B, 1, 1, 1)  # noqa: E731
         a, s = col(p.alpha), col(p.s)
@@ -194,7 +197,7 @@ class InterpolantObjective:
             out = net(x_t, (t * TIME_SCALE).to(x.dtype), cond)
             return self.x0_from_output(out, x_t, t.to(x.dtype))
 
-        return Denoiser(fn, sigma_min=self.sigma_min, sigma_max=self.sigma_max, path=p)
+        return Denoiser(self.centring.wrap(fn), sigma_min=self.sigma_min, sigma_max=self.sigma_max, path=p)
 
     def sigma_grid(self, steps: int, spacing: str = "uniform") -> torch.Tensor:
         """Decreasing float64 noise levels, length steps + 1, ending in 0. 'uniform' is uniform in t."""

@@ -35,6 +35,7 @@ class TrainConfig:
     min_snr_gamma: Optional[float] = None
     label_dropout: float = 0.1
     logit_mean: float = 0.0  # the logit-normal time distribution's location (interpolants)
+    center: str = "none"  # "mean": model x0 minus the training images' mean (objectives.base.DataMean)
     # model guidance (interpolants): learn the CFG-guided prediction at this scale; sample it with no CFG
     train_guidance: float = 1.0
     # optimisation
@@ -81,13 +82,18 @@ class TrainConfig:
         """The DiT config fields that the shape flags change in the preset."""
         return {self.SHAPE_FIELDS[k]: v for k, v in self.shape_flags().items()}
 
-    def objective_config(self) -> dict[str, Any]:
+    def objective_config(self, data_mean: Any = None) -> dict[str, Any]:
+        """The objective's config; `data_mean` (the training images' mean, objectives.base.mean_image) is
+        needed, and used, when --center mean."""
+        if self.center == "mean" and data_mean is None:
+            raise UsageError("--center mean: the objective needs the training images' mean image")
+        centring = {"data_mean": data_mean} if self.center == "mean" else {}
         if self.objective == "ddpm":
             return dict(name="ddpm", prediction=self.prediction or "eps", schedule=self.schedule,
-                        min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout)
+                        min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout, **centring)
         extra = {"train_guidance": self.train_guidance} if self.train_guidance != 1 else {}
         return dict(name=self.objective, prediction=self.prediction or "velocity", time_sampling=self.time_sampling,
-                    logit_mean=self.logit_mean, label_dropout=self.label_dropout, **extra)
+                    logit_mean=self.logit_mean, label_dropout=self.label_dropout, **extra, **centring)
 
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str) -> None:
@@ -110,6 +116,7 @@ class TrainConfig:
              f"--train-guidance {self.train_guidance}: guidance needs class labels; drop --unconditional")
         need(self.objective != "ddpm" or self.logit_mean == 0,
              "--logit-mean: for the interpolant objectives' logit-normal times, not ddpm")
+        need(self.center in ("none", "mean"), f"--center {self.center!r}: allowed none, mean")
         need(math.isfinite(self.logit_mean), f"--logit-mean {self.logit_mean}: must be a finite number")
         need(0 <= self.ema_decay < 1, f"--ema-decay {self.ema_decay}: must be in [0, 1)")
         need(self.max_steps is None or self.max_steps >= 1, f"--max-steps {self.max_steps}: must be >= 1")

@@ -21,7 +21,7 @@ from ..condition import Condition
 from ..data import load_dataset
 from ..errors import DitkitError, UsageError
 from ..models import build_model, model_config
-from ..objectives import build_objective
+from ..objectives import build_objective, mean_image
 from ..utils import atomic_write_bytes, atomic_write_json, compile_failed, first_line, pick_device, resolve_precision
 from .checkpoint import clean_partial, guide_checkpoint, latest_checkpoint, load_training_state, save_checkpoint, save_guide
 from .config import TrainConfig
@@ -107,7 +107,7 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
             raise
         given = " ".join(f"--{k} {v}" for k, v in cfg.shape_flags().items())
         raise UsageError(f"{cfg.model} with {given}: {e}") from None
-    objective = build_objective(cfg.objective_config())
+    objective = build_objective(cfg.objective_config(mean_image(data.images) if cfg.center == "mean" else None))
     return {
         "ditkit_version": __version__,
         "family": "dit",
@@ -120,13 +120,19 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
     }
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    """repr, cut to `limit` characters (a data_mean image is thousands)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def _check_resume_compatible(old: dict[str, Any], new: dict[str, Any]) -> None:
     for key in ("model", "objective", "data"):
         a, b = old.get(key), new.get(key)
         if a != b:
             fields = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k)) \
                 if isinstance(a, dict) and isinstance(b, dict) else []
-            diff = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in fields)
+            diff = ", ".join(f"{k} {_short(a.get(k))} -> {_short(b.get(k))}" for k in fields)
             raise UsageError(f"--resume: the {key} settings differ from the run's config.json"
                              f"{': ' + diff if diff else ''}; resume with the same settings or start a new --out")
     defaults = TrainConfig.__dataclass_fields__  # a key that an older ditkit did not write had its default

@@ -509,7 +509,8 @@ def build_report(run: str | os.PathLike, out: Optional[str | os.PathLike] = None
     if model is not None:
         cards.append(("parameters", f"{sum(p.numel() for p in model.net.parameters()) / 1e6:.2f} M"))
     if obj:
-        cards.append(("objective", f"{obj.get('name', '?')} / {obj.get('prediction', '?')}"))
+        cards.append(("objective", f"{obj.get('name', '?')} / {obj.get('prediction', '?')}"
+                                   + (" / mean-centred" if obj.get("data_mean") is not None else "")))
     if data:
         cards.append(("data", f"{data.get('name', '?')} {'x'.join(str(v) for v in data.get('shape', []))}"))
     if trained is not None:
