@@ -305,13 +305,13 @@ def test_centring_config_round_trips_and_old_configs_are_unchanged():
 
 def test_mean_image_is_the_training_range_mean():
     from ditkit.data.dataset import ImageDataset
-    from ditkit.objectives import mean_image
+    from ditkit.objectives import DataMean
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (37, 2, 3, 3), generator=g, dtype=torch.uint8)
     data = ImageDataset(images, torch.zeros(37, dtype=torch.long), 0)
     want = data.batch(torch.arange(37))[0].double().mean(0)
-    got = torch.tensor(mean_image(images, chunk=5), dtype=torch.float64)
+    got = torch.tensor(DataMean.stored(data.mean_image(chunk=5)), dtype=torch.float64)
     assert got.shape == (2, 3, 3)
     torch.testing.assert_close(got, want, atol=5e-7, rtol=0)
 

@@ -58,8 +58,8 @@ def test_resume_is_bit_exact(tmp_path, train_guidance, center):
     assert objective.get("train_guidance", 1.0) == train_guidance
     if center == "mean":
         from ditkit.data import load_dataset
-        from ditkit.objectives import mean_image
-        assert objective["data_mean"] == mean_image(load_dataset("mnist").subset(512).images)
+        from ditkit.objectives import DataMean
+        assert objective["data_mean"] == DataMean.stored(load_dataset("mnist").subset(512).mean_image())
         digit = load_model(full, weights="model")  # samples through the centred denoiser
         assert digit.objective.centring.mean is not None and digit.objective.centring.mean.shape == (1, 28, 28)
         out = generate(digit, num=2, labels=[3], sampler="euler", steps=2, seed=0)

@@ -61,8 +61,19 @@ class ImageDataset:
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `index` as float32 in [-1, 1], (B, C, H, W), and their labels (B,) int64."""
-        x = self.images[index].to(torch.float32) / 127.5 - 1.0  # 0 → -1, 255 → 1
-        return x, self.labels[index]
+        return to_model_range(self.images[index].to(torch.float32)), self.labels[index]
+
+    def mean_image(self, chunk: int = 8192) -> torch.Tensor:
+        """The per-pixel mean of all the images in the range `batch` gives, (C, H, W) float64."""
+        total = torch.zeros(self.image_shape, dtype=torch.float64)
+        for i in range(0, len(self), chunk):  # float64 sums in chunks: no N x C x H x W float copy
+            total += self.images[i:i + chunk].to(torch.float64).sum(0)
+        return to_model_range(total / max(len(self), 1))  # the map is affine: the mean of the map is the map of the mean
+
+
+def to_model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixel values 0..255 (a float tensor) to the models' range: 0 -> -1, 255 -> 1."""
+    return pixels / 127.5 - 1.0
 
 
 def _resize_uint8(images: np.ndarray, image_size: int, chunk: int = 8192) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UsageError
-from .base import DataMean, Denoiser, Path, karras_sigmas, loglinear_sigmas, mean_image
+from .base import DataMean, Denoiser, Path, karras_sigmas, loglinear_sigmas
 from .ddpm import DDPMObjective
 from .interpolant import InterpolantObjective
 
@@ -24,4 +24,4 @@ def build_objective(config: dict[str, Any]) -> DDPMObjective | InterpolantObject
 
 
 __all__ = ["OBJECTIVES", "build_objective", "DDPMObjective", "InterpolantObjective", "DataMean", "Denoiser", "Path",
-           "karras_sigmas", "loglinear_sigmas", "mean_image"]
+           "karras_sigmas", "loglinear_sigmas"]

@@ -82,6 +82,7 @@ class DataMean:
 
     def __init__(self, value: Any = None):
         self.mean: Optional[torch.Tensor] = None
+        self._cast: dict[tuple, torch.Tensor] = {}  # the mean on each (device, dtype) asked for, made once
         if value is None:
             return
         try:
@@ -92,9 +93,20 @@ class DataMean:
             raise UsageError(f"objective data_mean: must be a finite (C, H, W) image, got shape {tuple(m.shape)}")
         self.mean = m
 
+    @staticmethod
+    def stored(mean: torch.Tensor) -> list:
+        """A mean image (C, H, W) in the form the config stores: nested lists rounded to 1e-6."""
+        return [[[round(float(v), 6) for v in row] for row in ch] for ch in mean]
+
     def config(self) -> dict[str, Any]:
         """{"data_mean": nested lists} when on, {} when off (old configs stay byte-identical)."""
         return {} if self.mean is None else {"data_mean": self.mean.tolist()}
+
+    def _on(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        if key not in self._cast:  # not per training step or sampler step
+            self._cast[key] = self.mean.to(like.device, like.dtype)
+        return self._cast[key]
 
     def centre(self, x0: torch.Tensor) -> torch.Tensor:
         """x0 - m for a batch (B, C, H, W); a clear error if the images are not the mean's shape."""
@@ -103,7 +115,7 @@ class DataMean:
         if tuple(x0.shape[1:]) != tuple(self.mean.shape):
             raise UsageError(f"images of shape {tuple(x0.shape[1:])} for an objective centred on a mean image of "
                              f"shape {tuple(self.mean.shape)}: train and sample at the run's image shape")
-        return x0 - self.mean.to(x0.device, x0.dtype)
+        return x0 - self._on(x0)
 
     def wrap(self, fn: Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]
              ) -> Callable[[torch.Tensor, torch.Tensor, Condition], torch.Tensor]:
@@ -112,22 +124,9 @@ class DataMean:
             return fn
 
         def centred(x: torch.Tensor, sigma: torch.Tensor, cond: Condition) -> torch.Tensor:
-            m = self.mean.to(x.device, x.dtype)
-            return fn(self.centre(x), sigma, cond) + m
+            return fn(self.centre(x), sigma, cond) + self._on(x)
 
         return centred
-
-
-def mean_image(images: torch.Tensor, chunk: int = 8192) -> list:
-    """The per-pixel mean of uint8 images (N, C, H, W) in the training range [-1, 1], as nested lists
-    rounded to 1e-6 (the form the objective config stores: `DataMean(mean_image(...))`)."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] == 0:
-        raise UsageError(f"mean_image: needs (N, C, H, W) uint8 images, N >= 1; got {tuple(images.shape)} {images.dtype}")
-    total = torch.zeros(images.shape[1:], dtype=torch.float64)
-    for i in range(0, images.shape[0], chunk):  # float64 sums in chunks: no N x C x H x W float copy
-        total += images[i:i + chunk].to(torch.float64).sum(0)
-    m = total / images.shape[0] / 127.5 - 1.0  # the same map as ImageDataset.batch: 0 -> -1, 255 -> 1
-    return [[[round(float(v), 6) for v in row] for row in ch] for ch in m]
 
 
 # EDM's sigma_max (Karras et al. 2022, sec. 5): above it the data is a negligible part of x = x0 + sigma

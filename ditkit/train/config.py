@@ -83,8 +83,8 @@ class TrainConfig:
         return {self.SHAPE_FIELDS[k]: v for k, v in self.shape_flags().items()}
 
     def objective_config(self, data_mean: Any = None) -> dict[str, Any]:
-        """The objective's config; `data_mean` (the training images' mean, objectives.base.mean_image) is
-        needed, and used, when --center mean."""
+        """The objective's config; `data_mean` (the training images' mean, ImageDataset.mean_image in
+        DataMean.stored form) is needed, and used, when --center mean."""
         if self.center == "mean" and data_mean is None:
             raise UsageError("--center mean: the objective needs the training images' mean image")
         centring = {"data_mean": data_mean} if self.center == "mean" else {}

@@ -21,7 +21,7 @@ from ..condition import Condition
 from ..data import load_dataset
 from ..errors import DitkitError, UsageError
 from ..models import build_model, model_config
-from ..objectives import build_objective, mean_image
+from ..objectives import DataMean, build_objective
 from ..utils import atomic_write_bytes, atomic_write_json, compile_failed, first_line, pick_device, resolve_precision
 from .checkpoint import clean_partial, guide_checkpoint, latest_checkpoint, load_training_state, save_checkpoint, save_guide
 from .config import TrainConfig
@@ -107,7 +107,8 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
             raise
         given = " ".join(f"--{k} {v}" for k, v in cfg.shape_flags().items())
         raise UsageError(f"{cfg.model} with {given}: {e}") from None
-    objective = build_objective(cfg.objective_config(mean_image(data.images) if cfg.center == "mean" else None))
+    mean = DataMean.stored(data.mean_image()) if cfg.center == "mean" else None
+    objective = build_objective(cfg.objective_config(mean))
     return {
         "ditkit_version": __version__,
         "family": "dit",
