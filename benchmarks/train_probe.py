@@ -83,7 +83,8 @@ def main() -> None:
         return Combo(adam, muon)
 
     import ditkit.train.loop as loop
-    from ditkit.objectives.interpolant import TIME_SCALE, InterpolantObjective, drop_labels
+    from ditkit.objectives.base import drop_labels
+    from ditkit.objectives.interpolant import TIME_SCALE, InterpolantObjective
     real_build = loop.build_model
     real_loss = InterpolantObjective.loss
     if args.contrastive:

@@ -135,6 +135,37 @@ class DataMean:
 KARRAS_SIGMA_MAX = 80.0
 
 
+def drop_labels(cond: Condition, drop: torch.Tensor) -> Condition:
+    """Replace the labels where `drop` (B,) is True by the null id (trains the unconditional model for CFG)."""
+    if cond.labels is None or not bool(drop.any()):
+        return cond
+    labels = torch.where(drop.to(cond.labels.device), torch.full_like(cond.labels, cond.null_label), cond.labels)
+    return Condition(labels=labels, null_label=cond.null_label, batch=len(cond))
+
+
+def batch_noise(t: torch.Tensor, shape: tuple[int, ...], label_dropout: float,
+                generator: Optional[torch.Generator] = None) -> dict:
+    """All the randomness of one training batch: the times t (B,), drawn first by the objective, then the
+    noise and which labels drop, in this order (a run's random stream, and so its resume, depends on it).
+    Drawn up front so that a data-parallel run can draw it for the global batch and slice its share (and
+    so match a single-process run)."""
+    B = t.shape[0]
+    eps = torch.randn((B, *shape), generator=generator)
+    drop = torch.rand((B,), generator=generator) < label_dropout
+    return dict(t=t, eps=eps, drop=drop)
+
+
+def loss_inputs(objective: Any, x0: torch.Tensor, cond: Condition, noise: Optional[dict],
+                generator: Optional[torch.Generator]) -> tuple[dict, torch.Tensor, Condition, torch.Tensor]:
+    """The start every objective's loss shares: the batch's randomness (drawn now unless given), its noise
+    on x0's device and dtype, the dropped labels replaced by the null class, and x0 centred.
+    Returns (noise, eps, cond, x0)."""
+    if noise is None:
+        noise = objective.sample_noise(x0.shape[0], tuple(x0.shape[1:]), generator)
+    eps = noise["eps"].to(x0.device, x0.dtype)
+    return noise, eps, drop_labels(cond, noise["drop"]), objective.centring.centre(x0)
+
+
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
     """Karras et al. (2022) eq. 5: n noise levels from sigma_max to sigma_min, then a final 0."""
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .base import KARRAS_SIGMA_MAX, DataMean, Denoiser, karras_sigmas, loglinear_sigmas
+from .base import (KARRAS_SIGMA_MAX, DataMean, Denoiser, batch_noise, karras_sigmas, loglinear_sigmas,
+                   loss_inputs)
 
 PREDICTIONS = ("eps", "v", "x0")
 SCHEDULES = ("linear", "cosine")
@@ -78,23 +79,17 @@ class DDPMObjective:
 
     # -- training ----------------------------------------------------------------------------------
     def sample_noise(self, B: int, shape: tuple[int, ...], generator: Optional[torch.Generator] = None) -> dict:
-        """All the randomness of one training batch, drawn up front so that a data-parallel run can
-        draw it for the global batch and slice its share (and so match a single-process run)."""
+        """All the randomness of one training batch (`base.batch_noise`)."""
         t = torch.randint(0, self.num_timesteps, (B,), generator=generator)  # one t per sample
-        eps = torch.randn((B, *shape), generator=generator)
-        drop = torch.rand((B,), generator=generator) < self.label_dropout
-        return dict(t=t, eps=eps, drop=drop)
+        return batch_noise(t, shape, self.label_dropout, generator)
 
     def loss(self, net: nn.Module, x0: torch.Tensor, cond: Condition, noise: Optional[dict] = None,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Mean loss over the batch; every sample gets its own t (and its own noise)."""
         B = x0.shape[0]
         dev = x0.device
-        if noise is None:
-            noise = self.sample_noise(B, tuple(x0.shape[1:]), generator)
-        t, eps = noise["t"].to(dev), noise["eps"].to(dev, x0.dtype)
-        cond = drop_labels(cond, noise["drop"])
-        x0 = self.centring.centre(x0)
+        noise, eps, cond, x0 = loss_inputs(self, x0, cond, noise, generator)
+        t = noise["t"].to(dev)
         abar = self.alphas_cumprod.to(dev)[t].to(x0.dtype).view(B, 1, 1, 1)
         a, s = abar.sqrt(), (1 - abar).sqrt()
         x_t = a * x0 + s * eps
@@ -163,10 +158,3 @@ class DDPMObjective:
 
     default_spacing = "trailing"  # reaches t = T-1 at any step count (Lin et al. 2024)
 
-
-def drop_labels(cond: Condition, drop: torch.Tensor) -> Condition:
-    """Replace the labels where `drop` (B,) is True by the null id (trains the unconditional model for CFG)."""
-    if cond.labels is None or not bool(drop.any()):
-        return cond
-    labels = torch.where(drop.to(cond.labels.device), torch.full_like(cond.labels, cond.null_label), cond.labels)
-    return Condition(labels=labels, null_label=cond.null_label, batch=len(cond))

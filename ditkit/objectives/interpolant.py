@@ -20,8 +20,8 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .base import KARRAS_SIGMA_MAX, DataMean, Denoiser, Path, karras_sigmas, loglinear_sigmas
-from .ddpm import drop_labels
+from .base import (KARRAS_SIGMA_MAX, DataMean, Denoiser, Path, batch_noise, karras_sigmas, loglinear_sigmas,
+                   loss_inputs)
 
 PATHS = ("linear", "gvp", "vp")
 PREDICTIONS = ("velocity", "noise", "data")
@@ -118,19 +118,14 @@ class InterpolantObjective:
     def sample_noise(self, B: int, shape: tuple[int, ...], generator: Optional[torch.Generator] = None) -> dict:
         """All the randomness of one training batch (see DDPMObjective.sample_noise)."""
         t = self.sample_t(B, generator)  # (B,) float64, one t per sample
-        eps = torch.randn((B, *shape), generator=generator)
-        drop = torch.rand((B,), generator=generator) < self.label_dropout
-        return dict(t=t, eps=eps, drop=drop)
+        return batch_noise(t, shape, self.label_dropout, generator)
 
     def loss(self, net: nn.Module, x0: torch.Tensor, cond: Condition, noise: Optional[dict] = None,
              generator: Optional[torch.Generator] = None) -> torch.Tensor:
         B = x0.shape[0]
         dev = x0.device
-        if noise is None:
-            noise = self.sample_noise(B, tuple(x0.shape[1:]), generator)
-        t64, eps = noise["t"], noise["eps"].to(dev, x0.dtype)
-        cond = drop_labels(cond, noise["drop"])
-        x0 = self.centring.centre(x0)
+        noise, eps, cond, x0 = loss_inputs(self, x0, cond, noise, generator)
+        t64 = noise["t"]
         p = self.path
         col = lambda f: f(t64).to(dev, x0.dtype).view(B, 1, 1, 1)  # noqa: E731
         a, s = col(p.alpha), col(p.s)
