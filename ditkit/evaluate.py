@@ -45,6 +45,8 @@ def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
         out.append((res["cfg_schedule"], f"{res['cfg_schedule']} schedule"))
     if res.get("autoguidance", 1) != 1:
         out.append((f"ag{res['autoguidance']:g}", f"autoguidance {res['autoguidance']}"))
+    if res.get("reject") is not None:
+        out.append((f"reject{res['reject']:g}", f"rejection at margin {res['reject']:g}"))
     if res.get("spacing"):
         out.append((res["spacing"], f"{res['spacing']} grid"))
     if res.get("weights", "ema") != "ema":
@@ -67,9 +69,10 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
                         spacing: Optional[str] = None, weights: str = "ema", device: str = "auto",
                         write: bool = True, progress=None, autoguidance: float = 1.0,
                         guide: Optional[str | Path] = None, precision: str = "fp32", compile: bool = False,
-                        sampler_options: Optional[dict[str, Any]] = None, cfg_schedule: str = "constant") -> dict[str, Any]:
+                        sampler_options: Optional[dict[str, Any]] = None, cfg_schedule: str = "constant",
+                        reject: Optional[float] = None) -> dict[str, Any]:
     """Sample `num` images from a run (balanced labels), evaluate them, and (with `write`) keep the
-    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ramp][_ag<w>][_<spacing>][_raw][_seed<s>][_bf16]
+    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ramp][_ag<w>][_reject<m>][_<spacing>][_raw][_seed<s>][_bf16]
     [_compiled][_<option><value>...]_n<num>.json for the report: every setting that changes the images
     names its own file. sampler: `ditkit sample`'s default when None."""
     from .sampling import DEFAULT_SAMPLER, generate, load_model
@@ -83,7 +86,7 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     t0 = time.perf_counter()
     res = generate(model, num=num, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler, steps=steps,
                    cfg_scale=cfg_scale, spacing=spacing, autoguidance=autoguidance, progress=progress,
-                   sampler_options=sampler_options or None, cfg_schedule=cfg_schedule)
+                   sampler_options=sampler_options or None, cfg_schedule=cfg_schedule, reject=reject)
     sample_s = time.perf_counter() - t0
     ev = evaluate_samples(res["images"], res["labels"] if model.num_classes else None)
     out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
@@ -92,6 +95,8 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
                sample_seconds=sample_s, **ev)
     if autoguidance != 1:
         out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
+    if reject is not None:
+        out.update(reject=reject, redraws=res["redraws"], rejected_kept=res["rejected_kept"])
     # the report reads these two keys as dicts
     out["fid"] = dict(value=ev["fid"], ci_low=ev["fid_ci"][0], ci_high=ev["fid_ci"][1], n=ev["n"])
     if write and model.run_dir is not None:
@@ -108,6 +113,9 @@ def format_result(res: dict[str, Any]) -> str:
              f"FID = {fid['value']:.3f}  (95% CI {fid['ci_low']:.3f} – {fid['ci_high']:.3f})",
              f"FID of {res['n']} real training digits (the floor at this n) = {res['fid_floor']:.3f}; "
              f"ratio {res['fid_ratio']:.2f}x"]
+    if res.get("reject") is not None:
+        lines.append(f"rejection at margin {res['reject']:g}: {res['redraws']} images redrawn, "
+                     f"{res['rejected_kept']} still rejected at their last draw (kept)")
     acc = res.get("class_accuracy")
     if acc:
         lines.append(f"class accuracy = {100 * acc['value']:.2f}%  (95% CI {100 * acc['ci_low']:.2f}% – "

@@ -22,6 +22,7 @@ from .models import DiTConfig, build_model
 from .objectives import build_objective
 from .samplers import autoguided, count_calls, get_sampler, guided
 from .samplers.guidance import check_schedule
+from .samplers.implicit import class_errors, relative_margin
 from .train.checkpoint import guide_checkpoint, load_weights, read_state, resolve_checkpoint
 from .utils import ImageRNG, compile_failed, image_seeds, pick_device
 
@@ -257,11 +258,62 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+# the stream of an image's seed that feeds its implicit-classifier noise (attempts use streams 1, 2, ...)
+IMPLICIT_STREAM = 1 << 20
+
+
+def check_reject(model: LoadedModel, reject: Optional[float], tries: int) -> None:
+    if reject is None:
+        return
+    if not (np.isfinite(reject) and 0 <= reject < 1):
+        raise UsageError(f"--reject {reject}: must be a number in [0, 1) (the asked class's denoising error "
+                         "must lie this fraction below every other class's; 0 = the asked class is the best)")
+    if model.num_classes < 2:
+        raise UsageError("--reject: this model is unconditional; rejection by the model's own class evidence "
+                         "needs a class model")
+    if tries < 2:
+        raise UsageError(f"--reject-tries {tries}: must be >= 2 (the first draw and at least one redraw)")
+
+
+def implicit_margins(model: LoadedModel, x: torch.Tensor, labels: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
+    """`samplers.implicit.relative_margin` of images x (B, C, H, W) in [-1, 1] drawn for `labels` with `seeds`:
+    below 0 where the model's own conditional denoisers explain the image best by the asked class."""
+    rng = ImageRNG([image_seeds(s, 1, start=IMPLICIT_STREAM)[0] for s in seeds], model.device)
+    errors = class_errors(model.objective.denoiser(model.net), x, model.num_classes, rng)
+    return relative_margin(errors, torch.as_tensor(list(labels)))
+
+
+def _redraw_rejected(model: LoadedModel, x: torch.Tensor, labels: Sequence[int], seeds: Sequence[int],
+                     reject: float, tries: int, kw: dict) -> tuple[torch.Tensor, int, int]:
+    """Redraw, with a new seed each time, every image whose implicit margin is not below -reject, up to
+    `tries` draws in all; an image still rejected after its last draw is kept. Returns (x, redraws, kept)."""
+    bad = implicit_margins(model, x, labels, seeds) >= -reject
+    redraws = 0
+    for attempt in range(1, tries):
+        idx = bad.nonzero().flatten().tolist()
+        if not idx:
+            break
+        labs = [labels[i] for i in idx]
+        new_seeds = [image_seeds(seeds[i], 1, start=attempt)[0] for i in idx]
+        xn = sample_batch(model, labs, new_seeds, **kw)
+        x[idx] = xn
+        bad[idx] = implicit_margins(model, xn, labs, new_seeds) >= -reject
+        redraws += len(idx)
+    return x, redraws, int(bad.sum())
+
+
 def generate(model: LoadedModel, *, num: int, labels: str | Sequence[int] | None = None, seed: int = 0,
-             batch_size: int = 100, progress: Optional[Callable[[int], None]] = None, **kw) -> dict[str, Any]:
+             batch_size: int = 100, progress: Optional[Callable[[int], None]] = None,
+             reject: Optional[float] = None, reject_tries: int = 4, **kw) -> dict[str, Any]:
     """Generate `num` images. Image i depends only on (seed, i, label i, settings), never on batch size.
 
-    Returns {"images": uint8 (N,H,W,C), "labels": int64 (N,), "seeds": list, "nfe": int, "seconds": float}.
+    reject: None (off) or a margin m in [0, 1): an image the model itself does not read as its asked class,
+    by at least m (`samplers.implicit`), is drawn again with a new seed, up to `reject_tries` draws in all.
+    Each verdict costs len(implicit.SIGMAS) x num_classes network evaluations.
+
+    Returns {"images": uint8 (N,H,W,C), "labels": int64 (N,), "seeds": list, "nfe": int, "seconds": float},
+    with rejection also "redraws" (images drawn again, in all) and "rejected_kept" (still rejected at the
+    last draw).
     """
     if num < 1:
         raise UsageError(f"--num {num}: must be >= 1")
@@ -269,15 +321,24 @@ def generate(model: LoadedModel, *, num: int, labels: str | Sequence[int] | None
         raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     validate_sampling(model, kw.get("sampler", DEFAULT_SAMPLER), kw.get("steps", DEFAULT_STEPS), kw.get("cfg_scale", 1.0),
                       kw.get("autoguidance", 1.0), kw.get("cfg_schedule", "constant"))
+    check_reject(model, reject, reject_tries)
     labs = parse_labels(labels, num, model.num_classes)
     seeds = image_seeds(seed, num)
     out, nfe, t0 = [], 0, time.perf_counter()
+    redraws = kept = 0
     for start in range(0, num, batch_size):
         stats: dict = {}
-        x = sample_batch(model, labs[start:start + batch_size], seeds[start:start + batch_size], stats=stats, **kw)
+        b_labels, b_seeds = labs[start:start + batch_size], seeds[start:start + batch_size]
+        x = sample_batch(model, b_labels, b_seeds, stats=stats, **kw)
         nfe = stats["nfe"]
+        if reject is not None:
+            x, r, k = _redraw_rejected(model, x, b_labels, b_seeds, reject, reject_tries, kw)
+            redraws, kept = redraws + r, kept + k
         out.append(to_uint8(x))
         if progress is not None:
-            progress(len(seeds[start:start + batch_size]))
-    return {"images": np.concatenate(out), "labels": np.asarray(labs, dtype=np.int64), "seeds": seeds, "nfe": nfe,
-            "seconds": time.perf_counter() - t0}
+            progress(len(b_seeds))
+    res = {"images": np.concatenate(out), "labels": np.asarray(labs, dtype=np.int64), "seeds": seeds, "nfe": nfe,
+           "seconds": time.perf_counter() - t0}
+    if reject is not None:
+        res.update(redraws=redraws, rejected_kept=kept)
+    return res

@@ -667,3 +667,67 @@ def test_bad_grids_and_missing_path():
         noise, rng = draw(image_seeds(0, 2))
         get_sampler("euler").fn(class_denoiser(), noise, karras_sigmas(3, SIGMA_MIN, SIGMA_MAX),
                                 cond=Condition.from_labels(torch.tensor([0, 1, 2]), NUM_CLASSES))
+
+
+# -- the model's own class evidence (samplers.implicit) ------------------------------------------------------
+
+def _class_gaussians(K: int = 4, dim: int = 6, var: float = 0.3, seed: int = 0):
+    """K classes, class c ~ N(mu_c, var I) in `dim` dims (as (dim, 1, 1) images), and its exact conditional
+    denoiser D(x, sigma, c) = mu_c + var / (var + sigma^2) (x - mu_c)."""
+    g = torch.Generator().manual_seed(seed)
+    mus = 2.0 * torch.randn(K, dim, 1, 1, generator=g, dtype=F64)
+
+    def fn(x, sigma, cond):
+        mu = mus[cond.labels]
+        k = (var / (var + sigma.to(F64) ** 2)).view(-1, 1, 1, 1)
+        return mu + k * (x - mu)
+
+    return mus, var, Denoiser(fn, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+
+
+def test_class_errors_equal_the_closed_form_with_one_noise_shared_by_every_class():
+    from ditkit.samplers.implicit import class_errors
+
+    mus, var, D = _class_gaussians()
+    K = mus.shape[0]
+    g = torch.Generator().manual_seed(1)
+    x0 = mus[torch.tensor([0, 3, 1])] + var ** 0.5 * torch.randn(3, *mus.shape[1:], generator=g, dtype=F64)
+    seeds = image_seeds(5, 3)
+    sigmas = (0.5, 2.0, 150.0)  # 150 lies above sigma_max = 80: left out
+    E = class_errors(D, x0, K, ImageRNG(seeds), sigmas=sigmas)
+    # closed form with the very same draws: D - x0 = (1 - k)(mu_c - x0) + k sigma eps
+    rng, want = ImageRNG(seeds), torch.zeros(3, K, dtype=F64)
+    for s in (0.5, 2.0):
+        eps = rng.randn(x0.shape[1:]).to(F64)
+        k = var / (var + s * s)
+        for c in range(K):
+            r = (1 - k) * (mus[c] - x0) + k * s * eps
+            want[:, c] += r.pow(2).flatten(1).mean(1) / s ** 2
+    assert torch.allclose(E, want, rtol=1e-5, atol=1e-8)
+    with pytest.raises(ValueError, match="no noise level"):
+        class_errors(D, x0, K, ImageRNG(seeds), sigmas=(100.0,))
+    with pytest.raises(ValueError, match="3 images but 2 generators"):
+        class_errors(D, x0, K, ImageRNG(seeds[:2]))
+
+
+def test_implicit_classifier_reads_well_separated_classes_and_margin_signs():
+    from ditkit.samplers.implicit import class_errors, relative_margin
+
+    mus, var, D = _class_gaussians(K=5, dim=16, var=0.05)
+    n = 200
+    y = torch.arange(n) % 5
+    g = torch.Generator().manual_seed(2)
+    x0 = mus[y] + var ** 0.5 * torch.randn(n, *mus.shape[1:], generator=g, dtype=F64)
+    E = class_errors(D, x0, 5, ImageRNG(image_seeds(0, n)))
+    assert (E.argmin(1) == y).float().mean() > 0.97
+    m = relative_margin(E, y)
+    assert (m < 0).float().mean() > 0.97 and bool((m >= -1).all())
+    # asked for the wrong class: the margin is positive
+    assert (relative_margin(E, (y + 1) % 5) > 0).float().mean() > 0.97
+    # a denoiser blind to the class gives every class the same error (common noise): margin exactly 0
+    blind = Denoiser(lambda x, s, c: 0.5 * x, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX)
+    Eb = class_errors(blind, x0[:4], 5, ImageRNG(image_seeds(0, 4)))
+    assert torch.equal(relative_margin(Eb, y[:4]), torch.zeros(4, dtype=F64))
+    # by hand: errors (2, 3, 4) asked 0 -> (2 - 3) / 3; asked 2 -> (4 - 2) / 2
+    hand = torch.tensor([[2.0, 3.0, 4.0], [2.0, 3.0, 4.0]], dtype=F64)
+    assert torch.allclose(relative_margin(hand, torch.tensor([0, 2])), torch.tensor([-1 / 3, 1.0], dtype=F64))

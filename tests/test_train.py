@@ -323,3 +323,37 @@ def test_integration_loss_falls_on_real_mnist(tmp_path):
                             warmup_steps=20, log_every=10, ckpt_every=0, sample_every=0, progress=False, subset=2000))
     ls = [l for _, l in losses(run)]
     assert np.mean(ls[-3:]) < 0.6 * ls[0], ls
+
+
+def test_rejection_redraws_what_the_model_reads_as_another_class(tiny_run, tmp_path, capsys):
+    from ditkit.evaluate import image_settings
+    from ditkit.sampling import check_reject
+
+    m = load_model(tiny_run)
+    kw = dict(num=6, labels="all", seed=2, steps=3)
+    plain = generate(m, batch_size=6, **kw)
+    a = generate(m, batch_size=6, reject=0.05, **kw)
+    assert np.array_equal(a["images"], generate(m, batch_size=4, reject=0.05, **kw)["images"])  # one seed, one image
+    assert np.array_equal(a["labels"], plain["labels"])
+    changed = int((a["images"] != plain["images"]).reshape(6, -1).any(1).sum())
+    # an image kept at its first draw is the plain one; every changed image was redrawn at least once
+    assert a["redraws"] >= changed and 0 <= a["rejected_kept"] <= changed
+    # 40 steps of training hardly tell the digits apart: images are redrawn, at most 3 times each
+    assert 0 < changed and a["redraws"] <= 3 * 6
+    assert [t for t, _ in image_settings(dict(reject=0.05))] == ["reject0.05"]
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(UsageError, match="--reject"):
+            generate(m, reject=bad, **kw)
+    with pytest.raises(UsageError, match="--reject-tries"):
+        generate(m, reject=0.0, reject_tries=1, **kw)
+
+    class Unconditional:
+        num_classes = 0
+    with pytest.raises(UsageError, match="unconditional"):
+        check_reject(Unconditional(), 0.0, 4)
+    rc = cli_main(["sample", "--ckpt", str(tiny_run), "--out", str(tmp_path / "x.png"), "--reject", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "must be a number in [0, 1)" in err and "Traceback" not in err
+    assert cli_main(["sample", "--ckpt", str(tiny_run), "--out", str(tmp_path / "y.png"), "--num", "3",
+                     "--steps", "2", "--reject", "0"]) == 0
+    assert "redrawn" in capsys.readouterr().out
