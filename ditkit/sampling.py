@@ -272,7 +272,7 @@ def check_reject(model: LoadedModel, reject: Optional[float], tries: int) -> Non
         raise UsageError("--reject: this model is unconditional; rejection by the model's own class evidence "
                          "needs a class model")
     if tries < 2:
-        raise UsageError(f"--reject-tries {tries}: must be >= 2 (the first draw and at least one redraw)")
+        raise UsageError(f"reject_tries {tries}: must be >= 2 (the first draw and at least one redraw)")
 
 
 def implicit_margins(model: LoadedModel, x: torch.Tensor, labels: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
@@ -313,7 +313,8 @@ def generate(model: LoadedModel, *, num: int, labels: str | Sequence[int] | None
 
     Returns {"images": uint8 (N,H,W,C), "labels": int64 (N,), "seeds": list, "nfe": int, "seconds": float},
     with rejection also "redraws" (images drawn again, in all) and "rejected_kept" (still rejected at the
-    last draw).
+    last draw). "seeds" are the first draws' seeds: a redraw's seed is derived from its image's seed and
+    the attempt (`image_seeds(seed_i, 1, start=attempt)`), so an image still depends on nothing else.
     """
     if num < 1:
         raise UsageError(f"--num {num}: must be >= 1")

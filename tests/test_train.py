@@ -344,7 +344,7 @@ def test_rejection_redraws_what_the_model_reads_as_another_class(tiny_run, tmp_p
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(UsageError, match="--reject"):
             generate(m, reject=bad, **kw)
-    with pytest.raises(UsageError, match="--reject-tries"):
+    with pytest.raises(UsageError, match="reject_tries 1"):
         generate(m, reject=0.0, reject_tries=1, **kw)
 
     class Unconditional:
