@@ -244,10 +244,14 @@ def _add_guidance_flags(p) -> None:
                    help="the guidance scale S along the noise levels: constant, or ramp: 1 + 2 (S - 1) / (1 + sigma), "
                         "no guidance at pure noise, 2S - 1 at the data (measured: no clear gain over constant)")
     _add_autoguidance_flags(p)
+    from .samplers.implicit import SIGMAS
+    from .sampling import REJECT_TRIES
+
     p.add_argument("--reject", type=_float("--reject", 0), default=None, metavar="M",
-                   help="draw an image again (new seed, up to 4 draws) unless the model's own conditional denoisers "
-                        "explain it best by its asked class, by a margin M in [0, 1) (0.06: the asked class's "
-                        "error 6%% below every other's); costs 80 network evaluations per verdict (off by default)")
+                   help=f"draw an image again (new seed, up to {REJECT_TRIES} draws) unless the model's own conditional "
+                        "denoisers explain it best by its asked class, by a margin M in [0, 1) (0.06: the asked "
+                        f"class's error 6%% below every other's); costs {len(SIGMAS)} network evaluations per class "
+                        "per verdict (off by default)")
 
 
 def _add_autoguidance_flags(p) -> None:

@@ -260,6 +260,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 # the stream of an image's seed that feeds its implicit-classifier noise (attempts use streams 1, 2, ...)
 IMPLICIT_STREAM = 1 << 20
+REJECT_TRIES = 4  # draws of an image in all under --reject
 
 
 def check_reject(model: LoadedModel, reject: Optional[float], tries: int) -> None:
@@ -304,7 +305,7 @@ def _redraw_rejected(model: LoadedModel, x: torch.Tensor, labels: Sequence[int],
 
 def generate(model: LoadedModel, *, num: int, labels: str | Sequence[int] | None = None, seed: int = 0,
              batch_size: int = 100, progress: Optional[Callable[[int], None]] = None,
-             reject: Optional[float] = None, reject_tries: int = 4, **kw) -> dict[str, Any]:
+             reject: Optional[float] = None, reject_tries: int = REJECT_TRIES, **kw) -> dict[str, Any]:
     """Generate `num` images. Image i depends only on (seed, i, label i, settings), never on batch size.
 
     reject: None (off) or a margin m in [0, 1): an image the model itself does not read as its asked class,

@@ -116,7 +116,7 @@ class InterpolantObjective:
         return p.t_min + (p.t_max - p.t_min) * u
 
     def sample_noise(self, B: int, shape: tuple[int, ...], generator: Optional[torch.Generator] = None) -> dict:
-        """All the randomness of one training batch (see DDPMObjective.sample_noise)."""
+        """All the randomness of one training batch (`base.batch_noise`)."""
         t = self.sample_t(B, generator)  # (B,) float64, one t per sample
         return batch_noise(t, shape, self.label_dropout, generator)
 

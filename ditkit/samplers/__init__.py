@@ -5,6 +5,9 @@
     from ditkit.samplers import get_sampler, guided
     spec = get_sampler("dpm++2m")
     x0 = spec.fn(guided(denoiser, 4.0), noise, sigmas, cond=cond, rng=rng)
+
+Around them: guidance (`guidance`: classifier-free and autoguidance, wrappers of a denoiser) and the
+model's own class evidence (`implicit`: what `generate(..., reject=M)` uses to redraw misread images).
 """
 
 from .continuous import (sample_ddim, sample_ddpm, sample_dpmpp_1, sample_dpmpp_2m, sample_dpmpp_2s,
