@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--sampler", default="dpm++2m")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--num", type=int, default=1000)
+    ap.add_argument("--labels", default="prior", help="'prior' (the training mix, as `ditkit eval`) or 'all' (balanced)")
     ap.add_argument("--out")
     ap.add_argument("--plot")
     args = ap.parse_args()
@@ -67,7 +68,7 @@ def main() -> None:
             model = load_model(ck, guide=guide)
             settings = [(float(v), 1.0) for v in args.scales.split(",") if v.strip()] + [(1.0, w) for w in ag]
             for s, w in settings:
-                res = generate(model, num=args.num, labels="all", seed=0, batch_size=250, sampler=args.sampler,
+                res = generate(model, num=args.num, labels=args.labels, seed=0, batch_size=250, sampler=args.sampler,
                                steps=args.steps, cfg_scale=s, autoguidance=w)
                 ev = evaluate_images(res["images"], res["labels"])
                 row = dict(run=run.name, objective=objective, mark_min=mark, minutes=round(minutes, 2), step=step,

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate_run(run: Path, *, scales: list[float], sampler: str, steps: int, num: int, seed: int = 0,
-                 ag_scales: tuple[float, ...] = (), guide: str | None = None) -> list[dict]:
+                 labels: str = "prior", ag_scales: tuple[float, ...] = (), guide: str | None = None) -> list[dict]:
     """Guided samples at each CFG scale in `scales`, then at each autoguidance scale in `ag_scales`
     (without CFG), all with the same seeds and labels."""
     from ditkit.eval.metrics import evaluate_images
@@ -36,7 +36,7 @@ def evaluate_run(run: Path, *, scales: list[float], sampler: str, steps: int, nu
     out = []
     settings = [(s, 1.0) for s in scales] + [(1.0, w) for w in ag_scales]
     for s, w in settings:
-        res = generate(model, num=num, labels="all", seed=seed, batch_size=250, sampler=sampler, steps=steps,
+        res = generate(model, num=num, labels=labels, seed=seed, batch_size=250, sampler=sampler, steps=steps,
                        cfg_scale=s, autoguidance=w)
         ev = evaluate_images(res["images"], res["labels"])
         save_grid(res["images"][:100], run / (f"eval_grid_ag{w}.png" if w != 1 else f"eval_grid_cfg{s}.png"), nrow=10)
@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--sampler", default="dpm++2m")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--num", type=int, default=1000)
+    ap.add_argument("--labels", default="prior", help="'prior' (the training mix, as `ditkit eval`) or 'all' (balanced)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "docs" / "bench" / "recipes.jsonl"))
     args = ap.parse_args(argv)
@@ -83,7 +84,7 @@ def main() -> None:
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     floats = lambda text: [float(v) for v in text.split(",") if v.strip()]  # noqa: E731
     rows = evaluate_run(run, scales=floats(args.scales), sampler=args.sampler, steps=args.steps, num=args.num,
-                        ag_scales=tuple(floats(args.ag_scales)), guide=args.guide)
+                        labels=args.labels, ag_scales=tuple(floats(args.ag_scales)), guide=args.guide)
     with open(args.out, "a") as f:
         for r in rows:
             rec = dict(name=args.name, train_args=" ".join(extra), steps_trained=last["step"],

@@ -25,6 +25,9 @@ $PY benchmarks/recipes.py --name demo --runs runs --eval-only --sampler dpm++2m-
 cp runs/demo/loss.png $OUT/demo_loss.png; cp runs/demo/eval_grid_cfg1.75.png $OUT/demo_grid_cfg1.75.png
 cp runs/demo/eval_grid_ag2.0.png $OUT/demo_grid_ag2.png
 
+log the class mix of real digits against FID
+$PY benchmarks/label_mix.py --num 3000 --draws 10 --out $OUT/label_mix.json 2>&1 | grep -v Warning | tee $OUT/label_mix.txt
+
 log samplers
 $PY benchmarks/samplers.py --ckpt runs/demo --num 1000 --nfe 10,20,35 --samplers dpm++2m,dpm++2m-sde,heun,heun+churn --cfg-scale 1 --out $OUT/samplers.json | tee $OUT/samplers.txt
 

@@ -208,7 +208,8 @@ def _add_sampling_flags(p, *, default_num: int) -> None:
                                      "interpolants: uniform|karras|logsnr (default: the objective's)")
     _add_sampler_option_flag(p)
     _add_guidance_flags(p)
-    p.add_argument("--labels", default="all", help="a class id (3), a list (0,1,2) or 'all' (balanced)")
+    p.add_argument("--labels", default="all",
+                   help="a class id (3), a list (0,1,2), 'all' (balanced) or 'prior' (the training data's class mix)")
     p.add_argument("--num", type=_positive_int("--num"), default=default_num)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=100)

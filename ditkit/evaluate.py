@@ -41,6 +41,10 @@ def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
     """The settings of an evaluation (its result dict) beyond sampler, steps and guidance scale that change
     the images, each as (file-name tag, label for the report), in file-name order; defaults are left out."""
     out = []
+    labels = res.get("labels_spec", "all")  # results written before the default became 'prior' were balanced
+    if labels != "prior":
+        tag = "balanced" if labels == "all" else "labels" + "-".join(str(labels).replace(" ", "").split(","))
+        out.append((tag, "balanced labels" if labels == "all" else f"labels {labels}"))
     if res.get("cfg_schedule", "constant") != "constant" and res.get("cfg_scale", 1) != 1:
         out.append((res["cfg_schedule"], f"{res['cfg_schedule']} schedule"))
     if res.get("autoguidance", 1) != 1:
@@ -65,16 +69,17 @@ def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
 
 def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional[str] = None,
                         steps: int = 20,
-                        cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, labels: str = "all",
+                        cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, labels: str = "prior",
                         spacing: Optional[str] = None, weights: str = "ema", device: str = "auto",
                         write: bool = True, progress=None, autoguidance: float = 1.0,
                         guide: Optional[str | Path] = None, precision: str = "fp32", compile: bool = False,
                         sampler_options: Optional[dict[str, Any]] = None, cfg_schedule: str = "constant",
                         reject: Optional[float] = None) -> dict[str, Any]:
-    """Sample `num` images from a run (balanced labels), evaluate them, and (with `write`) keep the
-    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_ramp][_ag<w>][_reject<m>][_<spacing>][_raw][_seed<s>][_bf16]
+    """Sample `num` images from a run, evaluate them, and (with `write`) keep the
+    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_balanced][_ramp][_ag<w>][_reject<m>][_<spacing>][_raw][_seed<s>][_bf16]
     [_compiled][_<option><value>...]_n<num>.json for the report: every setting that changes the images
-    names its own file. sampler: `ditkit sample`'s default when None."""
+    names its own file. sampler: `ditkit sample`'s default when None. labels: `sampling.parse_labels`'s spec;
+    'prior' (the default) draws the training data's class mix, in exact counts (`sampling.stratified_labels`)."""
     from .sampling import DEFAULT_SAMPLER, generate, load_model
 
     sampler = sampler or DEFAULT_SAMPLER
@@ -92,6 +97,7 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
                nfe=res["nfe"], cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, spacing=spacing, seed=seed,
                weights=weights, precision=precision, compiled=compile, sampler_options=sampler_options or {},
+               labels_spec=labels if isinstance(labels, str) else "custom",
                sample_seconds=sample_s, **ev)
     if autoguidance != 1:
         out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
@@ -113,6 +119,9 @@ def format_result(res: dict[str, Any]) -> str:
              f"FID = {fid['value']:.3f}  (95% CI {fid['ci_low']:.3f} – {fid['ci_high']:.3f})",
              f"FID of {res['n']} real training digits (the floor at this n) = {res['fid_floor']:.3f}; "
              f"ratio {res['fid_ratio']:.2f}x"]
+    if res.get("fid_floor_same_mix") is not None:
+        lines.append(f"FID of {res['n']} real training digits in the samples' class counts = "
+                     f"{res['fid_floor_same_mix']:.3f}; ratio {res['fid_ratio_same_mix']:.2f}x")
     if res.get("reject") is not None:
         lines.append(f"rejection at margin {res['reject']:g}: {res['redraws']} images redrawn, "
                      f"{res['rejected_kept']} still rejected at their last draw (kept)")

@@ -263,6 +263,34 @@ def test_fid_with_ci_and_evaluate_images(cache, model, ref, held_out):
     assert acc == M.class_accuracy(x, y, model=model)
     assert acc["value"] > 0.98 and acc["ci_low"] < acc["value"] <= acc["ci_high"] <= 1.0
     assert M.evaluate_images(x, n_boot=5, model=model, cache_dir=cache)["class_accuracy"] is None
+    # with labels, also the floor of real digits in the same class counts
+    same = M.real_data_floor(1000, model=model, cache_dir=cache, class_counts=np.bincount(y, minlength=10).tolist())
+    assert report["fid_floor_same_mix"] == same["value"] and same["class_counts"] == np.bincount(y).tolist()
+    assert report["fid_ratio_same_mix"] == pytest.approx(report["fid"] / same["value"])
+    assert "fid_floor_same_mix" not in M.evaluate_images(x, n_boot=5, model=model, cache_dir=cache)
+
+
+def test_floor_in_exact_class_counts(cache, model):
+    """Real digits in fixed class counts: every set holds exactly those counts, and an exact mix scores a
+    lower FID than random draws of the same n (the class counts of a random draw vary, and FID reads that)."""
+    from ditkit.data.mnist import load_mnist
+
+    _, labels = load_mnist("train")
+    counts = np.bincount(labels, minlength=10)
+    exact = (counts / counts.sum() * 1000).round().astype(int)
+    exact[1] += 1000 - exact.sum()
+    mix = M.real_data_floor(1000, model=model, cache_dir=cache, class_counts=exact.tolist())
+    rand = M.real_data_floor(1000, model=model, cache_dir=cache)
+    assert mix["class_counts"] == exact.tolist() and len(mix["values"]) == M.FLOOR_DRAWS
+    assert mix["value"] < rand["value"]
+    balanced = M.real_data_floor(1000, model=model, cache_dir=cache, class_counts=[100] * 10)
+    assert balanced["value"] != mix["value"]  # each mix has its own cache entry
+    assert M.real_data_floor_path(1000, 0, 5, model.sha256, cache, [100] * 10) != \
+        M.real_data_floor_path(1000, 0, 5, model.sha256, cache)
+    with pytest.raises(DitkitError, match="summing to n = 1000"):
+        M.real_data_floor(1000, model=model, cache_dir=cache, class_counts=[10] * 10)
+    with pytest.raises(DitkitError, match="fewer digits of class 3"):
+        M.real_data_floor(7000, model=model, cache_dir=cache, class_counts=[0, 0, 0, 7000] + [0] * 6)
 
 
 def test_accuracy_names_the_weak_digits_and_the_misreadings():

@@ -41,6 +41,13 @@ def test_eval_checkpoint_writes_result_for_the_report(tiny_run, tmp_path, capsys
     new = {f.name for f in (run / "eval").glob("*.json")} - before
     assert len(new) == 3 and any("_karras_" in f for f in new) and any("_raw_" in f for f in new), new
     assert json.loads((run / "eval" / next(f for f in new if "_karras_" in f)).read_text())["spacing"] == "karras"
+    # the training data's class mix by default; balanced labels are their own setting
+    res = json.loads((run / "eval" / next(f for f in new if "_karras_" in f)).read_text())
+    assert res["labels_spec"] == "prior"
+    capsys.readouterr()
+    assert cli_main(["eval", "--ckpt", str(run), "--num", "20", "--steps", "2", "--labels", "all", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["labels_spec"] == "all"
+    assert len(list((run / "eval").glob("*_balanced_*n20.json"))) == 1
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -166,10 +166,11 @@ def test_metrics_and_eval_read_tolerantly(run_copy):
     res, notes = read_eval_results(run_copy)
     assert [(r["step"], r["fid"], r["fid_lo"], r["acc"]) for r in res] == [(20, 41.5, 39.0, 0.42), (40, 30.0, 28.0, None)]
     assert len(notes) == 1 and "half.json: unreadable" in notes[0]
-    assert res[0]["setting"] == "dpm++2m, 20 steps, cfg 2"
+    assert res[0]["setting"] == "dpm++2m, 20 steps, cfg 2, balanced labels"  # written before labels_spec existed
     # settings that change the images are named, so two evaluations never read as one
     (ev / "c.json").write_text(json.dumps({"checkpoint_step": 20, "sampler": "dpm++2m-sde", "steps": 20, "cfg_scale": 1.25,
                                            "spacing": "karras", "weights": "model", "compiled": True,
+                                           "labels_spec": "prior",
                                            "sampler_options": {"s_noise": 1.03}, "fid": 7.8}))
     res, _ = read_eval_results(run_copy)
     assert next(r for r in res if r["file"] == "eval/c.json")["setting"] == "dpm++2m-sde, 20 steps, cfg 1.25, karras grid, raw weights, compiled, s_noise=1.03"

@@ -35,6 +35,9 @@ def test_checkpoint_round_trip(tiny_run):
     assert ck.name == "step_0000040" and [p.name for p in list_checkpoints(tiny_run)] == ["step_0000020", "step_0000040"]
     cfg = json.loads((tiny_run / "config.json").read_text())
     assert cfg["model"]["depth"] == 4 and cfg["objective"]["name"] == "linear" and cfg["data"]["shape"] == [1, 28, 28]
+    from ditkit.data import load_dataset
+    labels = load_dataset("mnist").labels[:2000]  # the fixture trains on the first 2,000 digits
+    assert cfg["data"]["class_counts"] == torch.bincount(labels, minlength=10).tolist()
     m = load_model(tiny_run, weights="model")
     ref = load_weights(ck, "model")
     for k, v in m.net.state_dict().items():
@@ -153,6 +156,43 @@ def test_resume_refuses_changed_settings(tiny_run, tmp_path):
         train(TrainConfig(out=str(tmp_path / "nothing"), max_steps=4, **SMALL), resume=True)
 
 
+def test_resume_of_a_run_without_class_counts(tmp_path):
+    """A run written before ditkit recorded the class counts resumes, and then records them."""
+    run = train(TrainConfig(out=str(tmp_path / "r"), max_steps=2, ckpt_every=0, **SMALL))
+    cfg_path = run / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    counts = cfg["data"].pop("class_counts")
+    assert sum(counts) == 512
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="--labels prior: this run does not record"):
+        generate(load_model(run), num=4, labels="prior", steps=2)
+    train(TrainConfig(out=str(run), max_steps=3, ckpt_every=0, **SMALL), resume=True)
+    assert json.loads(cfg_path.read_text())["data"]["class_counts"] == counts
+    assert generate(load_model(run), num=4, labels="prior", steps=2)["labels"].shape == (4,)
+
+
+def test_labels_prior_draws_the_training_mix_in_exact_counts(tiny_run):
+    from ditkit.sampling import parse_labels, stratified_labels
+
+    counts = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    labs = np.array(stratified_labels(counts, 3000))
+    share = np.bincount(labs, minlength=10)
+    assert share.sum() == 3000 and np.abs(share - np.array(counts) / sum(counts) * 3000).max() < 1
+    for n in (100, 250, 1000):  # every batch-sized prefix holds nearly the same mix
+        prefix = np.bincount(labs[:n], minlength=10)
+        assert np.abs(prefix - np.array(counts) / sum(counts) * n).max() <= 1.5, (n, prefix)
+    assert stratified_labels([0, 5, 0], 4) == [1, 1, 1, 1]
+    assert sorted(stratified_labels([1, 1, 2], 3)) == [0, 1, 2]  # 0.75, 0.75, 1.5: largest remainders first
+    with pytest.raises(UsageError, match="class counts"):
+        stratified_labels([0, 0], 3)
+    with pytest.raises(UsageError, match="records 2 class counts for 10 classes"):
+        parse_labels("prior", 5, 10, [3, 4])
+    assert parse_labels("prior", 3, 0) == [-1, -1, -1]  # an unconditional model has one distribution
+    m = load_model(tiny_run)
+    res = generate(m, num=30, labels="prior", seed=1, steps=2)
+    assert np.array_equal(res["labels"], stratified_labels(m.class_counts, 30))
+
+
 def test_shape_flags_change_the_preset_and_are_kept_in_the_run(tmp_path):
     run = train(TrainConfig(out=str(tmp_path / "r"), max_steps=2, ckpt_every=0, depth=2, width=64, heads=2, **SMALL))
     m = json.loads((run / "config.json").read_text())["model"]
@@ -239,7 +279,7 @@ def run_cli(argv) -> int:
     (["sample", "--ckpt", "{tmp}", "--out", "x.png"], "not a ditkit run folder", 1),
     (["sample", "--ckpt", "{run}", "--out", "x.gif"], "must end in .png or .npz", 2),
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--labels", "12"], "class ids must be in 0..9", 2),
-    (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--labels", "a,b"], "--labels", 2),
+    (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--labels", "a,b"], "'prior' (the training mix)", 2),
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--sampler", "magic"], "invalid choice", 2),
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--steps", "0"], "--steps must be >= 1", 2),
     (["sample", "--ckpt", "{run}", "--out", "{tmp}/x.png", "--cfg-scale", "-1"], "--cfg-scale must be >= 0", 2),
@@ -340,7 +380,7 @@ def test_rejection_redraws_what_the_model_reads_as_another_class(tiny_run, tmp_p
     assert a["redraws"] >= changed and 0 <= a["rejected_kept"] <= changed
     # 40 steps of training hardly tell the digits apart: images are redrawn, at most 3 times each
     assert 0 < changed and a["redraws"] <= 3 * 6
-    assert [t for t, _ in image_settings(dict(reject=0.05))] == ["reject0.05"]
+    assert [t for t, _ in image_settings(dict(reject=0.05, labels_spec="prior"))] == ["reject0.05"]
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(UsageError, match="--reject"):
             generate(m, reject=bad, **kw)

@@ -28,6 +28,9 @@ def register(sub, parser_class) -> None:
     _add_guidance_flags(p)
     _add_precision_flag(p)
     _add_compile_flag(p)
+    p.add_argument("--labels", default="prior",
+                   help="'prior': the training data's class mix, as real digits have it (exact counts); "
+                        "'all': balanced; or a class id (3) or list (0,1,2)")
     p.add_argument("--num", type=_positive_int("--num"), default=10000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=250)
@@ -64,6 +67,7 @@ def run(args) -> int:
         with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
             res = evaluate_checkpoint(args.ckpt, num=args.num, sampler=args.sampler, steps=args.steps,
                                       cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
+                                      labels=args.labels,
                                       spacing=args.spacing, weights=args.weights, device=args.device,
                                       sampler_options=dict(args.sampler_option), cfg_schedule=args.cfg_schedule,
                                       autoguidance=args.autoguidance, guide=args.guide, precision=args.precision,

@@ -117,7 +117,9 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
         "objective": objective.config(),
         "train": cfg.to_dict(),
         "data": {"name": data.name, "shape": [C, H, W], "num_classes": num_classes,
-                 "class_names": list(data.class_names) if num_classes else [], "num_images": len(data)},
+                 "class_names": list(data.class_names) if num_classes else [], "num_images": len(data),
+                 # the label prior, for sampling the data's class mix (`ditkit eval --labels prior`)
+                 "class_counts": torch.bincount(data.labels, minlength=num_classes).tolist() if num_classes else []},
     }
 
 
@@ -130,6 +132,8 @@ def _short(value: Any, limit: int = 60) -> str:
 def _check_resume_compatible(old: dict[str, Any], new: dict[str, Any]) -> None:
     for key in ("model", "objective", "data"):
         a, b = old.get(key), new.get(key)
+        if key == "data" and isinstance(a, dict) and isinstance(b, dict) and "class_counts" not in a:
+            b = {k: v for k, v in b.items() if k != "class_counts"}  # an older ditkit did not record them
         if a != b:
             fields = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k)) \
                 if isinstance(a, dict) and isinstance(b, dict) else []
