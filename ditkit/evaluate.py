@@ -97,7 +97,7 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
                nfe=res["nfe"], cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, spacing=spacing, seed=seed,
                weights=weights, precision=precision, compiled=compile, sampler_options=sampler_options or {},
-               labels_spec=labels if isinstance(labels, str) else "custom",
+               labels_spec="all" if labels is None else labels if isinstance(labels, str) else "custom",
                sample_seconds=sample_s, **ev)
     if autoguidance != 1:
         out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
