@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
     out = []
     labels = res.get("labels_spec", "all")  # results written before the default became 'prior' were balanced
     if labels != "prior":
-        tag = "balanced" if labels == "all" else "labels" + "-".join(str(labels).replace(" ", "").split(","))
+        tag = "balanced" if labels == "all" else "labels" + str(labels).replace(" ", "").replace(",", "-")
         out.append((tag, "balanced labels" if labels == "all" else f"labels {labels}"))
     if res.get("cfg_schedule", "constant") != "constant" and res.get("cfg_scale", 1) != 1:
         out.append((res["cfg_schedule"], f"{res['cfg_schedule']} schedule"))
@@ -69,7 +69,8 @@ def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
 
 def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional[str] = None,
                         steps: int = 20,
-                        cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250, labels: str = "prior",
+                        cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250,
+                        labels: str | Sequence[int] | None = "prior",
                         spacing: Optional[str] = None, weights: str = "ema", device: str = "auto",
                         write: bool = True, progress=None, autoguidance: float = 1.0,
                         guide: Optional[str | Path] = None, precision: str = "fp32", compile: bool = False,

@@ -129,11 +129,15 @@ def _short(value: Any, limit: int = 60) -> str:
     return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
+# config["data"] keys that runs of an older ditkit lack: such a run resumes, and records them from then on
+DATA_KEYS_ADDED_LATER = ("class_counts",)
+
+
 def _check_resume_compatible(old: dict[str, Any], new: dict[str, Any]) -> None:
     for key in ("model", "objective", "data"):
         a, b = old.get(key), new.get(key)
-        if key == "data" and isinstance(a, dict) and isinstance(b, dict) and "class_counts" not in a:
-            b = {k: v for k, v in b.items() if k != "class_counts"}  # an older ditkit did not record them
+        if key == "data" and isinstance(a, dict) and isinstance(b, dict):  # what an older ditkit did not record
+            b = {k: v for k, v in b.items() if k in a or k not in DATA_KEYS_ADDED_LATER}
         if a != b:
             fields = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k)) \
                 if isinstance(a, dict) and isinstance(b, dict) else []
