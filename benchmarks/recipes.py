@@ -11,7 +11,7 @@ Everything after `--` goes to `ditkit train` unchanged. The EMA weights of the f
 with `--sampler/--steps`, for each sampling seed in `--seeds`, with `--reject M` redrawing the images the
 model itself reads as another class (`ditkit eval --reject`);
 the project's classifier gives the class accuracy and FID on its features, next to the FID that the
-same number of real training digits gets (the floor). One JSON line per (recipe, scale) is appended to
+same number of real training digits gets (the floor). One JSON line per (recipe, scale, seed) is appended to
 `docs/bench/recipes.jsonl`.
 """
 
