@@ -104,7 +104,8 @@ def main() -> None:
                        train_elapsed_s=last["elapsed_s"], wall_s=train_s, batch_size=cfg["train"]["batch_size"],
                        objective=cfg["objective"]["name"], **r)
             f.write(json.dumps(rec) + "\n")
-            print(f"{args.name:>18} steps={last['step']:>6} cfg={r['scale']:<4} ag={r['autoguidance']:<4} seed={r['seed']} acc={r['accuracy']:.4f} "
+            print(f"{args.name:>18} steps={last['step']:>6} cfg={r['scale']:<4} ag={r['autoguidance']:<4} "
+                  f"seed={r['seed']} acc={r['accuracy']:.4f} "
                   f"fid={r['fid']:.3f} floor={r['floor']:.3f} ratio={r['ratio']:.2f}", flush=True)
 
 
