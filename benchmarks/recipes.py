@@ -95,8 +95,9 @@ def main() -> None:
     cfg = json.loads((run / "config.json").read_text())
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     floats = lambda text: [float(v) for v in text.split(",") if v.strip()]  # noqa: E731
+    ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     rows = evaluate_run(run, scales=floats(args.scales), sampler=args.sampler, steps=args.steps, num=args.num,
-                        seeds=tuple(int(v) for v in floats(args.seeds)), labels=args.labels,
+                        seeds=tuple(ints(args.seeds)), labels=args.labels,
                         ag_scales=tuple(floats(args.ag_scales)), guide=args.guide, reject=args.reject)
     with open(args.out, "a") as f:
         for r in rows:
