@@ -44,8 +44,8 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--plot")
     args = ap.parse_args()
-    from ditkit.eval.metrics import evaluate_images
-    from ditkit.sampling import generate, load_model
+    from ditkit.evaluate import evaluate_model
+    from ditkit.sampling import load_model
 
     rows = json.loads(Path(args.replot).read_text()) if args.replot else []
     for run in map(Path, [] if args.replot else args.runs):
@@ -68,12 +68,11 @@ def main() -> None:
             model = load_model(ck, guide=guide)
             settings = [(float(v), 1.0) for v in args.scales.split(",") if v.strip()] + [(1.0, w) for w in ag]
             for s, w in settings:
-                res = generate(model, num=args.num, labels=args.labels, seed=0, batch_size=250, sampler=args.sampler,
-                               steps=args.steps, cfg_scale=s, autoguidance=w)
-                ev = evaluate_images(res["images"], res["labels"])
+                ev, _ = evaluate_model(model, num=args.num, labels=args.labels, seed=0, sampler=args.sampler,
+                                       steps=args.steps, cfg_scale=s, autoguidance=w)
                 row = dict(run=run.name, objective=objective, mark_min=mark, minutes=round(minutes, 2), step=step,
-                           scale=s, autoguidance=w, guide_step=model.guide.step if w != 1 else None,
-                           accuracy=ev["class_accuracy"]["value"], fid=ev["fid"], fid_ci=ev["fid_ci"],
+                           scale=s, autoguidance=w, guide_step=ev.get("guide_step"),
+                           accuracy=ev["class_accuracy"]["value"], fid=ev["fid"]["value"], fid_ci=ev["fid_ci"],
                            floor=ev["fid_floor"], ratio=ev["fid_ratio"])
                 rows.append(row)
                 print(f"{run.name:>12} {minutes:5.1f} min step {step:>6} cfg {s:<5g} ag {w:<5g} acc {row['accuracy']:.4f} "

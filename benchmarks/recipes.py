@@ -34,26 +34,25 @@ def evaluate_run(run: Path, *, scales: list[float], sampler: str, steps: int, nu
                  reject: float | None = None) -> list[dict]:
     """Guided samples at each CFG scale in `scales`, then at each autoguidance scale in `ag_scales`
     (without CFG), each with every sampling seed in `seeds` and the same labels."""
-    from ditkit.eval.metrics import evaluate_images
-    from ditkit.sampling import generate, load_model
+    from ditkit.evaluate import evaluate_model
+    from ditkit.sampling import load_model
     from ditkit.viz.grids import save_grid
 
     model = load_model(run, guide=guide)
     out = []
     settings = [(s, 1.0) for s in scales] + [(1.0, w) for w in ag_scales]
     for (s, w), seed in itertools.product(settings, seeds):
-        res = generate(model, num=num, labels=labels, seed=seed, batch_size=250, sampler=sampler, steps=steps,
-                       cfg_scale=s, autoguidance=w, reject=reject)
-        ev = evaluate_images(res["images"], res["labels"])
+        ev, res = evaluate_model(model, num=num, labels=labels, seed=seed, sampler=sampler, steps=steps,
+                                 cfg_scale=s, autoguidance=w, reject=reject)
         if seed == seeds[0]:
             save_grid(res["images"][:100], run / (f"eval_grid_ag{w}.png" if w != 1 else f"eval_grid_cfg{s}.png"),
                       nrow=10)
-        out.append(dict(scale=s, autoguidance=w, guide_step=model.guide.step if w != 1 else None,
-                        sampler=sampler, steps=steps, nfe=res["nfe"], num=num, seed=seed, labels=labels,
-                        reject=reject, redraws=res.get("redraws"),
-                        accuracy=ev["class_accuracy"]["value"], fid=ev["fid"], fid_ci=ev["fid_ci"],
+        out.append(dict(scale=s, autoguidance=w, guide_step=ev.get("guide_step"),
+                        sampler=sampler, steps=steps, nfe=ev["nfe"], num=num, seed=seed, labels=labels,
+                        reject=reject, redraws=ev.get("redraws"),
+                        accuracy=ev["class_accuracy"]["value"], fid=ev["fid"]["value"], fid_ci=ev["fid_ci"],
                         floor=ev["fid_floor"], ratio=ev["fid_ratio"], ratio_same_mix=ev.get("fid_ratio_same_mix"),
-                        sample_s=res["seconds"]))
+                        sample_s=ev["sample_seconds"]))
     return out
 
 

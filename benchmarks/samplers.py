@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,16 +34,14 @@ def steps_for(sampler: str, nfe: int) -> int:
 
 
 def run_one(model, sampler: str, steps: int, args) -> dict:
-    from ditkit.eval.metrics import evaluate_images
-    from ditkit.sampling import generate
+    from ditkit.evaluate import evaluate_model
 
     name, options = VARIANTS.get(sampler, (sampler, None))
-    t0 = time.perf_counter()
-    res = generate(model, num=args.num, labels="all", seed=args.seed, batch_size=args.batch_size, sampler=name,
-                   steps=steps, cfg_scale=args.cfg_scale, autoguidance=args.autoguidance, sampler_options=options)
-    wall = time.perf_counter() - t0
-    ev = evaluate_images(res["images"], res["labels"], n_boot=50)
-    row = dict(sampler=sampler, steps=steps, nfe=res["nfe"], fid=ev["fid"], fid_ci=ev["fid_ci"],
+    ev, _ = evaluate_model(model, num=args.num, labels="all", seed=args.seed, batch_size=args.batch_size, sampler=name,
+                           steps=steps, cfg_scale=args.cfg_scale, autoguidance=args.autoguidance,
+                           sampler_options=options, n_boot=50)
+    wall = ev["sample_seconds"]
+    row = dict(sampler=sampler, steps=steps, nfe=ev["nfe"], fid=ev["fid"]["value"], fid_ci=ev["fid_ci"],
                floor=ev["fid_floor"], accuracy=ev["class_accuracy"]["value"], seconds=wall,
                ms_per_image=1000 * wall / args.num)
     print(f"{sampler:>10} steps={steps:>4} nfe={row['nfe']:>4} fid={row['fid']:.3f} acc={row['accuracy']:.4f} "

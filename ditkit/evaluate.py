@@ -67,6 +67,47 @@ def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
+def evaluate_model(model, *, num: int = 10000, sampler: Optional[str] = None, steps: int = 20,
+                   cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250,
+                   labels: str | Sequence[int] | None = "prior", spacing: Optional[str] = None,
+                   autoguidance: float = 1.0, sampler_options: Optional[dict[str, Any]] = None,
+                   cfg_schedule: str = "constant", reject: Optional[float] = None, progress=None,
+                   n_boot: Optional[int] = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sample `num` images from a loaded model (`sampling.load_model`) and evaluate them.
+
+    Returns (result, samples): the result as `evaluate_checkpoint` keeps it (JSON-ready: settings, class
+    accuracy, FID with its interval, floor and ratio) and `sampling.generate`'s dict with the images, for
+    the benchmarks that also draw a grid. sampler: `ditkit sample`'s default when None. labels:
+    `sampling.parse_labels`'s spec; 'prior' (the default) draws the training data's class mix, in exact
+    counts (`sampling.stratified_labels`). n_boot: FID's bootstrap draws (None: the metrics' default)."""
+    from .eval.metrics import evaluate_images
+    from .sampling import DEFAULT_SAMPLER, generate
+
+    sampler = sampler or DEFAULT_SAMPLER
+    if model.config.get("data", {}).get("shape", [1, 28, 28]) != [1, 28, 28]:
+        raise DitkitError("ditkit eval measures MNIST-shaped models (1x28x28); this run's data is "
+                          f"{model.config['data']['shape']}")
+    t0 = time.perf_counter()
+    res = generate(model, num=num, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler, steps=steps,
+                   cfg_scale=cfg_scale, spacing=spacing, autoguidance=autoguidance, progress=progress,
+                   sampler_options=sampler_options or None, cfg_schedule=cfg_schedule, reject=reject)
+    sample_s = time.perf_counter() - t0
+    ev = evaluate_images(res["images"], res["labels"] if model.num_classes else None,
+                         **({} if n_boot is None else dict(n_boot=n_boot)))
+    out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
+               nfe=res["nfe"], cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, spacing=spacing, seed=seed,
+               sampler_options=sampler_options or {},
+               labels_spec="all" if labels is None else labels if isinstance(labels, str) else "custom",
+               sample_seconds=sample_s, **ev)
+    if autoguidance != 1:
+        out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
+    if reject is not None:
+        out.update(reject=reject, redraws=res["redraws"], rejected_kept=res["rejected_kept"])
+    # the report reads these two keys as dicts
+    out["fid"] = dict(value=ev["fid"], ci_low=ev["fid_ci"][0], ci_high=ev["fid_ci"][1], n=ev["n"])
+    return out, res
+
+
 def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional[str] = None,
                         steps: int = 20,
                         cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250,
@@ -76,39 +117,22 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
                         guide: Optional[str | Path] = None, precision: str = "fp32", compile: bool = False,
                         sampler_options: Optional[dict[str, Any]] = None, cfg_schedule: str = "constant",
                         reject: Optional[float] = None) -> dict[str, Any]:
-    """Sample `num` images from a run, evaluate them, and (with `write`) keep the
-    result as RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_balanced][_ramp][_ag<w>][_reject<m>][_<spacing>][_raw][_seed<s>][_bf16]
+    """Load a run or checkpoint, then `evaluate_model`; with `write`, keep the result as
+    RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_balanced][_ramp][_ag<w>][_reject<m>][_<spacing>][_raw][_seed<s>][_bf16]
     [_compiled][_<option><value>...]_n<num>.json for the report: every setting that changes the images
-    names its own file. sampler: `ditkit sample`'s default when None. labels: `sampling.parse_labels`'s spec;
-    'prior' (the default) draws the training data's class mix, in exact counts (`sampling.stratified_labels`)."""
-    from .sampling import DEFAULT_SAMPLER, generate, load_model
-
-    sampler = sampler or DEFAULT_SAMPLER
+    names its own file."""
+    from .sampling import load_model
 
     model = load_model(ckpt, weights=weights, device=device, guide=guide, precision=precision, compile=compile)
-    if model.config.get("data", {}).get("shape", [1, 28, 28]) != [1, 28, 28]:
-        raise DitkitError("ditkit eval measures MNIST-shaped models (1x28x28); this run's data is "
-                          f"{model.config['data']['shape']}")
-    t0 = time.perf_counter()
-    res = generate(model, num=num, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler, steps=steps,
-                   cfg_scale=cfg_scale, spacing=spacing, autoguidance=autoguidance, progress=progress,
-                   sampler_options=sampler_options or None, cfg_schedule=cfg_schedule, reject=reject)
-    sample_s = time.perf_counter() - t0
-    ev = evaluate_samples(res["images"], res["labels"] if model.num_classes else None)
-    out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
-               nfe=res["nfe"], cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, spacing=spacing, seed=seed,
-               weights=weights, precision=precision, compiled=compile, sampler_options=sampler_options or {},
-               labels_spec="all" if labels is None else labels if isinstance(labels, str) else "custom",
-               sample_seconds=sample_s, **ev)
-    if autoguidance != 1:
-        out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
-    if reject is not None:
-        out.update(reject=reject, redraws=res["redraws"], rejected_kept=res["rejected_kept"])
-    # the report reads these two keys as dicts
-    out["fid"] = dict(value=ev["fid"], ci_low=ev["fid_ci"][0], ci_high=ev["fid_ci"][1], n=ev["n"])
+    out, _ = evaluate_model(model, num=num, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                            batch_size=batch_size, labels=labels, spacing=spacing, autoguidance=autoguidance,
+                            sampler_options=sampler_options, cfg_schedule=cfg_schedule, reject=reject,
+                            progress=progress)
+    out.update(weights=weights, precision=precision, compiled=compile)
     if write and model.run_dir is not None:
         tags = [tag for tag, _ in image_settings(out)]
-        name = f"step_{model.step:07d}_{sampler}_{steps}_cfg{cfg_scale:g}{''.join('_' + t for t in tags)}_n{num}.json"
+        name = (f"step_{model.step:07d}_{out['sampler']}_{steps}_cfg{cfg_scale:g}{''.join('_' + t for t in tags)}"
+                f"_n{num}.json")
         atomic_write_json(Path(model.run_dir) / "eval" / name, out)
     return out
 

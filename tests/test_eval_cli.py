@@ -50,6 +50,21 @@ def test_eval_checkpoint_writes_result_for_the_report(tiny_run, tmp_path, capsys
     assert len(list((run / "eval").glob("*_balanced_*n20.json"))) == 1
 
 
+def test_evaluate_model_scores_the_images_it_hands_back(tiny_run):
+    """The library call under `ditkit eval` and the benchmarks: the images it returns are the ones it
+    scored, and the checkpoint path gives the same figures."""
+    from ditkit.evaluate import evaluate_checkpoint, evaluate_model, evaluate_samples
+    from ditkit.sampling import load_model
+
+    res, samples = evaluate_model(load_model(tiny_run), num=30, steps=2, cfg_scale=1.5, seed=4)
+    assert samples["images"].shape == (30, 28, 28, 1) and res["n"] == 30 and res["nfe"] == samples["nfe"]
+    again = evaluate_samples(samples["images"], samples["labels"])
+    assert again["fid"] == pytest.approx(res["fid"]["value"])
+    assert again["class_accuracy"]["value"] == res["class_accuracy"]["value"]
+    ck = evaluate_checkpoint(tiny_run, num=30, steps=2, cfg_scale=1.5, seed=4, write=False)
+    assert ck["fid"]["value"] == pytest.approx(res["fid"]["value"]) and ck["precision"] == "fp32"
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["eval"], "exactly one of --ckpt"),
     (["eval", "--samples", "/nonexistent.npz"], "no such file"),
