@@ -70,6 +70,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
+    rules = [r for r in args.rules.split(",") if r.strip()]
+    for part in (part for rule in rules for part in rule.split("+")):  # refuse a bad rule before the long reading
+        try:
+            ok = part[0] in "mq" and float(part[1:]) >= 0
+        except (IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise SystemExit(f"--rules: {part!r} is not a rule part (allowed: mM or qQ with a number >= 0, joined by +)")
     from ditkit.data import load_mnist
     from ditkit.eval.metrics import evaluate_images
     from ditkit.sampling import generate, load_model
@@ -93,7 +101,7 @@ def main() -> None:
     real_e = e_real.numpy()[np.arange(len(y_real)), y_real]
     quota = np.bincount(labels[:args.num], minlength=model.num_classes)
     rows = []
-    for rule in ["none"] + [r for r in args.rules.split(",") if r.strip()]:
+    for rule in ["none"] + rules:
         ok = np.ones(len(labels), bool) if rule == "none" else accepted(rule, margin, e_asked, labels, real_e, y_real)
         real_ok = (np.ones(len(y_real), bool) if rule == "none" else
                    accepted(rule, real_margin, real_e, y_real, real_e, y_real))
