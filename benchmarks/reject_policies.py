@@ -27,32 +27,39 @@ import torch
 
 
 def errors(model, images: np.ndarray, seeds, batch: int = 250) -> torch.Tensor:
-    """E_c for uint8 images (N, H, W, C), each with its own noise stream, as `sampling.implicit_margins`."""
-    from ditkit.sampling import IMPLICIT_STREAM, image_seeds
-    from ditkit.samplers.implicit import class_errors
-    from ditkit.utils import ImageRNG
+    """E_c for uint8 images (N, H, W, C) with the noise `ditkit eval --reject` gives them (`sampling.implicit_errors`)."""
+    from ditkit.sampling import implicit_errors
 
-    den = model.objective.denoiser(model.net)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(model.device) / 127.5 - 1
-    out = []
-    for i in range(0, len(x), batch):
-        rng = ImageRNG([image_seeds(s, 1, start=IMPLICIT_STREAM)[0] for s in seeds[i:i + batch]], model.device)
-        out.append(class_errors(den, x[i:i + batch], model.num_classes, rng).cpu())
-    return torch.cat(out)
+    return torch.cat([implicit_errors(model, x[i:i + batch], seeds[i:i + batch]).cpu() for i in range(0, len(x), batch)])
 
 
-def accepted(rule: str, margin: np.ndarray, e_asked: np.ndarray, labels: np.ndarray,
-             real_e: np.ndarray, real_labels: np.ndarray) -> np.ndarray:
-    ok = np.ones(len(margin), bool)
+def parse_rule(rule: str) -> list[tuple[str, float]]:
+    """'m0.08+q0.95' -> [('m', 0.08), ('q', 0.95)]; 'none' -> [] (accept everything)."""
+    if rule == "none":
+        return []
+    parts = []
     for part in rule.split("+"):
-        kind, value = part[0], float(part[1:])
+        kind = part[:1]
+        try:
+            value = float(part[1:])
+        except ValueError:
+            value = float("nan")
+        if kind not in ("m", "q") or not value >= 0:  # also refuses NaN
+            raise SystemExit(f"--rules: {part!r} is not a rule part (allowed: mM or qQ with a number >= 0, joined by +)")
+        parts.append((kind, value))
+    return parts
+
+
+def accepted(parts: list[tuple[str, float]], margin: np.ndarray, e_asked: np.ndarray, labels: np.ndarray,
+             real_e: np.ndarray, real_labels: np.ndarray, num_classes: int) -> np.ndarray:
+    ok = np.ones(len(margin), bool)
+    for kind, value in parts:
         if kind == "m":
             ok &= margin < -value
-        elif kind == "q":
-            bound = np.array([np.quantile(real_e[real_labels == c], value) for c in range(10)])
-            ok &= e_asked <= bound[labels]
         else:
-            raise SystemExit(f"--rules: unknown part {part!r} (allowed: mM, qQ, joined by +)")
+            bound = np.array([np.quantile(real_e[real_labels == c], value) for c in range(num_classes)])
+            ok &= e_asked <= bound[labels]
     return ok
 
 
@@ -70,14 +77,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out")
     args = ap.parse_args()
-    rules = [r for r in args.rules.split(",") if r.strip()]
-    for part in (part for rule in rules for part in rule.split("+")):  # refuse a bad rule before the long reading
-        try:
-            ok = part[0] in "mq" and float(part[1:]) >= 0
-        except (IndexError, ValueError):
-            ok = False
-        if not ok:
-            raise SystemExit(f"--rules: {part!r} is not a rule part (allowed: mM or qQ with a number >= 0, joined by +)")
+    rules = ["none"] + [r for r in args.rules.split(",") if r.strip()]
+    parsed = [parse_rule(r) for r in rules]  # a bad rule is refused before the long reading
     from ditkit.data import load_mnist
     from ditkit.eval.metrics import evaluate_images
     from ditkit.sampling import generate, load_model
@@ -101,10 +102,9 @@ def main() -> None:
     real_e = e_real.numpy()[np.arange(len(y_real)), y_real]
     quota = np.bincount(labels[:args.num], minlength=model.num_classes)
     rows = []
-    for rule in ["none"] + rules:
-        ok = np.ones(len(labels), bool) if rule == "none" else accepted(rule, margin, e_asked, labels, real_e, y_real)
-        real_ok = (np.ones(len(y_real), bool) if rule == "none" else
-                   accepted(rule, real_margin, real_e, y_real, real_e, y_real))
+    for rule, parts in zip(rules, parsed):
+        ok = accepted(parts, margin, e_asked, labels, real_e, y_real, model.num_classes)
+        real_ok = accepted(parts, real_margin, real_e, y_real, real_e, y_real, model.num_classes)
         chosen = [np.nonzero((labels == c) & ok)[0][:quota[c]] for c in range(model.num_classes)]
         if any(len(ch) < q for ch, q in zip(chosen, quota)):
             print(f"{rule:>14}: the pool holds too few accepted images of some class; raise --pool")

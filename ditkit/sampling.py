@@ -313,12 +313,17 @@ def check_reject(model: LoadedModel, reject: Optional[float], tries: int) -> Non
         raise UsageError(f"reject_tries {tries}: must be >= 2 (the first draw and at least one redraw)")
 
 
+def implicit_errors(model: LoadedModel, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """`samplers.implicit.class_errors` (B, num_classes) of images x (B, C, H, W) in [-1, 1], each image's noise
+    drawn from the implicit-classifier stream of its seed, so its verdict depends on nothing else."""
+    rng = ImageRNG([image_seeds(s, 1, start=IMPLICIT_STREAM)[0] for s in seeds], model.device)
+    return class_errors(model.objective.denoiser(model.net), x, model.num_classes, rng)
+
+
 def implicit_margins(model: LoadedModel, x: torch.Tensor, labels: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
     """`samplers.implicit.relative_margin` of images x (B, C, H, W) in [-1, 1] drawn for `labels` with `seeds`:
     below 0 where the model's own conditional denoisers explain the image best by the asked class."""
-    rng = ImageRNG([image_seeds(s, 1, start=IMPLICIT_STREAM)[0] for s in seeds], model.device)
-    errors = class_errors(model.objective.denoiser(model.net), x, model.num_classes, rng)
-    return relative_margin(errors, torch.as_tensor(list(labels)))
+    return relative_margin(implicit_errors(model, x, seeds), torch.as_tensor(list(labels)))
 
 
 def _redraw_rejected(model: LoadedModel, x: torch.Tensor, labels: Sequence[int], seeds: Sequence[int],
