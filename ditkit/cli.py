@@ -122,6 +122,11 @@ def _add_train(sub) -> None:
     p.add_argument("--train-guidance", type=float, default=d.train_guidance, metavar="S",
                    help="interpolants: model guidance, the network learns the CFG-guided prediction at scale S "
                         "and samples with one forward a step, no CFG (1 = off; measured: worse per CPU-minute)")
+    p.add_argument("--dispersive", type=_float("--dispersive", 0), default=d.dispersive, metavar="W",
+                   help="dispersive loss (Wang & He 2025) of weight W on the tokens after one block: spreads the "
+                        "batch's hidden representations apart (0 = off)")
+    p.add_argument("--dispersive-block", type=_positive_int("--dispersive-block"), default=d.dispersive_block,
+                   metavar="K", help="the block for --dispersive (default: the middle one, depth // 2)")
     p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=d.batch_size)
     p.add_argument("--lr", type=_float("--lr", 0, True), default=d.lr)
     p.add_argument("--weight-decay", type=_float("--weight-decay", 0), default=d.weight_decay)

@@ -54,6 +54,28 @@ def test_zero_init_gates_open_after_a_step():
     assert torch.count_nonzero(net(x, t, cond)) > 0
 
 
+def test_hidden_at_returns_the_tokens_after_that_block_and_the_same_output():
+    torch.manual_seed(0)
+    net = build_model(model_config("DiT-T/4"))
+    for p in net.parameters():  # open the zero-initialised gates, so that every block does something
+        torch.nn.init.normal_(p, std=0.05)
+    x, t = torch.randn(3, 1, 28, 28), torch.rand(3) * 1000
+    cond = Condition.from_labels(torch.tensor([0, 5, 10]), 10)
+    c = net.embed_condition(t, cond)
+    tokens, after = net.x_embedder(x) + net.pos_embed, []
+    for block in net.blocks:
+        tokens = block(tokens, c)
+        after.append(tokens)
+    want = net(x, t, cond)
+    for k in (1, 2, 4):
+        out, hidden = net(x, t, cond, hidden_at=k)
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+        torch.testing.assert_close(hidden, after[k - 1], rtol=1e-6, atol=1e-6)
+    for k in (0, 5):
+        with pytest.raises(UsageError, match=f"hidden_at {k}: this DiT has blocks 1 to 4"):
+            net(x, t, cond, hidden_at=k)
+
+
 def test_null_class_id_comes_from_config():
     for k in (10, 7):
         net = build_model(model_config("DiT-T/4", num_classes=k))

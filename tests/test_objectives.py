@@ -328,3 +328,73 @@ def test_centring_bad_inputs():
         obj.loss(lambda x, t, c: x, torch.zeros(2, 1, 2, 2), Condition.none(2))
     with pytest.raises(UsageError, match="image shape"):
         obj.denoiser(lambda x, t, c: x)(torch.zeros(2, 1, 2, 2), 1.0, Condition.none(2))
+
+
+def test_dispersive_loss_is_the_log_mean_over_all_pairs():
+    """InfoNCE-L2 dispersive loss (Wang & He 2025): log mean_{i,j} exp(-||z_i - z_j||^2 / D), checked
+    against the pairwise definition, and at its two limits: one point (log 1 = 0) and points far apart
+    (only the B diagonal terms are left: log(1 / B))."""
+    from ditkit.objectives.base import dispersive_loss
+
+    z = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    flat = z.flatten(1)
+    want = math.log(sum(math.exp(-float((flat[i] - flat[j]).pow(2).sum()) / 12) for i in range(5) for j in range(5)) / 25)
+    assert math.isclose(float(dispersive_loss(z)), want, rel_tol=1e-5)
+    same = torch.ones(4, 6, requires_grad=True)
+    assert abs(float(dispersive_loss(same.detach()))) < 1e-6
+    dispersive_loss(same).backward()  # no square root at zero distance: finite gradients
+    assert bool(torch.isfinite(same.grad).all())
+    far = torch.arange(4, dtype=torch.float64).view(4, 1) * 100.0
+    assert math.isclose(float(dispersive_loss(far)), math.log(1 / 4), rel_tol=1e-6)
+    # spreading the points apart lowers it
+    assert float(dispersive_loss(2 * z)) < float(dispersive_loss(z))
+    # under bf16 autocast (how training runs on bf16 hardware) it stays the fp32 value: large, close
+    # points must not lose their small distances to bf16 rounding
+    big = (100 + torch.randn(8, 64, generator=torch.Generator().manual_seed(4)) * 0.1).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dispersive_loss(big)
+    assert got.dtype == torch.float32 and math.isclose(float(got), float(dispersive_loss(big.float())), rel_tol=1e-6)
+    assert float(got) > math.log(1 / 8)
+
+
+class HiddenNet(torch.nn.Module):
+    """A fake network with `hidden_at` like the DiT's: output 0.5 x, 'tokens' 3 x after every block."""
+
+    def forward(self, x, t, cond, hidden_at=None):
+        out = 0.5 * x
+        return out if hidden_at is None else (out, 3 * x * hidden_at)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "linear"])
+def test_dispersive_term_adds_its_weighted_loss_and_stays_out_of_old_configs(name):
+    from ditkit.objectives.base import dispersive_loss
+
+    plain = build_objective({"name": name})
+    assert "dispersive" not in plain.config()  # runs from before it existed load and resume as before
+    obj = build_objective({"name": name, "dispersive": 0.25, "dispersive_block": 2})
+    assert obj.config()["dispersive"] == 0.25 and obj.config()["dispersive_block"] == 2
+    assert build_objective(obj.config()).config() == obj.config()
+    x0 = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    noise = obj.sample_noise(6, (1, 4, 4), torch.Generator().manual_seed(2))
+    cond = Condition.from_labels(torch.arange(6) % 3, 3)
+    net = HiddenNet()
+    seen = {}
+
+    def spy(x, t, c, hidden_at=None):
+        r = net(x, t, c, hidden_at)
+        seen["hidden"] = None if hidden_at is None else r[1]
+        return r
+
+    base = plain.loss(spy, x0, cond, noise)
+    total = obj.loss(spy, x0, cond, noise)
+    torch.testing.assert_close(total, base + 0.25 * dispersive_loss(seen["hidden"]))
+    assert float(total) < float(base)  # the term is <= 0 (log of a mean of numbers <= 1)
+
+
+def test_dispersive_bad_inputs():
+    with pytest.raises(UsageError, match=r"--dispersive -1: must be a number >= 0"):
+        build_objective({"name": "linear", "dispersive": -1})
+    with pytest.raises(UsageError, match="--dispersive nan"):
+        build_objective({"name": "ddpm", "dispersive": float("nan")})
+    with pytest.raises(UsageError, match="--dispersive-block 0: must be a block number"):
+        build_objective({"name": "linear", "dispersive": 0.5, "dispersive_block": 0})

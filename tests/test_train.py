@@ -49,16 +49,19 @@ def test_checkpoint_round_trip(tiny_run):
     assert (tiny_run / "samples").is_dir()
 
 
-@pytest.mark.parametrize("train_guidance,center", [(1.0, "none"), (1.5, "none"), (1.0, "mean")])
-def test_resume_is_bit_exact(tmp_path, train_guidance, center):
+@pytest.mark.parametrize("train_guidance,center,dispersive", [(1.0, "none", 0.0), (1.5, "none", 0.0),
+                                                               (1.0, "mean", 0.0), (1.0, "none", 0.25)])
+def test_resume_is_bit_exact(tmp_path, train_guidance, center, dispersive):
     # Extending a run (max-steps 5 -> 12) moves a planned lr decay, so this test trains without one;
     # test_resume_after_kill_9 resumes under the default decay with an unchanged plan. Model guidance
     # (1.5) adds a no-grad forward to every step: still deterministic. Centring stores the mean image of
-    # the images trained on (the first 512) in config.json, and resuming recomputes the same one.
-    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, train_guidance=train_guidance, center=center)
+    # the images trained on (the first 512) in config.json, and resuming recomputes the same one. The
+    # dispersive loss (0.25) asks the network for its middle block's tokens too.
+    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, train_guidance=train_guidance, center=center, dispersive=dispersive)
     full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=12, **kw))
     objective = json.loads((full / "config.json").read_text())["objective"]
     assert objective.get("train_guidance", 1.0) == train_guidance
+    assert (objective.get("dispersive"), objective.get("dispersive_block")) == ((0.25, 2) if dispersive else (None, None))
     if center == "mean":
         from ditkit.data import load_dataset
         from ditkit.objectives import DataMean
@@ -298,6 +301,9 @@ def run_cli(argv) -> int:
     (["train", "--train-guidance", "2", "--label-dropout", "0", "--out", "{tmp}/r"], "give --label-dropout > 0", 2),
     (["train", "--logit-mean", "inf", "--out", "{tmp}/r"], "--logit-mean inf: must be a finite number", 2),
     (["train", "--center", "median", "--out", "{tmp}/r"], "invalid choice: 'median'", 2),
+    (["train", "--dispersive", "-0.5", "--out", "{tmp}/r"], "--dispersive must be >= 0", 2),
+    (["train", "--dispersive", "0.25", "--dispersive-block", "5", "--max-steps", "1", "--out", "{tmp}/r"],
+     "--dispersive-block 5: the model has blocks 1 to 4", 2),
     (["data", "mnist", "--idx-dir", "/nonexistent", "--cache-dir", "{tmp}/c"], "/nonexistent", 1),
 ])
 def test_cli_bad_inputs_exit_nonzero_with_one_clear_line(argv, needle, code, tiny_run, tmp_path, capsys):

@@ -135,26 +135,40 @@ class DiT(nn.Module):
         """The same list from the embedded condition c (B, D)."""
         return [b.modulation(c) for b in self.blocks] + [self.final_layer.modulation(c)]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition | None = None) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) float time as the objective defines it, cond -> (B, C, H, W)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition | None = None, *,
+                hidden_at: Optional[int] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (B, C, H, W), t (B,) float time as the objective defines it, cond -> (B, C, H, W).
+
+        hidden_at = k (1 <= k <= depth): return (output, the tokens after block k, (B, N, D)) instead, for
+        a loss on the network's representation (objectives.base.Dispersion); the eager trunk runs."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         in_dtype = x.dtype
         x = x.to(self.pos_embed.dtype)  # a bf16 inference copy takes and returns the sampler's fp32
         mods = self.modulations(t, cond)
+        if hidden_at is not None:
+            if not 1 <= hidden_at <= len(self.blocks):
+                raise UsageError(f"hidden_at {hidden_at}: this DiT has blocks 1 to {len(self.blocks)}")
+            out, hidden = self._trunk(x, mods, hidden_at)
+            return out.to(in_dtype), hidden
         if self._compiled_trunk is not None and not torch.is_grad_enabled():
             return self._run_compiled(x, mods).to(in_dtype)
         return self._trunk(x, mods).to(in_dtype)
 
-    def _trunk(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
+    def _trunk(self, x: torch.Tensor, mods: list[torch.Tensor],
+               hidden_at: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Everything per token: patchify, the blocks, the final layer, unpatchify (the condition path,
-        `mods`, is computed, and memoised, outside)."""
+        `mods`, is computed, and memoised, outside). With hidden_at = k >= 1, also the tokens after block k."""
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        for block, mod in zip(self.blocks, mods):
+        hidden = None
+        for i, (block, mod) in enumerate(zip(self.blocks, mods), 1):
             tokens = block(tokens, mod=mod)
+            if i == hidden_at:
+                hidden = tokens
         out = self.final_layer(tokens, mod=mods[-1])  # (B, N, P*P*C)
         cfg = self.config
-        return unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.input_size, cfg.input_size)
+        out = unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.input_size, cfg.input_size)
+        return out if hidden is None else (out, hidden)
 
     # -- compiled inference ------------------------------------------------------------------------
     def compile_for_inference(self) -> None:

@@ -69,6 +69,48 @@ class Denoiser:
         return Denoiser(fn, sigma_min=self.sigma_min, sigma_max=self.sigma_max, path=self.path)
 
 
+def dispersive_loss(z: torch.Tensor) -> torch.Tensor:
+    """The dispersive loss of Wang & He (2025, "Diffuse and Disperse: Image Generation with Representation
+    Regularization"), InfoNCE-L2 form: log of the mean, over every pair (i, j) of the batch (i = j included),
+    of exp(-||z_i - z_j||^2 / D), each z_i flattened to D numbers. It is lowest when the batch's
+    representations are spread apart; with no positive pairs it adds no target of its own to the regression.
+    Computed in fp32 from squared norms and one Gram matrix (no square root: finite gradients at i = j),
+    with autocast off: in bf16 the Gram trick's cancellation leaves the diagonal's distances far from 0,
+    the term then falls below its true floor log(1 / B), and training learns to inflate the norms."""
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.float().flatten(1)
+        sq = z.pow(2).sum(1)
+        d2 = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp(min=0) / z.shape[1]
+        return torch.logsumexp(-d2.flatten(), 0) - math.log(d2.numel())
+
+
+class Dispersion:
+    """An objective's optional dispersive term: `weight * dispersive_loss(tokens after block `block`)`.
+
+    Off (weight 0) by default, and then `config()` writes nothing, so every run from before it existed
+    loads and resumes unchanged. On, the network is asked for its hidden tokens (`DiT.forward(...,
+    hidden_at=block)`), in the same forward as the prediction. The loss is taken over each process's batch.
+    """
+
+    def __init__(self, weight: float = 0.0, block: Optional[int] = None):
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise UsageError(f"--dispersive {weight}: must be a number >= 0 (0 = off)")
+        if weight > 0 and not (isinstance(block, int) and block >= 1):
+            raise UsageError(f"--dispersive-block {block}: must be a block number >= 1")
+        self.weight = float(weight)
+        self.block = block if weight > 0 else None
+
+    def config(self) -> dict[str, Any]:
+        return {"dispersive": self.weight, "dispersive_block": self.block} if self.weight > 0 else {}
+
+    def predict(self, net: Any, x_t: torch.Tensor, t: torch.Tensor, cond: Condition) -> tuple[torch.Tensor, Any]:
+        """(the network's output, the weighted dispersive loss or 0 when off)."""
+        if self.weight == 0:
+            return net(x_t, t, cond), 0.0
+        out, hidden = net(x_t, t, cond, hidden_at=self.block)
+        return out, self.weight * dispersive_loss(hidden)
+
+
 class DataMean:
     """Mean-image centring: the network models x0 - m (m: the training images' mean, (C, H, W)), and the
     denoiser adds m back: D(x, sigma) = m + D'(x - m, sigma). In sigma-space x - m = (x0 - m) + sigma eps,

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .base import (KARRAS_SIGMA_MAX, DataMean, Denoiser, batch_noise, karras_sigmas, loglinear_sigmas,
+from .base import (KARRAS_SIGMA_MAX, DataMean, Denoiser, Dispersion, batch_noise, karras_sigmas, loglinear_sigmas,
                    loss_inputs)
 
 PREDICTIONS = ("eps", "v", "x0")
@@ -39,7 +39,8 @@ class DDPMObjective:
 
     def __init__(self, *, num_timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, prediction: str = "eps", min_snr_gamma: Optional[float] = None,
-                 label_dropout: float = 0.1, data_mean: Any = None):
+                 label_dropout: float = 0.1, data_mean: Any = None, dispersive: float = 0.0,
+                 dispersive_block: Optional[int] = None):
         if prediction not in PREDICTIONS:
             raise UsageError(f"--prediction {prediction!r} for the ddpm objective: allowed {', '.join(PREDICTIONS)}")
         if schedule not in SCHEDULES:
@@ -56,6 +57,7 @@ class DDPMObjective:
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma
         self.label_dropout = label_dropout
+        self.dispersion = Dispersion(dispersive, dispersive_block)  # off by default (base.Dispersion)
         self.centring = DataMean(data_mean)  # off unless a mean image is given (base.DataMean)
         self.betas = linear_betas(T, beta_start, beta_end) if schedule == "linear" else cosine_betas(T)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # abar_t, float64 (T,)
@@ -67,7 +69,8 @@ class DDPMObjective:
     def config(self) -> dict[str, Any]:
         return dict(name=self.name, num_timesteps=self.num_timesteps, schedule=self.schedule,
                     beta_start=self.beta_start, beta_end=self.beta_end, prediction=self.prediction,
-                    min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout, **self.centring.config())
+                    min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout, **self.centring.config(),
+                    **self.dispersion.config())
 
     @property
     def sigma_min(self) -> float:
@@ -93,7 +96,7 @@ class DDPMObjective:
         abar = self.alphas_cumprod.to(dev)[t].to(x0.dtype).view(B, 1, 1, 1)
         a, s = abar.sqrt(), (1 - abar).sqrt()
         x_t = a * x0 + s * eps
-        out = net(x_t, t.to(x0.dtype), cond.to(dev))
+        out, dispersive = self.dispersion.predict(net, x_t, t.to(x0.dtype), cond.to(dev))
         target = {"eps": eps, "v": a * eps - s * x0, "x0": x0}[self.prediction]
         per_sample = (out - target).pow(2).flatten(1).mean(1)  # (B,)
         if self.min_snr_gamma is not None:
@@ -102,7 +105,7 @@ class DDPMObjective:
             # Hang et al. 2023: weight on the x0-MSE is min(snr, gamma); convert to this prediction's MSE.
             w = {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
             per_sample = per_sample * w
-        return per_sample.mean()
+        return per_sample.mean() + dispersive
 
     # -- sampling ----------------------------------------------------------------------------------
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .base import (KARRAS_SIGMA_MAX, DataMean, Denoiser, Path, batch_noise, karras_sigmas, loglinear_sigmas,
+from .base import (KARRAS_SIGMA_MAX, DataMean, Denoiser, Dispersion, Path, batch_noise, karras_sigmas, loglinear_sigmas,
                    loss_inputs)
 
 PATHS = ("linear", "gvp", "vp")
@@ -64,7 +64,8 @@ class InterpolantObjective:
 
     def __init__(self, *, path: str = "linear", prediction: str = "velocity", time_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, loss_weighting: Optional[str] = None,
-                 label_dropout: float = 0.1, train_guidance: float = 1.0, data_mean: Any = None):
+                 label_dropout: float = 0.1, train_guidance: float = 1.0, data_mean: Any = None,
+                 dispersive: float = 0.0, dispersive_block: Optional[int] = None):
         if prediction not in PREDICTIONS:
             raise UsageError(f"--prediction {prediction!r} for the {path} objective: allowed {', '.join(PREDICTIONS)}")
         if time_sampling not in TIME_SAMPLING:
@@ -89,6 +90,7 @@ class InterpolantObjective:
         self.label_dropout = label_dropout
         self.train_guidance = train_guidance
         self.centring = DataMean(data_mean)  # off unless a mean image is given (base.DataMean)
+        self.dispersion = Dispersion(dispersive, dispersive_block)  # off by default (base.Dispersion)
 
     def config(self) -> dict[str, Any]:
         return dict(name=self.name, prediction=self.prediction, time_sampling=self.time_sampling,
@@ -96,7 +98,7 @@ class InterpolantObjective:
                     label_dropout=self.label_dropout,
                     # written only when on: runs from before it existed resume unchanged
                     **({"train_guidance": self.train_guidance} if self.train_guidance != 1 else {}),
-                    **self.centring.config())
+                    **self.centring.config(), **self.dispersion.config())
 
     @property
     def sigma_min(self) -> float:
@@ -130,7 +132,7 @@ class InterpolantObjective:
         col = lambda f: f(t64).to(dev, x0.dtype).view(B, 1, 1, 1)  # noqa: E731
         a, s = col(p.alpha), col(p.s)
         x_t = a * x0 + s * eps
-        out = net(x_t, (t64 * TIME_SCALE).to(dev, x0.dtype), cond.to(dev))
+        out, dispersive = self.dispersion.predict(net, x_t, (t64 * TIME_SCALE).to(dev, x0.dtype), cond.to(dev))
         if self.prediction == "velocity":
             target = col(p.d_alpha) * x0 + col(p.d_s) * eps
         else:
@@ -140,7 +142,7 @@ class InterpolantObjective:
         per_sample = (out - target).pow(2).flatten(1).mean(1)
         if self.loss_weighting == "snr-velocity":  # down-weight the near-noise end
             per_sample = per_sample * (a.view(B) ** 2 / (a.view(B) ** 2 + s.view(B) ** 2))
-        return per_sample.mean()
+        return per_sample.mean() + dispersive
 
     def _guided_target(self, net: nn.Module, out: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor,
                        t64: torch.Tensor, cond: Condition, drop: torch.Tensor) -> torch.Tensor:

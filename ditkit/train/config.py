@@ -38,6 +38,10 @@ class TrainConfig:
     center: str = "none"  # "mean": model x0 minus the training images' mean (objectives.base.DataMean)
     # model guidance (interpolants): learn the CFG-guided prediction at this scale; sample it with no CFG
     train_guidance: float = 1.0
+    # dispersive loss (Wang & He 2025) on the tokens after one block: its weight (0 = off), and the block
+    # (None: the middle one, depth // 2)
+    dispersive: float = 0.0
+    dispersive_block: Optional[int] = None
     # optimisation
     batch_size: int = 64  # with lr 2.8e-3: better per CPU-minute than 32 (docs/BENCHMARKS.md, "Batch size")
     lr: float = 2.8e-3
@@ -82,18 +86,31 @@ class TrainConfig:
         """The DiT config fields that the shape flags change in the preset."""
         return {self.SHAPE_FIELDS[k]: v for k, v in self.shape_flags().items()}
 
-    def objective_config(self, data_mean: Any = None) -> dict[str, Any]:
+    def dispersive_at(self, depth: int) -> int:
+        """The block whose tokens --dispersive spreads apart, in a network of `depth` blocks."""
+        block = self.dispersive_block if self.dispersive_block is not None else max(1, depth // 2)
+        if block > depth:
+            raise UsageError(f"--dispersive-block {block}: the model has blocks 1 to {depth}")
+        return block
+
+    def objective_config(self, data_mean: Any = None, depth: Optional[int] = None) -> dict[str, Any]:
         """The objective's config; `data_mean` (the training images' mean, ImageDataset.mean_image in
-        DataMean.stored form) is needed, and used, when --center mean."""
+        DataMean.stored form) is needed, and used, when --center mean; `depth` (the model's number of
+        blocks) when --dispersive is on."""
         if self.center == "mean" and data_mean is None:
             raise UsageError("--center mean: the objective needs the training images' mean image")
-        centring = {"data_mean": data_mean} if self.center == "mean" else {}
+        extra = {"data_mean": data_mean} if self.center == "mean" else {}
+        if self.dispersive > 0:
+            if depth is None:
+                raise UsageError("--dispersive: the objective needs the model's depth to place its block")
+            extra.update(dispersive=self.dispersive, dispersive_block=self.dispersive_at(depth))
         if self.objective == "ddpm":
             return dict(name="ddpm", prediction=self.prediction or "eps", schedule=self.schedule,
-                        min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout, **centring)
-        extra = {"train_guidance": self.train_guidance} if self.train_guidance != 1 else {}
+                        min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout, **extra)
+        if self.train_guidance != 1:
+            extra["train_guidance"] = self.train_guidance
         return dict(name=self.objective, prediction=self.prediction or "velocity", time_sampling=self.time_sampling,
-                    logit_mean=self.logit_mean, label_dropout=self.label_dropout, **extra, **centring)
+                    logit_mean=self.logit_mean, label_dropout=self.label_dropout, **extra)
 
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str) -> None:
@@ -116,6 +133,10 @@ class TrainConfig:
              f"--train-guidance {self.train_guidance}: guidance needs class labels; drop --unconditional")
         need(self.objective != "ddpm" or self.logit_mean == 0,
              "--logit-mean: for the interpolant objectives' logit-normal times, not ddpm")
+        need(math.isfinite(self.dispersive) and self.dispersive >= 0,
+             f"--dispersive {self.dispersive}: must be a number >= 0 (0 = off)")
+        need(self.dispersive_block is None or self.dispersive_block >= 1,
+             f"--dispersive-block {self.dispersive_block}: must be >= 1 (a block number; default the middle one)")
         need(self.center in ("none", "mean"), f"--center {self.center!r}: allowed none, mean")
         need(math.isfinite(self.logit_mean), f"--logit-mean {self.logit_mean}: must be a finite number")
         need(0 <= self.ema_decay < 1, f"--ema-decay {self.ema_decay}: must be in [0, 1)")

@@ -108,7 +108,7 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
         given = " ".join(f"--{k} {v}" for k, v in cfg.shape_flags().items())
         raise UsageError(f"{cfg.model} with {given}: {e}") from None
     mean = DataMean.stored(data.mean_image()) if cfg.center == "mean" else None
-    objective = build_objective(cfg.objective_config(mean))
+    objective = build_objective(cfg.objective_config(mean, depth=mcfg.depth))
     return {
         "ditkit_version": __version__,
         "family": "dit",
