@@ -2,13 +2,14 @@
 rounds alternated.
 
     python benchmarks/train_batch_throughput.py [--batches 32,64,128] [--shapes 4x128x4,6x192x6]
-                                                [--rounds 4] [--seconds 4] [--eager]
+                                                [--rounds 4] [--seconds 4] [--eager] [--profile]
 
 --shapes: DEPTHxWIDTHxHEADS of DiT-T/4 (default: the preset, 4x128x4).
 
 The default recipe's step (DiT-T/4, linear interpolant, bf16 autocast where native, fused AdamW) on
 random data: the network, loss and optimiser only, without the data pipeline, EMA or logging, which
-add a fixed cost per step (and so favour larger batches a little more than this shows).
+add a fixed cost per step (and so favour larger batches a little more than this shows). --profile then
+prints where 20 steps of each setting spend their time (torch.profiler, operators by self time).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--eager", action="store_true", help="do not compile")
+    ap.add_argument("--profile", action="store_true", help="also profile 20 steps of each setting")
     args = ap.parse_args()
 
     from ditkit.condition import Condition
@@ -68,6 +70,14 @@ def main() -> None:
             res[key].append(B * n / (time.perf_counter() - t))
     for key, v in res.items():
         print(f"{key}: {' '.join(f'{x:.0f}' for x in v)} img/s (median {sorted(v)[len(v) // 2]:.0f})")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for key, (B, step) in steps.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(20):
+                    step()
+            print(f"{key}: 20 steps\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 if __name__ == "__main__":
