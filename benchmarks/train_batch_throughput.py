@@ -2,9 +2,12 @@
 rounds alternated.
 
     python benchmarks/train_batch_throughput.py [--batches 32,64,128] [--shapes 4x128x4,6x192x6]
+                                                [--blocks dit,rmsnorm+qknorm+swiglu+rope]
                                                 [--rounds 4] [--seconds 4] [--eager] [--profile]
 
 --shapes: DEPTHxWIDTHxHEADS of DiT-T/4 (default: the preset, 4x128x4).
+--blocks: the block parts, comma-separated settings of '+'-joined parts: dit (DiT's own), rmsnorm, qknorm,
+swiglu, rope (LightningDiT's; `ditkit train --norm rmsnorm --qk-norm --mlp swiglu --rope`).
 
 The default recipe's step (DiT-T/4, linear interpolant, bf16 autocast where native, fused AdamW) on
 random data: the network, loss and optimiser only, without the data pipeline, EMA or logging, which
@@ -24,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", default="32,64,128")
     ap.add_argument("--shapes", default="4x128x4", help="DEPTHxWIDTHxHEADS, comma-separated")
+    ap.add_argument("--blocks", default="dit", help="block parts: dit or '+'-joined rmsnorm, qknorm, swiglu, rope")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--eager", action="store_true", help="do not compile")
@@ -41,10 +45,19 @@ def main() -> None:
     objective = build_objective(cfg.objective_config())
     steps = {}
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    for (depth, width, heads), B in ((s, int(b)) for s in shapes for b in args.batches.split(",")):
+    parts = dict(dit={}, rmsnorm=dict(norm="rmsnorm"), qknorm=dict(qk_norm=True), swiglu=dict(mlp="swiglu"),
+                 rope=dict(rope=True))
+    blocks = {}
+    for setting in args.blocks.split(","):
+        unknown = [p for p in setting.split("+") if p not in parts]
+        if unknown:
+            ap.error(f"--blocks {setting}: unknown part {unknown[0]!r}; allowed: {', '.join(parts)}")
+        blocks[setting] = {k: v for p in setting.split("+") for k, v in parts[p].items()}
+    for (depth, width, heads), block, B in ((s, k, int(b)) for s in shapes for k in blocks
+                                            for b in args.batches.split(",")):
         torch.manual_seed(0)
-        model = build_model(model_config(cfg.model, depth=depth, hidden_size=width, num_heads=heads))
-        key = f"{depth}x{width}x{heads} batch {B:4d}"
+        model = build_model(model_config(cfg.model, depth=depth, hidden_size=width, num_heads=heads, **blocks[block]))
+        key = f"{depth}x{width}x{heads} {block} batch {B:4d}"
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
         net = model if args.eager else torch.compile(model, dynamic=False)
         x = torch.randn(B, 1, 28, 28)

@@ -88,6 +88,7 @@ def _cmd_data_mnist(args) -> int:
 # -----------------------------------------------------------------------------------------------
 def _add_train(sub) -> None:
     from .models import PRESETS
+    from .models.layers import MLPS, NORMS
     from .objectives import OBJECTIVES
     from .train.config import TrainConfig
 
@@ -102,6 +103,11 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--unconditional", action="store_true", help="ignore class labels")
     p.add_argument("--pos-embed", default=d.pos_embed, choices=["sincos", "learned"])
+    p.add_argument("--norm", default=d.norm, choices=list(NORMS),
+                   help="the blocks' normalisation under adaLN (rmsnorm: LightningDiT's)")
+    p.add_argument("--qk-norm", action="store_true", help="RMSNorm on each head's queries and keys (LightningDiT, SD3)")
+    p.add_argument("--mlp", default=d.mlp, choices=list(MLPS), help="the blocks' MLP (swiglu: LightningDiT's, same parameters)")
+    p.add_argument("--rope", action="store_true", help="2-D rotary position angles in attention (LightningDiT)")
     p.add_argument("--depth", type=_positive_int("--depth"), help="number of DiT blocks (default: the preset's)")
     p.add_argument("--width", type=_positive_int("--width"), help="hidden size (default: the preset's)")
     p.add_argument("--heads", type=_positive_int("--heads"), help="attention heads (default: the preset's)")

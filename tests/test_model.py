@@ -260,3 +260,89 @@ def test_bf16_dit_t_image_does_not_depend_on_its_batch():
         for k in range(40):
             i = torch.tensor([k])
             assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), k
+
+
+LIGHTNING = dict(norm="rmsnorm", qk_norm=True, mlp="swiglu", rope=True)
+
+
+def test_rmsnorm_and_swiglu_follow_their_definitions():
+    from ditkit.models.layers import RMSNorm, SwiGLU, swiglu_hidden
+
+    x = torch.randn(3, 5, 16)
+    want = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    torch.testing.assert_close(RMSNorm(16)(x), want)
+    norm = RMSNorm(16, affine=True)
+    norm.weight.data.uniform_(0.5, 2)
+    torch.testing.assert_close(norm(x), want * norm.weight)
+    assert RMSNorm(16)(x.bfloat16()).dtype == torch.bfloat16
+    # SwiGLU: the same parameters as the GELU MLP it replaces (within its rounding to 8)
+    assert swiglu_hidden(128, 4.0) == 344 and swiglu_hidden(384, 4.0) == 1024
+    mlp = SwiGLU(16, 24)
+    gate, value = x @ mlp.fc1.weight[:24].T + mlp.fc1.bias[:24], x @ mlp.fc1.weight[24:].T + mlp.fc1.bias[24:]
+    torch.testing.assert_close(mlp(x), (gate * torch.sigmoid(gate) * value) @ mlp.fc2.weight.T + mlp.fc2.bias)
+
+
+def test_rope_scores_depend_only_on_the_offset_between_tokens():
+    """Rotary angles make a query-key score a function of their relative position on the grid (Su et al.
+    2021), along each axis separately, and leave every vector's length unchanged."""
+    from ditkit.models.layers import apply_rope, rope_2d
+
+    grid, dh = 7, 32
+    cos, sin = rope_2d(dh, grid)
+    q, k = torch.randn(dh, dtype=torch.float64), torch.randn(dh, dtype=torch.float64)
+    rq = apply_rope(q.expand(grid * grid, dh), cos.double(), sin.double())  # q at every position
+    rk = apply_rope(k.expand(grid * grid, dh), cos.double(), sin.double())
+    torch.testing.assert_close(rq.norm(dim=-1), q.norm().expand(grid * grid))
+    score = (rq @ rk.T).view(grid, grid, grid, grid)  # [row_q, col_q, row_k, col_k]
+    for dr, dc in ((0, 0), (1, 0), (0, 2), (-3, 1), (2, -2)):
+        vals = [score[r, c, r + dr, c + dc] for r in range(grid) for c in range(grid)
+                if 0 <= r + dr < grid and 0 <= c + dc < grid]
+        torch.testing.assert_close(torch.stack(vals), vals[0].expand(len(vals)), rtol=0, atol=1e-5)
+    assert not torch.allclose(score[0, 0, 0, 1], score[0, 0, 1, 0])  # rows and columns turn different channels
+    with pytest.raises(ValueError, match="divisible by 4"):
+        rope_2d(30, grid)
+
+
+def test_lightning_block_parts_build_and_keep_the_dit_contracts():
+    """--norm rmsnorm --qk-norm --mlp swiglu --rope: adaLN-Zero (fresh blocks are the identity, the
+    output 0), the same parameter count within 1%, and "one seed, one image" at inference."""
+    torch.manual_seed(0)
+    net = build_model(model_config("DiT-T/4", **LIGHTNING))
+    base = build_model(model_config("DiT-T/4"))
+    n, n0 = (sum(p.numel() for p in m.parameters()) for m in (net, base))
+    assert abs(n - n0) / n0 < 0.01 and n != n0
+    x, t = torch.randn(6, 1, 28, 28), torch.rand(6)
+    cond = Condition.from_labels(torch.tensor([0, 3, 9, 10, 1, 2]), 10)
+    tokens = torch.randn(6, net.num_tokens, 128)
+    c = net.embed_condition(t, cond)
+    rope = (net.rope_cos, net.rope_sin)
+    for block in net.blocks:
+        assert torch.equal(block(tokens, c, rope=rope), tokens)
+    assert torch.count_nonzero(net(x, t, cond)) == 0
+    net.eval()
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    with torch.no_grad():
+        full = net(x, t, cond)
+        assert full.abs().sum() > 0 and torch.isfinite(full).all()
+        for idx in ([0], [1, 2], [3, 4, 5]):
+            i = torch.tensor(idx)
+            assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), idx
+    # each part changes the function (no part silently ignored)
+    for part, value in LIGHTNING.items():
+        torch.manual_seed(0)
+        other = build_model(model_config("DiT-T/4", **{**LIGHTNING, part: DiTConfig.__dataclass_fields__[part].default}))
+        shared = {k: v for k, v in net.state_dict().items() if k in other.state_dict()
+                  and other.state_dict()[k].shape == v.shape}
+        other.load_state_dict(shared, strict=False)
+        with torch.no_grad():
+            assert not torch.allclose(other.eval()(x, t, cond), full), part
+
+
+def test_lightning_parts_bad_values_are_refused():
+    with pytest.raises(UsageError, match="norm='batchnorm': allowed layernorm, rmsnorm"):
+        model_config("DiT-T/4", norm="batchnorm")
+    with pytest.raises(UsageError, match="mlp='relu': allowed gelu, swiglu"):
+        model_config("DiT-T/4", mlp="relu")
+    with pytest.raises(UsageError, match="divisible by 4"):
+        model_config("DiT-T/4", rope=True, hidden_size=120, num_heads=4)  # head width 30

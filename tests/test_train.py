@@ -49,16 +49,28 @@ def test_checkpoint_round_trip(tiny_run):
     assert (tiny_run / "samples").is_dir()
 
 
-@pytest.mark.parametrize("train_guidance,center,dispersive", [(1.0, "none", 0.0), (1.5, "none", 0.0),
-                                                               (1.0, "mean", 0.0), (1.0, "none", 0.25)])
-def test_resume_is_bit_exact(tmp_path, train_guidance, center, dispersive):
+LIGHTNING = dict(norm="rmsnorm", qk_norm=True, mlp="swiglu", rope=True)
+
+
+@pytest.mark.parametrize("train_guidance,center,dispersive,parts", [
+    (1.0, "none", 0.0, {}), (1.5, "none", 0.0, {}), (1.0, "mean", 0.0, {}), (1.0, "none", 0.25, {}),
+    (1.0, "none", 0.0, LIGHTNING)])
+def test_resume_is_bit_exact(tmp_path, train_guidance, center, dispersive, parts):
     # Extending a run (max-steps 5 -> 12) moves a planned lr decay, so this test trains without one;
     # test_resume_after_kill_9 resumes under the default decay with an unchanged plan. Model guidance
     # (1.5) adds a no-grad forward to every step: still deterministic. Centring stores the mean image of
     # the images trained on (the first 512) in config.json, and resuming recomputes the same one. The
-    # dispersive loss (0.25) asks the network for its middle block's tokens too.
-    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, train_guidance=train_guidance, center=center, dispersive=dispersive)
+    # dispersive loss (0.25) asks the network for its middle block's tokens too. LightningDiT's block parts
+    # are stored in the model's config, and a loaded model samples with them.
+    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, train_guidance=train_guidance, center=center, dispersive=dispersive,
+              **parts)
     full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=12, **kw))
+    model = json.loads((full / "config.json").read_text())["model"]
+    assert {k: model[k] for k in LIGHTNING} == (parts or dict(norm="layernorm", qk_norm=False, mlp="gelu", rope=False))
+    if parts:
+        loaded = load_model(full)
+        assert loaded.net.rope_cos is not None and loaded.net.blocks[0].attn.q_norm is not None
+        assert generate(loaded, num=2, labels=[3], sampler="euler", steps=2, seed=0)["images"].shape == (2, 28, 28, 1)
     objective = json.loads((full / "config.json").read_text())["objective"]
     assert objective.get("train_guidance", 1.0) == train_guidance
     assert (objective.get("dispersive"), objective.get("dispersive_block")) == ((0.25, 2) if dispersive else (None, None))
@@ -304,6 +316,9 @@ def run_cli(argv) -> int:
     (["train", "--dispersive", "-0.5", "--out", "{tmp}/r"], "--dispersive must be >= 0", 2),
     (["train", "--dispersive", "0.25", "--dispersive-block", "5", "--max-steps", "1", "--out", "{tmp}/r"],
      "--dispersive-block 5: the model has blocks 1 to 4", 2),
+    (["train", "--mlp", "relu", "--out", "{tmp}/r"], "invalid choice: 'relu'", 2),
+    (["train", "--rope", "--width", "120", "--max-steps", "1", "--out", "{tmp}/r"],
+     "DiT-T/4 with --width 120: rope needs a head width (hidden_size / num_heads = 30) divisible by 4", 2),
     (["data", "mnist", "--idx-dir", "/nonexistent", "--cache-dir", "{tmp}/c"], "/nonexistent", 1),
 ])
 def test_cli_bad_inputs_exit_nonzero_with_one_clear_line(argv, needle, code, tiny_run, tmp_path, capsys):

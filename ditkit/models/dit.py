@@ -17,8 +17,8 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
-from .layers import (AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, invariant_rows,
-                     sincos_pos_embed_2d, unpatchify)
+from .layers import (MLPS, NORMS, AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
+                     invariant_rows, rope_2d, sincos_pos_embed_2d, swiglu_hidden, unpatchify)
 
 
 @dataclass
@@ -33,6 +33,11 @@ class DiTConfig:
     num_classes: int = 10  # 0 = unconditional; the null (guidance) class id is num_classes
     pos_embed: str = "sincos"  # "sincos" (fixed, as in the paper) or "learned"
     gelu_approximate: str = "none"  # "none" (exact, fast on CPU) or "tanh" (the DiT reference's)
+    # LightningDiT's block parts (Yao et al. 2025), each off by default (DiT's own):
+    norm: str = "layernorm"  # or "rmsnorm"
+    qk_norm: bool = False  # RMSNorm with a gain on each head's queries and keys
+    mlp: str = "gelu"  # or "swiglu" (2/3 the hidden width: the same parameters)
+    rope: bool = False  # 2-D rotary position angles in attention, on top of the absolute embedding
 
     def validate(self) -> "DiTConfig":
         if self.input_size < 1 or self.input_size % self.patch_size:
@@ -47,6 +52,13 @@ class DiTConfig:
             raise UsageError(f"pos_embed={self.pos_embed!r}: allowed values are 'sincos' and 'learned'")
         if self.gelu_approximate not in ("none", "tanh"):
             raise UsageError(f"gelu_approximate={self.gelu_approximate!r}: allowed 'none' and 'tanh'")
+        if self.norm not in NORMS:
+            raise UsageError(f"norm={self.norm!r}: allowed {', '.join(NORMS)}")
+        if self.mlp not in MLPS:
+            raise UsageError(f"mlp={self.mlp!r}: allowed {', '.join(MLPS)}")
+        if self.rope and (self.hidden_size // self.num_heads) % 4:
+            raise UsageError(f"rope needs a head width (hidden_size / num_heads = "
+                             f"{self.hidden_size // self.num_heads}) divisible by 4")
         if self.num_classes < 0:
             raise UsageError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
         return self
@@ -80,8 +92,13 @@ class DiT(nn.Module):
             self.pos_embed = nn.Parameter(pos.clone())  # initialised at the sin-cos values
         else:
             self.register_buffer("pos_embed", pos, persistent=False)  # (1, N, D), fixed
-        self.blocks = nn.ModuleList(AdaLNZeroBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.gelu_approximate) for _ in range(c.depth))
-        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.in_channels)
+        self.blocks = nn.ModuleList(
+            AdaLNZeroBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.gelu_approximate, norm=c.norm, qk_norm=c.qk_norm,
+                           mlp=c.mlp) for _ in range(c.depth))
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.in_channels, c.norm)
+        cos, sin = rope_2d(c.hidden_size // c.num_heads, self.grid) if c.rope else (None, None)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (N, head width), fixed; None without RoPE
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.modulation_cache: Optional[ModulationCache] = ModulationCache()  # None turns the memo off
         self._compiled_trunk = None  # set by compile_for_inference()
         self.compiled_min_batch = 1
@@ -161,8 +178,9 @@ class DiT(nn.Module):
         `mods`, is computed, and memoised, outside). With hidden_at = k >= 1, also the tokens after block k."""
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         hidden = None
+        rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
         for i, (block, mod) in enumerate(zip(self.blocks, mods), 1):
-            tokens = block(tokens, mod=mod)
+            tokens = block(tokens, mod=mod, rope=rope)
             if i == hidden_at:
                 hidden = tokens
         out = self.final_layer(tokens, mod=mods[-1])  # (B, N, P*P*C)
@@ -225,8 +243,10 @@ class DiT(nn.Module):
     def _token_products(self) -> list[tuple[int, int]]:
         """(K, N) of every matrix product of the trunk, each applied to B * num_tokens rows."""
         c = self.config
-        d, h = c.hidden_size, int(c.hidden_size * c.mlp_ratio)
-        return [(c.patch_size ** 2 * c.in_channels, d), (d, 3 * d), (d, d), (d, h), (h, d),
+        d = c.hidden_size
+        h = swiglu_hidden(d, c.mlp_ratio) if c.mlp == "swiglu" else int(d * c.mlp_ratio)
+        mlp_in = 2 * h if c.mlp == "swiglu" else h
+        return [(c.patch_size ** 2 * c.in_channels, d), (d, 3 * d), (d, d), (d, mlp_in), (h, d),
                 (d, c.patch_size ** 2 * c.in_channels)]
 
     def _run_compiled(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:

@@ -5,6 +5,7 @@ Shapes: B batch, N tokens, D width, H heads, P patch size, C channels.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -168,15 +169,74 @@ class LabelEmbedder(nn.Module):
         return self.table(labels)
 
 
+class RMSNorm(nn.Module):
+    """x / rms(x) over the last dimension (Zhang & Sennrich 2019), computed in fp32 and returned in x's
+    dtype; `affine` adds a learned gain (QK-norm's). LayerNorm without the mean: inside adaLN the shift
+    and scale come from the condition, so a block needs no gain of its own."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, affine: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        return y.to(x.dtype)
+
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """The per-token normalisation that adaLN modulates: LayerNorm (DiT) or RMSNorm (LightningDiT), no gain."""
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+    if kind == "rmsnorm":
+        return RMSNorm(dim)
+    raise ValueError(f"norm={kind!r}: allowed {', '.join(NORMS)}")
+
+
+# RoPE's base: with a grid of a few patches a side (7 for 28x28 images and patch 4) the usual 10,000 leaves
+# most frequencies all but constant across the image; 100 spreads them from one turn per ~6 patches to ~1/50.
+ROPE_THETA = 100.0
+
+
+def rope_2d(head_dim: int, grid: int, theta: float = ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial 2-D rotary position tables (Su et al. 2021; Heo et al. 2024 for images): (cos, sin), each
+    (grid * grid, head_dim), tokens row-major. The first half of a head's channels turns with the token's
+    row, the second with its column; within each half, channel i pairs with i + head_dim / 4."""
+    if head_dim % 4:
+        raise ValueError(f"2-D RoPE needs a head width divisible by 4, got {head_dim}")
+    f = head_dim // 4
+    freqs = theta ** (-torch.arange(f, dtype=torch.float64) / f)
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    ang = torch.stack([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # (N, axis, f)
+    ang = ang.unsqueeze(2).expand(-1, 2, 2, f).reshape(grid * grid, head_dim)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair of x (..., N, head_dim) by its token's angles (`rope_2d`'s layout)."""
+    xs = x.unflatten(-1, (2, 2, -1))  # (..., axis, pair half, frequency)
+    rot = torch.stack((-xs[..., 1, :], xs[..., 0, :]), dim=-2).flatten(-3)
+    return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`.
+    """Multi-head self-attention through `F.scaled_dot_product_attention`; optionally with QK-norm
+    (RMSNorm with a learned gain on each head's queries and keys, as in LightningDiT and SD3) and rotary
+    position angles passed in by the network (`rope`, from `rope_2d`).
 
     Setting `self.capture = []` (opt-in, see `ditkit.viz.attention`) makes the layer also compute the
     attention probabilities explicitly and append them, (B, H, N, N), to that list; the normal path
     pays one attribute check.
     """
 
-    def __init__(self, dim: int, num_heads: int):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"width {dim} is not divisible by the number of heads {num_heads}")
@@ -184,23 +244,29 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = Linear(dim, 3 * dim)
         self.proj = Linear(dim, dim)
+        self.q_norm = RMSNorm(self.head_dim, affine=True) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, affine=True) if qk_norm else None
         self.capture: Optional[list] = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
-        if self.capture is not None:
-            probs = torch.softmax((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5, dim=-1)
-            self.capture.append(probs.detach())
         dtype = q.dtype
-        if dtype == torch.bfloat16 and q.device.type == "cpu":
-            # PyTorch's CPU flash-attention backward is ~10x slower in bf16 than in fp32 (measured on
-            # DiT-T/4: 14.9 vs 1.3 ms a call): on the CPU attention itself runs in fp32.
-            with torch.autocast("cpu", enabled=False):
-                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
+        # PyTorch's CPU flash-attention backward is ~10x slower in bf16 than in fp32 (measured on
+        # DiT-T/4: 14.9 vs 1.3 ms a call): on the CPU attention itself runs in fp32.
+        cpu_bf16 = dtype == torch.bfloat16 and q.device.type == "cpu"
+        with torch.autocast("cpu", enabled=False) if cpu_bf16 else contextlib.nullcontext():
+            if cpu_bf16:
+                q, k, v = q.float(), k.float(), v.float()
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.capture is not None:
+                probs = torch.softmax((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5, dim=-1)
+                self.capture.append(probs.detach())
+            out = F.scaled_dot_product_attention(q, k, v).to(dtype)  # (B, H, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
@@ -219,19 +285,50 @@ class Mlp(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate=self.gelu_approximate))
 
 
+def swiglu_hidden(dim: int, mlp_ratio: float) -> int:
+    """SwiGLU's hidden width: 2/3 of the GELU MLP's (three matrices instead of two: the same parameters
+    and FLOPs), rounded up to a multiple of 8."""
+    return 8 * math.ceil(2 * int(dim * mlp_ratio) / 3 / 8)
+
+
+class SwiGLU(nn.Module):
+    """fc2(SiLU(x W_gate) * (x W_value)) (Shazeer 2020, "GLU Variants Improve Transformer"), as in LLaMA and
+    LightningDiT; the gate and value maps are one product of twice the hidden width."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = Linear(dim, 2 * hidden)
+        self.fc2 = Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(F.silu(gate) * value)
+
+
+MLPS = ("gelu", "swiglu")
+
+
 class AdaLNZeroBlock(nn.Module):
     """A DiT block with adaLN-Zero conditioning (Peebles & Xie 2023, fig. 3).
 
     The condition c (B, D) yields six vectors: shift/scale/gate for attention and for the MLP. The
     modulation layer is zero-initialised, so every gate is 0 and a fresh block is the identity.
+    `norm`, `qk_norm` and `mlp` choose LightningDiT's parts (RMSNorm, QK-norm, SwiGLU; Yao et al. 2025)
+    instead of DiT's (LayerNorm, none, GELU).
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, gelu_approximate: str = "none"):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, gelu_approximate: str = "none", *,
+                 norm: str = "layernorm", qk_norm: bool = False, mlp: str = "gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu_approximate)
+        self.norm1 = make_norm(norm, dim)
+        self.attn = Attention(dim, num_heads, qk_norm)
+        self.norm2 = make_norm(norm, dim)
+        if mlp == "gelu":
+            self.mlp = Mlp(dim, int(dim * mlp_ratio), gelu_approximate)
+        elif mlp == "swiglu":
+            self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio))
+        else:
+            raise ValueError(f"mlp={mlp!r}: allowed {', '.join(MLPS)}")
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 6 * dim))
         nn.init.zeros_(self.adaLN_modulation[-1].weight)
         nn.init.zeros_(self.adaLN_modulation[-1].bias)
@@ -241,12 +338,14 @@ class AdaLNZeroBlock(nn.Module):
         """c (B, D) -> (B, 6D): [shift_a, 1 + scale_a, gate_a, shift_m, 1 + scale_m, gate_m]."""
         return self.adaLN_modulation(c) + self._one_plus
 
-    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None, *, mod: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x (B, N, D); either the condition c (B, D) or its `modulation(c)` (B, 6D), which a sampler can memoise."""
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None, *, mod: Optional[torch.Tensor] = None,
+                rope: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """x (B, N, D); either the condition c (B, D) or its `modulation(c)` (B, 6D), which a sampler can
+        memoise; `rope`: the network's rotary tables, if it uses them."""
         if mod is None:
             mod = self.modulation(c)
         shift_a, scale1_a, gate_a, shift_m, scale1_m, gate_m = (v.unsqueeze(1) for v in mod.chunk(6, dim=1))
-        x = torch.addcmul(x, gate_a, self.attn(torch.addcmul(shift_a, self.norm1(x), scale1_a)))
+        x = torch.addcmul(x, gate_a, self.attn(torch.addcmul(shift_a, self.norm1(x), scale1_a), rope))
         x = torch.addcmul(x, gate_m, self.mlp(torch.addcmul(shift_m, self.norm2(x), scale1_m)))
         return x
 
@@ -254,9 +353,9 @@ class AdaLNZeroBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) then a linear map to P*P*C_out per token; zero-initialised so a fresh net outputs 0."""
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
+    def __init__(self, dim: int, patch_size: int, out_channels: int, norm: str = "layernorm"):
         super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.norm = make_norm(norm, dim)
         self.linear = Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 2 * dim))
         for layer in (self.linear, self.adaLN_modulation[-1]):

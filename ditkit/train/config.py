@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
 from ..errors import UsageError
+from ..models.layers import MLPS, NORMS
 
 # The demo recipe, chosen by measurement (docs/BENCHMARKS.md, "Choosing the default recipe").
 DEFAULT_MODEL = "DiT-T/4"
@@ -22,6 +23,11 @@ class TrainConfig:
     channels: Optional[int] = None
     subset: Optional[int] = None  # train on the first N images only (tests, quick looks)
     pos_embed: str = "sincos"
+    # LightningDiT's block parts (Yao et al. 2025; off: DiT's own): --norm rmsnorm --qk-norm --mlp swiglu --rope
+    norm: str = "layernorm"
+    qk_norm: bool = False
+    mlp: str = "gelu"
+    rope: bool = False
     # the preset's shape, changed field by field (None = the preset's value)
     depth: Optional[int] = None
     width: Optional[int] = None
@@ -154,6 +160,8 @@ class TrainConfig:
         need(self.keep_checkpoints >= 0, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 0")
         need(self.precision in ("auto", "fp32", "bf16"), f"--precision {self.precision!r}: allowed auto, fp32, bf16")
         need(self.pos_embed in ("sincos", "learned"), f"--pos-embed {self.pos_embed!r}: allowed sincos, learned")
+        need(self.norm in NORMS, f"--norm {self.norm!r}: allowed {', '.join(NORMS)}")
+        need(self.mlp in MLPS, f"--mlp {self.mlp!r}: allowed {', '.join(MLPS)}")
         need(self.threads is None or self.threads >= 1, f"--threads {self.threads}: must be >= 1")
         need(self.sample_steps >= 1, f"--sample-steps {self.sample_steps}: must be >= 1")
         need(math.isfinite(self.sample_cfg_scale) and self.sample_cfg_scale >= 0,
