@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..condition import Condition
 from ..errors import UsageError
 from .layers import (MLPS, NORMS, AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
-                     invariant_rows, rope_2d, sincos_pos_embed_2d, swiglu_hidden, unpatchify)
+                     invariant_rows, rope_2d, sincos_pos_embed_2d, unpatchify)
 
 
 @dataclass
@@ -241,13 +241,15 @@ class DiT(nn.Module):
         return self._compiled_trunk is not None
 
     def _token_products(self) -> list[tuple[int, int]]:
-        """(K, N) of every matrix product of the trunk, each applied to B * num_tokens rows."""
+        """(K, N) of every matrix product of the trunk, each applied to B * num_tokens rows: read from the
+        layers themselves (the patch embedding, a block's attention and MLP maps, the output map), so that
+        every block variant is covered; the adaLN modulations are applied to B rows only, and left out."""
         c = self.config
-        d = c.hidden_size
-        h = swiglu_hidden(d, c.mlp_ratio) if c.mlp == "swiglu" else int(d * c.mlp_ratio)
-        mlp_in = 2 * h if c.mlp == "swiglu" else h
-        return [(c.patch_size ** 2 * c.in_channels, d), (d, 3 * d), (d, d), (d, mlp_in), (h, d),
-                (d, c.patch_size ** 2 * c.in_channels)]
+        block = self.blocks[0] if len(self.blocks) else None
+        maps = [] if block is None else [m for part in (block.attn, block.mlp) for m in part.modules()
+                                         if isinstance(m, nn.Linear)]
+        return ([(c.patch_size ** 2 * c.in_channels, c.hidden_size)] + [(m.in_features, m.out_features) for m in maps]
+                + [(self.final_layer.linear.in_features, self.final_layer.linear.out_features)])
 
     def _run_compiled(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
         B, pad = x.shape[0], self.compiled_min_batch - x.shape[0]

@@ -88,6 +88,13 @@ class TrainConfig:
         """The --depth / --width / --heads given (not None)."""
         return {k: getattr(self, k) for k in self.SHAPE_FIELDS if getattr(self, k) is not None}
 
+    # the block-part flags, each a DiT config field of the same name
+    BLOCK_FIELDS = ("pos_embed", "norm", "qk_norm", "mlp", "rope")
+
+    def block_parts(self) -> dict[str, Any]:
+        """The DiT config fields that --pos-embed, --norm, --qk-norm, --mlp and --rope set."""
+        return {k: getattr(self, k) for k in self.BLOCK_FIELDS}
+
     def model_overrides(self) -> dict[str, int]:
         """The DiT config fields that the shape flags change in the preset."""
         return {self.SHAPE_FIELDS[k]: v for k, v in self.shape_flags().items()}

@@ -101,8 +101,7 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
     num_classes = 0 if cfg.unconditional else data.num_classes
     try:
         mcfg = model_config(cfg.model, input_size=H, in_channels=C, num_classes=num_classes,
-                            pos_embed=cfg.pos_embed, norm=cfg.norm, qk_norm=cfg.qk_norm, mlp=cfg.mlp, rope=cfg.rope,
-                            **cfg.model_overrides())
+                            **cfg.block_parts(), **cfg.model_overrides())
     except UsageError as e:
         if not cfg.model_overrides():
             raise
