@@ -108,6 +108,22 @@ def test_bf16_autocast_trains_and_resumes_bit_exactly(tmp_path):
     assert a != b and all(abs(a[k] - b[k]) < 0.05 * b[k] for k in b)  # bf16 rounding, the same training
 
 
+def test_plan_points_double_then_follow_the_decay_to_its_end():
+    """Re-plans: at 2x the step while the lr is constant, at the decay's start, then each eighth of the
+    remaining steps (so a machine that slows near the end is followed), until few steps remain."""
+    from ditkit.train.loop import LAST_REPLAN_STEPS, next_plan_step
+    assert next_plan_step(30, 1000, 0.3, in_decay=False) == 60
+    assert next_plan_step(480, 1000, 0.3, in_decay=False) == 700  # 960 would pass the decay's start
+    points, step = [], 700
+    while step is not None:
+        points.append(step)
+        step = next_plan_step(step, 1000, 0.3, in_decay=True)
+    gaps = [b - a for a, b in zip(points, points[1:])]
+    assert gaps[0] == 300 // 8 and all(g >= LAST_REPLAN_STEPS // 2 for g in gaps)
+    assert all(b <= a for a, b in zip(gaps, gaps[1:]))  # denser towards the end
+    assert 1000 - points[-1] < LAST_REPLAN_STEPS <= 1000 - points[-2] and len(points) > 10
+
+
 def test_time_limited_run_plans_its_steps_and_ends_decayed(tmp_path):
     """--max-minutes alone: the step count is planned (and re-planned) from the measured speed, so the
     lr decay ends with the run, inside the budget, with most of the budget used."""

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 GRID_SEED = 1234
 PLAN_AFTER_STEPS = 30  # with only --max-minutes: plan the run after this many steps, re-plan at 2x, 4x, ...
-LAST_REPLAN_STEPS = 16  # during the lr decay, re-plan whenever half the remaining steps are done, down to this
+LAST_REPLAN_STEPS = 16  # during the lr decay, re-plan each time 1/DECAY_REPLANS of the remaining steps is done,
+DECAY_REPLANS = 8  # down to this many remaining steps
 # --compile auto (the default) compiles a run on the CPU that is at least this long: compiling costs ~35 s
 # here and then buys ~24% more steps per second, so it pays for itself after ~2.5 minutes of training.
 AUTO_COMPILE_MIN_MINUTES = 3.0
@@ -41,11 +42,12 @@ AUTO_COMPILE_MIN_STEPS = 3000
 
 def next_plan_step(step: int, planned: int, lr_decay: float, *, in_decay: bool) -> Optional[int]:
     """Where a time-limited run plans again: at twice the step while the lr is constant, then where the
-    decay begins, then each time half of the remaining steps are done (None: no more plans)."""
+    decay begins, then each time an eighth of the remaining steps is done (None: no more plans)."""
     if not in_decay:
         decay_from = planned * (1 - lr_decay)
         return 2 * step if 2 * step < decay_from else max(step + 1, math.ceil(decay_from))
-    return step + (planned - step) // 2 if planned - step >= LAST_REPLAN_STEPS else None
+    left = planned - step
+    return step + max(LAST_REPLAN_STEPS // 2, left // DECAY_REPLANS) if left >= LAST_REPLAN_STEPS else None
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -254,8 +256,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     # ends with the run), and re-planned at 30, 60, 120, ... steps while the lr is still constant, each
     # time from the speed since the last plan: the first steps are slow (allocator and kernel warm-up),
     # and a plan from them alone left 8-17% of the budget unused. Once the decay has begun, the plan is
-    # revised each time half of the remaining steps are done (a machine that slows down during the decay
-    # would otherwise meet the deadline with the lr still high); the lr then falls on a straight line from
+    # revised each time an eighth of the remaining steps is done, from the speed since the last revision
+    # (a machine that slows down during the decay would otherwise meet the deadline with the lr still
+    # high: with revisions at each half, a host that fell from ~480 to ~200 img/s in the last minute
+    # stopped a 10-minute run at 11% of the peak lr); the lr then falls on a straight line from
     # its present value to 0 at the new end, so it never jumps. Under DDP, rank 0's plan and rank 0's
     # clock are everyone's (ranks that stopped on different steps would hang in the all-reduce).
     plan_at = step + PLAN_AFTER_STEPS if planned is None and deadline is not None and cfg.lr_decay > 0 else None
