@@ -93,6 +93,23 @@ def test_resume_is_bit_exact(tmp_path, train_guidance, center, dispersive, parts
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_resume_a_run_from_before_the_block_parts(tmp_path):
+    """A run written before --norm, --qk-norm, --mlp and --rope existed (its config.json lacks them) was
+    DiT's own blocks: it resumes, bit-exactly, with the settings it was started with."""
+    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0)
+    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=6, **kw))
+    part = TrainConfig(out=str(tmp_path / "part"), max_steps=3, **kw)
+    train(part)
+    path = tmp_path / "part" / "config.json"
+    config = json.loads(path.read_text())
+    for key in TrainConfig.BLOCK_FIELDS[1:]:
+        del config["model"][key], config["train"][key]
+    path.write_text(json.dumps(config))
+    part.max_steps = 6
+    train(part, resume=True)
+    assert losses(full) == losses(tmp_path / "part")
+
+
 def test_bf16_autocast_trains_and_resumes_bit_exactly(tmp_path):
     """--precision bf16 on the CPU: matrix products in bf16 (attention in fp32), still deterministic."""
     kw = dict(SMALL, precision="bf16", ckpt_every=0, lr_decay=0.0)

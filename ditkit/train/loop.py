@@ -20,7 +20,7 @@ from .. import __version__
 from ..condition import Condition
 from ..data import load_dataset
 from ..errors import DitkitError, UsageError
-from ..models import build_model, model_config
+from ..models import DiTConfig, build_model, model_config
 from ..objectives import DataMean, build_objective
 from ..utils import atomic_write_bytes, atomic_write_json, compile_failed, first_line, pick_device, resolve_precision
 from .checkpoint import clean_partial, guide_checkpoint, latest_checkpoint, load_training_state, save_checkpoint, save_guide
@@ -140,6 +140,8 @@ def _check_resume_compatible(old: dict[str, Any], new: dict[str, Any]) -> None:
         a, b = old.get(key), new.get(key)
         if key == "data" and isinstance(a, dict) and isinstance(b, dict):  # what an older ditkit did not record
             b = {k: v for k, v in b.items() if k in a or k not in DATA_KEYS_ADDED_LATER}
+        if key == "model" and isinstance(a, dict):  # a DiT field an older ditkit did not write had its default
+            a = {**DiTConfig().to_dict(), **a}
         if a != b:
             fields = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k)) \
                 if isinstance(a, dict) and isinstance(b, dict) else []
