@@ -110,6 +110,22 @@ def test_resume_a_run_from_before_the_block_parts(tmp_path):
     assert losses(full) == losses(tmp_path / "part")
 
 
+def test_cli_resume_keeps_the_runs_settings(tmp_path, capsys):
+    """`ditkit train --out R --resume` alone continues R with the settings R was started with (seed, lr,
+    block parts, subset, ...), bit-exactly; a setting given anew that differs is refused by name."""
+    run_args = ["--subset", "256", "--batch-size", "16", "--warmup-steps", "2", "--lr-decay", "0", "--lr", "5e-4",
+                "--seed", "3", "--norm", "rmsnorm", "--mlp", "swiglu", "--sample-every", "0", "--log-every", "1",
+                "--ckpt-every", "0", "--no-progress", "--threads", "1", "--no-compile"]
+    assert cli_main(["train", "--out", str(tmp_path / "full"), "--max-steps", "5"] + run_args) == 0
+    assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "2"] + run_args) == 0
+    assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "5", "--resume", "--no-progress"]) == 0
+    assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    capsys.readouterr()
+    assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "7", "--resume", "--seed", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "seed" in err and "differ from the run's config.json" in err and "Traceback" not in err
+
+
 def test_bf16_autocast_trains_and_resumes_bit_exactly(tmp_path):
     """--precision bf16 on the CPU: matrix products in bf16 (attention in fp32), still deterministic."""
     kw = dict(SMALL, precision="bf16", ckpt_every=0, lr_decay=0.0)

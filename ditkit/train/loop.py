@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -148,10 +149,8 @@ def _check_resume_compatible(old: dict[str, Any], new: dict[str, Any]) -> None:
             diff = ", ".join(f"{k} {_short(a.get(k))} -> {_short(b.get(k))}" for k in fields)
             raise UsageError(f"--resume: the {key} settings differ from the run's config.json"
                              f"{': ' + diff if diff else ''}; resume with the same settings or start a new --out")
-    defaults = TrainConfig.__dataclass_fields__  # a key that an older ditkit did not write had its default
-    changed = [k for k, v in new["train"].items()
-               if old["train"].get(k, defaults[k].default if k in defaults else None) != v
-               and k not in TrainConfig.RESUMABLE_CHANGES]
+    recorded = TrainConfig.recorded(old["train"])
+    changed = [k for k, v in new["train"].items() if recorded.get(k) != v and k not in TrainConfig.RESUMABLE_CHANGES]
     if changed:
         raise UsageError(f"--resume: these settings differ from the run's config.json: {', '.join(sorted(changed))}; "
                          "only the run length, logging and device may change")
@@ -176,12 +175,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext] = None) -> Path:
-    """Train a DiT as `cfg` says; returns the run folder. Ctrl-C saves a checkpoint, then re-raises."""
+    """Train a DiT as `cfg` says; returns the run folder. Ctrl-C saves a checkpoint, then re-raises.
+    With `resume`, the fields of `cfg` left at their defaults take the run's recorded values."""
+    run_dir = Path(cfg.out)
+    old = None
+    if resume:
+        if not (run_dir / "config.json").exists():
+            raise DitkitError(f"--resume: {run_dir} is not a run folder (no config.json); start without --resume")
+        old = json.loads((run_dir / "config.json").read_text())
+        cfg = replace(cfg).settings_of_run(TrainConfig.recorded(old["train"]))
     cfg.validate()
     dist = dist or DistContext.from_env()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.out)
     device = dist.device if dist.world_size > 1 else pick_device(cfg.device)
     data = load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels)
     if cfg.subset is not None:
@@ -196,10 +202,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(data)} images)")
 
     ckpt = None
-    if resume:
-        if not (run_dir / "config.json").exists():
-            raise DitkitError(f"--resume: {run_dir} is not a run folder (no config.json); start without --resume")
-        old = json.loads((run_dir / "config.json").read_text())
+    if old is not None:
         _check_resume_compatible(old, config)
         config["compiled"] = resolve_compile(cfg, device, dist.world_size, steps_per_epoch, old)
         if dist.is_main:
