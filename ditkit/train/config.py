@@ -187,14 +187,11 @@ class TrainConfig:
     RESUMABLE_CHANGES = ("max_steps", "epochs", "max_minutes", "progress", "log_every", "ckpt_every",
                          "sample_every", "keep_checkpoints", "device", "threads", "out", "guide_at",
                          "compile")  # compile: checked against what the run resolved it to (loop.train)
-    # What a field that an older ditkit did not write meant, where that is not today's default
-    # (runs from before the block-part flags had DiT's own blocks).
-    ABSENT_MEANT = {"norm": "layernorm", "qk_norm": False, "mlp": "gelu", "rope": False}
-
     @classmethod
     def recorded(cls, d: dict[str, Any]) -> dict[str, Any]:
-        """Every field's value in a run's config.json "train" entry `d`, those it lacks at what they meant."""
-        return {f.name: d.get(f.name, cls.ABSENT_MEANT.get(f.name, f.default)) for f in fields(cls)}
+        """Every field's value in a run's config.json "train" entry `d`; a field that an older ditkit did not
+        write had its default (should a default change, the old one belongs here)."""
+        return {f.name: d.get(f.name, f.default) for f in fields(cls)}
 
     # what a resumption states afresh: where the run is, how long it goes on, and whether a bar is drawn
     STATED_ON_RESUME = ("out", "max_steps", "epochs", "max_minutes", "progress")

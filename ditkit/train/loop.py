@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 
 GRID_SEED = 1234
 PLAN_AFTER_STEPS = 30  # with only --max-minutes: plan the run after this many steps, re-plan at 2x, 4x, ...
-LAST_REPLAN_STEPS = 16  # during the lr decay, re-plan each time 1/DECAY_REPLANS of the remaining steps is done,
-DECAY_REPLANS = 8  # down to this many remaining steps
+DECAY_REPLANS = 8  # during the lr decay, re-plan each time 1/DECAY_REPLANS of the remaining steps is done,
+LAST_REPLAN_STEPS = 16  # until fewer than this many remain
 # --compile auto (the default) compiles a run on the CPU that is at least this long: compiling costs ~35 s
 # here and then buys ~24% more steps per second, so it pays for itself after ~2.5 minutes of training.
 AUTO_COMPILE_MIN_MINUTES = 3.0
