@@ -256,6 +256,10 @@ class DiT(nn.Module):
         if pad > 0:  # zero images and modulations: their rows are dropped, and never mix with the others
             x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
             mods = [torch.cat([m, m.new_zeros(pad, m.shape[1])]) for m in mods]
+        else:
+            # the modulation memo hands back views of one table, a padded batch fresh tensors: dynamo guards
+            # on that aliasing, and a batch of 1 recompiled the graph (~30 s). Always fresh, contiguous tensors.
+            mods = [m.clone(memory_format=torch.contiguous_format) for m in mods]
         return self._compiled_trunk(x, mods)[:B]
 
 
