@@ -20,7 +20,8 @@ def tiny_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = TrainConfig(out=str(out), model="DiT-T/4", objective="linear", batch_size=16, max_steps=40,
-                      warmup_steps=10, log_every=5, ckpt_every=20, sample_every=0, progress=False, subset=2000)
+                      warmup_steps=10, log_every=5, ckpt_every=20, sample_every=0, sample_steps=2, progress=False,
+                      subset=2000)
     return train(cfg)
 
 
@@ -32,5 +33,6 @@ def tiny_ddpm_run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "tiny_ddpm"
     cfg = TrainConfig(out=str(out), model="DiT-T/4", objective="ddpm", batch_size=16, max_steps=20,
-                      warmup_steps=10, log_every=5, ckpt_every=20, sample_every=0, progress=False, subset=2000)
+                      warmup_steps=10, log_every=5, ckpt_every=20, sample_every=0, sample_steps=2, progress=False,
+                      subset=2000)
     return train(cfg)

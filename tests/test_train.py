@@ -23,7 +23,7 @@ from ditkit.train.config import TrainConfig
 from ditkit.train.loop import train
 
 SMALL = dict(model="DiT-T/4", batch_size=16, warmup_steps=5, log_every=1, sample_every=0, progress=False,
-             subset=512, threads=1)
+             subset=512, threads=1, sample_steps=1)  # one step for the end-of-run grid (the default 10: ~8 s a run)
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
@@ -114,7 +114,7 @@ def test_cli_resume_keeps_the_runs_settings(tmp_path, capsys):
     """`ditkit train --out R --resume` alone continues R with the settings R was started with (seed, lr,
     block parts, subset, ...), bit-exactly; a setting given anew that differs is refused by name."""
     run_args = ["--subset", "256", "--batch-size", "16", "--warmup-steps", "2", "--lr-decay", "0", "--lr", "5e-4",
-                "--seed", "3", "--norm", "rmsnorm", "--mlp", "swiglu", "--sample-every", "0", "--log-every", "1",
+                "--seed", "3", "--norm", "rmsnorm", "--mlp", "swiglu", "--sample-every", "0", "--sample-steps", "1", "--log-every", "1",
                 "--ckpt-every", "0", "--no-progress", "--threads", "1", "--no-compile"]
     assert cli_main(["train", "--out", str(tmp_path / "full"), "--max-steps", "5"] + run_args) == 0
     assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "2"] + run_args) == 0
@@ -190,7 +190,8 @@ def test_resume_after_kill_9(tmp_path):
     """Kill the trainer with SIGKILL mid-run, resume from the last checkpoint: the same loss at every step."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "ditkit", "train", "--subset", "512", "--batch-size", "16", "--warmup-steps", "5",
-            "--log-every", "1", "--sample-every", "0", "--no-progress", "--threads", "1", "--max-steps", "30"]
+            "--log-every", "1", "--sample-every", "0", "--sample-steps", "1", "--no-progress", "--threads", "1",
+            "--max-steps", "20"]
     ref = tmp_path / "ref"
     subprocess.run(args + ["--out", str(ref), "--ckpt-every", "0"], check=True, env=env, capture_output=True)
     run = tmp_path / "killed"
@@ -199,7 +200,7 @@ def test_resume_after_kill_9(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline:
         ck = latest_checkpoint(run) if (run / "checkpoints").exists() else None
-        if ck is not None and int(ck.name.split("_")[1]) >= 12:
+        if ck is not None and int(ck.name.split("_")[1]) >= 8:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
@@ -430,7 +431,8 @@ def test_steps_above_training_steps_refused(tiny_ddpm_run, tmp_path, capsys):
 def test_integration_loss_falls_on_real_mnist(tmp_path):
     """DiT-T/4 on 2,000 real MNIST digits: the loss falls well below its start within 150 steps."""
     run = train(TrainConfig(out=str(tmp_path / "it"), model="DiT-T/4", batch_size=32, max_steps=150,
-                            warmup_steps=20, log_every=10, ckpt_every=0, sample_every=0, progress=False, subset=2000))
+                            warmup_steps=20, log_every=10, ckpt_every=0, sample_every=0, sample_steps=1, progress=False,
+                            subset=2000))
     ls = [l for _, l in losses(run)]
     assert np.mean(ls[-3:]) < 0.6 * ls[0], ls
 
