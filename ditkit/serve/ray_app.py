@@ -45,6 +45,8 @@ DEPLOYMENT_NAME = "ditkit"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "ditkit.serve.ray_app:proxy_middlewares"
 API_KEYS_ENV = "DITKIT_API_KEYS"
+PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"  # Ray's default: 5 s
+PROXY_READY_S = 30.0
 
 HEALTH_CHECK_PERIOD_S = 5.0
 HEALTH_CHECK_TIMEOUT_S = 30.0
@@ -411,6 +413,11 @@ def start_ray(ckpt: str, settings: Any, plan: ReplicaPlan, *, host: str = "127.0
     if not ray.is_initialized():
         kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=not quiet, configure_logging=not quiet)
         if address is None:  # "local": a new instance of our own, never someone's `ray start` by accident
+            # Ray runs its workers at niceness 15: beside a busy process (a training run) its HTTP proxy took
+            # over 15 s to start, failed three 5-s readiness checks and was killed, and serve.start with it.
+            # The controller of the Ray started here inherits a longer readiness check (serve.start itself
+            # still waits at most 60 s for the proxy).
+            os.environ.setdefault(PROXY_READY_ENV, str(PROXY_READY_S))
             cpus, gpus = local_resources()
             kw.update(address="local", num_cpus=int(cpus), num_gpus=int(gpus))
         else:
