@@ -252,14 +252,13 @@ class DiT(nn.Module):
                 + [(self.final_layer.linear.in_features, self.final_layer.linear.out_features)])
 
     def _run_compiled(self, x: torch.Tensor, mods: list[torch.Tensor]) -> torch.Tensor:
-        B, pad = x.shape[0], self.compiled_min_batch - x.shape[0]
-        if pad > 0:  # zero images and modulations: their rows are dropped, and never mix with the others
-            x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
-            mods = [torch.cat([m, m.new_zeros(pad, m.shape[1])]) for m in mods]
-        else:
-            # the modulation memo hands back views of one table, a padded batch fresh tensors: dynamo guards
-            # on that aliasing, and a batch of 1 recompiled the graph (~30 s). Always fresh, contiguous tensors.
-            mods = [m.clone(memory_format=torch.contiguous_format) for m in mods]
+        B, pad = x.shape[0], max(self.compiled_min_batch - x.shape[0], 0)
+        # Padded with zero images and modulations (their rows are dropped, and never mix with the others).
+        # `cat` copies even when pad is 0: the graph always gets fresh, contiguous tensors. The modulation memo
+        # hands back views of one table; dynamo guards on that aliasing, and recompiled (~30 s) on the first
+        # padded batch when the others came as views.
+        x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+        mods = [torch.cat([m, m.new_zeros(pad, m.shape[1])]) for m in mods]
         return self._compiled_trunk(x, mods)[:B]
 
 
