@@ -201,6 +201,19 @@ def _sampler_option(v: str) -> tuple[str, object]:
         return key.strip(), value.strip()
 
 
+def _guidance_interval(v: str) -> tuple[float, float]:
+    """--guidance-interval LO,HI: the noise levels (sigma) where guidance acts; HI may be inf."""
+    lo, comma, hi = v.partition(",")
+    try:
+        band = (float(lo), float(hi)) if comma else None
+    except ValueError:
+        band = None
+    if band is None or math.isnan(band[0]) or math.isnan(band[1]) or not 0 <= band[0] < band[1]:
+        raise argparse.ArgumentTypeError(f"--guidance-interval {v!r}: give SIGMA_LO,SIGMA_HI with "
+                                         "0 <= SIGMA_LO < SIGMA_HI, e.g. 0.3,inf")
+    return band
+
+
 def _add_sampler_option_flag(p) -> None:
     p.add_argument("--sampler-option", type=_sampler_option, action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option, repeatable: heun s_churn=10 s_tmin=0.05 s_tmax=50 (EDM's stochastic "
@@ -256,6 +269,10 @@ def _add_guidance_flags(p) -> None:
                    help="the guidance scale S along the noise levels: constant, or ramp: 1 + 2 (S - 1) / (1 + sigma), "
                         "no guidance at pure noise, 2S - 1 at the data (measured: no clear gain over constant)")
     _add_autoguidance_flags(p)
+    p.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI",
+                   help="guide (classifier-free and autoguidance) only at noise levels sigma in [LO, HI], the "
+                        "model's own prediction elsewhere (Kynkaanniemi et al. 2024), e.g. 0.3,inf; the "
+                        "interpolants' sigma is t / (1 - t) (default: every step)")
     from .samplers.implicit import SIGMAS
     from .sampling import REJECT_TRIES
 
@@ -306,7 +323,8 @@ def _cmd_sample(args) -> int:
         res = generate(model, num=args.num, labels=args.labels, seed=args.seed, batch_size=args.batch_size,
                        sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, spacing=args.spacing,
                        sampler_options=dict(args.sampler_option), cfg_schedule=args.cfg_schedule,
-                       autoguidance=args.autoguidance, progress=bar.update, reject=args.reject)
+                       autoguidance=args.autoguidance, guidance_interval=args.guidance_interval,
+                       progress=bar.update, reject=args.reject)
     for out in args.out:
         if out.lower().endswith(".npz"):
             import io
@@ -322,7 +340,9 @@ def _cmd_sample(args) -> int:
 
         first = int(res["labels"][0]) if model.num_classes else None
         save_trajectory(model, first, args.seed, args.sampler, args.steps, args.cfg_scale, args.trajectory,
-                        cfg_schedule=args.cfg_schedule)
+                        cfg_schedule=args.cfg_schedule, autoguidance=args.autoguidance,
+                        guidance_interval=args.guidance_interval, spacing=args.spacing,
+                        sampler_options=dict(args.sampler_option) or None)
         print(f"wrote {args.trajectory}")
     redrawn = f", {res['redraws']} redrawn ({res['rejected_kept']} still rejected at the last draw, kept)" \
         if args.reject is not None else ""

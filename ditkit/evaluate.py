@@ -49,6 +49,9 @@ def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
         out.append((res["cfg_schedule"], f"{res['cfg_schedule']} schedule"))
     if res.get("autoguidance", 1) != 1:
         out.append((f"ag{res['autoguidance']:g}", f"autoguidance {res['autoguidance']}"))
+    if res.get("guidance_interval") is not None:
+        lo, hi = res["guidance_interval"]
+        out.append((f"gi{lo:g}-{hi:g}", f"guidance at sigma in [{lo:g}, {hi:g}]"))
     if res.get("reject") is not None:
         out.append((f"reject{res['reject']:g}", f"rejection at margin {res['reject']:g}"))
     if res.get("spacing"):
@@ -72,7 +75,7 @@ def evaluate_model(model, *, num: int = 10000, sampler: Optional[str] = None, st
                    labels: str | Sequence[int] | None = "prior", spacing: Optional[str] = None,
                    autoguidance: float = 1.0, sampler_options: Optional[dict[str, Any]] = None,
                    cfg_schedule: str = "constant", reject: Optional[float] = None, progress=None,
-                   n_boot: Optional[int] = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                   n_boot: Optional[int] = None, guidance_interval: Optional[tuple[float, float]] = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sample `num` images from a loaded model (`sampling.load_model`) and evaluate them.
 
     Returns (result, samples): the result as `evaluate_checkpoint` keeps it (JSON-ready: settings, class
@@ -90,7 +93,8 @@ def evaluate_model(model, *, num: int = 10000, sampler: Optional[str] = None, st
     t0 = time.perf_counter()
     res = generate(model, num=num, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler, steps=steps,
                    cfg_scale=cfg_scale, spacing=spacing, autoguidance=autoguidance, progress=progress,
-                   sampler_options=sampler_options or None, cfg_schedule=cfg_schedule, reject=reject)
+                   sampler_options=sampler_options or None, cfg_schedule=cfg_schedule, reject=reject,
+                   guidance_interval=guidance_interval)
     sample_s = time.perf_counter() - t0
     ev = evaluate_images(res["images"], res["labels"] if model.num_classes else None,
                          **({} if n_boot is None else dict(n_boot=n_boot)))
@@ -101,6 +105,8 @@ def evaluate_model(model, *, num: int = 10000, sampler: Optional[str] = None, st
                sample_seconds=sample_s, **ev)
     if autoguidance != 1:
         out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
+    if guidance_interval is not None and (cfg_scale != 1 or autoguidance != 1):
+        out.update(guidance_interval=[float(v) for v in guidance_interval])
     if reject is not None:
         out.update(reject=reject, redraws=res["redraws"], rejected_kept=res["rejected_kept"])
     # the report reads these two keys as dicts
@@ -116,9 +122,10 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
                         write: bool = True, progress=None, autoguidance: float = 1.0,
                         guide: Optional[str | Path] = None, precision: str = "fp32", compile: bool = False,
                         sampler_options: Optional[dict[str, Any]] = None, cfg_schedule: str = "constant",
-                        reject: Optional[float] = None) -> dict[str, Any]:
+                        reject: Optional[float] = None,
+                        guidance_interval: Optional[tuple[float, float]] = None) -> dict[str, Any]:
     """Load a run or checkpoint, then `evaluate_model`; with `write`, keep the result as
-    RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_balanced][_ramp][_ag<w>][_reject<m>][_<spacing>][_raw][_seed<s>][_bf16]
+    RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_balanced][_ramp][_ag<w>][_gi<lo>-<hi>][_reject<m>][_<spacing>][_raw][_seed<s>][_bf16]
     [_compiled][_<option><value>...]_n<num>.json for the report: every setting that changes the images
     names its own file."""
     from .sampling import load_model
@@ -127,7 +134,7 @@ def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional
     out, _ = evaluate_model(model, num=num, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
                             batch_size=batch_size, labels=labels, spacing=spacing, autoguidance=autoguidance,
                             sampler_options=sampler_options, cfg_schedule=cfg_schedule, reject=reject,
-                            progress=progress)
+                            progress=progress, guidance_interval=guidance_interval)
     out.update(weights=weights, precision=precision, compiled=compile)
     if write and model.run_dir is not None:
         tags = [tag for tag, _ in image_settings(out)]

@@ -21,7 +21,7 @@ from .errors import DitkitError, UsageError
 from .models import DiTConfig, build_model
 from .objectives import build_objective
 from .samplers import autoguided, count_calls, get_sampler, guided
-from .samplers.guidance import check_schedule
+from .samplers.guidance import check_interval, check_schedule
 from .samplers.implicit import class_errors, relative_margin
 from .train.checkpoint import guide_checkpoint, load_weights, read_state, resolve_checkpoint
 from .utils import ImageRNG, compile_failed, image_seeds, pick_device
@@ -230,9 +230,10 @@ def parse_labels(spec: str | Sequence[int] | None, num: int, num_classes: int,
 
 
 def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale, autoguidance=1.0,
-                      cfg_schedule: str = "constant") -> None:
+                      cfg_schedule: str = "constant", guidance_interval=None) -> None:
     spec = get_sampler(sampler)
     check_schedule(cfg_schedule)
+    check_interval(guidance_interval)
     obj = model.objective
     limit = getattr(obj, "num_timesteps", None)
     if steps < 1 or (limit is not None and steps > limit):
@@ -281,7 +282,8 @@ def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int]
     ag = torch.as_tensor(autoguidance, dtype=torch.float32)
     if bool((ag != 1).any()):
         weak = _weak_model(model)
-        denoiser = autoguided(denoiser, weak.objective.denoiser(weak.net), ag.to(dev) if ag.ndim else float(ag))
+        denoiser = autoguided(denoiser, weak.objective.denoiser(weak.net), ag.to(dev) if ag.ndim else float(ag),
+                              interval=guidance_interval)
     counted = count_calls(denoiser)
     sigmas = model.objective.sigma_grid(steps, spacing or SAMPLER_SPACING.get(sampler, model.objective.default_spacing))
     x = spec.fn(counted, noise, sigmas, cond=cond, rng=rng, callback=callback, **(sampler_options or {}))
@@ -365,7 +367,7 @@ def generate(model: LoadedModel, *, num: int, labels: str | Sequence[int] | None
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be >= 1")
     validate_sampling(model, kw.get("sampler", DEFAULT_SAMPLER), kw.get("steps", DEFAULT_STEPS), kw.get("cfg_scale", 1.0),
-                      kw.get("autoguidance", 1.0), kw.get("cfg_schedule", "constant"))
+                      kw.get("autoguidance", 1.0), kw.get("cfg_schedule", "constant"), kw.get("guidance_interval"))
     check_reject(model, reject, reject_tries)
     labs = parse_labels(labels, num, model.num_classes, model.class_counts)
     seeds = image_seeds(seed, num)

@@ -34,6 +34,12 @@ def test_eval_checkpoint_writes_result_for_the_report(tiny_run, tmp_path, capsys
     res = json.loads(capsys.readouterr().out)
     assert res["autoguidance"] == 2 and res["guide_step"] == 10 and res["n"] == 20
     assert len(list((run / "eval").glob("*_ag2_n20.json"))) == 1
+    # a guidance interval is a setting of its own: recorded, and named in the file
+    assert cli_main(["eval", "--ckpt", str(run), "--num", "20", "--steps", "2", "--autoguidance", "2",
+                     "--guidance-interval", "0.6,inf", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["guidance_interval"] == [0.6, float("inf")]
+    assert len(list((run / "eval").glob("*_ag2_gi0.6-inf_n20.json"))) == 1
     # a setting that changes the images (grid, weights, seed) writes its own file, never over another's
     before = {f.name for f in (run / "eval").glob("*.json")}
     for extra in (["--spacing", "karras"], ["--weights", "model"], ["--seed", "3"]):

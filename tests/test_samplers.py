@@ -601,6 +601,45 @@ def test_autoguidance_identities_and_per_image_scales():
                                rtol=0, atol=1e-12)
 
 
+def test_autoguidance_interval_guides_only_inside_and_runs_the_weak_model_only_there():
+    """Autoguidance limited to sigma in [lo, hi] (as guided()'s interval, Kynkaanniemi et al. 2024): outside
+    the band an image gets the model's own bits and the weak model does not see it; inside, the formula."""
+    labels = torch.tensor([0, 1, 2, 1])
+    cond = Condition.from_labels(labels, NUM_CLASSES)
+    x = torch.randn(4, 4, 1, 1, dtype=F64, generator=torch.Generator().manual_seed(1))
+    weak_rows: list = []
+    good = class_denoiser()
+
+    def weak_fn(x, sigma, cond):
+        weak_rows.append(x.shape[0])
+        return 0.8 * good(x, sigma, cond) + 0.1
+    weak = good.wrap(weak_fn)
+    sigma = torch.tensor([0.1, 2.0, 5.0, 2.0], dtype=F64)  # a server's batch: images at different levels
+    band = (1.0, 4.0)
+    w = torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=F64)
+    for scale in (2.0, w):
+        weak_rows.clear()
+        out = autoguided(good, weak, scale, interval=band)(x, sigma, cond)
+        assert weak_rows == [2]  # the weak model saw the two images inside the band only
+        full = autoguided(good, weak, scale)(x, sigma, cond)
+        d_g = good(x, sigma, cond)
+        assert torch.equal(out[[0, 2]], d_g[[0, 2]])  # outside the band: the model's own prediction
+        torch.testing.assert_close(out[1], full[1], rtol=0, atol=1e-12)  # inside: autoguided
+        if isinstance(scale, torch.Tensor):
+            assert torch.equal(out[3], d_g[3])  # inside, but at w = 1
+        else:
+            torch.testing.assert_close(out[3], full[3], rtol=0, atol=1e-12)
+    # every image outside: the model alone, bit for bit, no weak call; every image inside: the plain formula
+    weak_rows.clear()
+    assert torch.equal(autoguided(good, weak, 2.0, interval=(3.0, 4.0))(x, 2.0, cond), good(x, 2.0, cond))
+    assert weak_rows == []
+    assert torch.equal(autoguided(good, weak, 2.0, interval=(0.0, float("inf")))(x, sigma, cond),
+                       autoguided(good, weak, 2.0)(x, sigma, cond))
+    for bad in [(2.0, 1.0), (-1.0, 2.0), (float("nan"), 1.0), (1.0,), "0.3"]:
+        with pytest.raises(UsageError, match="interval"):
+            autoguided(good, weak, 2.0, interval=bad)
+
+
 def test_autoguidance_rejects_bad_scales_and_mismatched_models():
     for scale in [float("nan"), -1.0, torch.tensor([2.0, float("inf")])]:
         with pytest.raises(UsageError, match="scale"):

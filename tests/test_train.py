@@ -405,6 +405,17 @@ def test_autoguidance_sampling_with_the_runs_own_or_another_weak_model(tiny_run,
     assert not np.array_equal(a["images"], generate(m, batch_size=5, **{**kw, "autoguidance": 1.0})["images"])
     both = generate(m, batch_size=5, **{**kw, "cfg_scale": 1.5})
     assert not np.array_equal(a["images"], both["images"])
+    # a guidance interval: every level inside is plain autoguidance, none inside is no guidance at all
+    assert np.array_equal(a["images"], generate(m, batch_size=5, guidance_interval=(0, float("inf")), **kw)["images"])
+    assert np.array_equal(generate(m, batch_size=5, **{**kw, "autoguidance": 1.0})["images"],
+                          generate(m, batch_size=5, guidance_interval=(1e6, 1e7), **kw)["images"])
+    part = generate(m, batch_size=5, guidance_interval=(0.0, 5.0), **kw)  # not at the first level (sigma 999)
+    assert not np.array_equal(a["images"], part["images"])
+    for bad in ["1", "2,1", "a,b", "-1,2", "nan,1"]:
+        rc = run_cli(["sample", "--ckpt", str(tiny_run), "--out", str(tmp_path / "gi.png"), "--autoguidance", "2",
+                      f"--guidance-interval={bad}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--guidance-interval" in err and "0.3,inf" in err and "Traceback" not in err, err
     # another weak model: an earlier checkpoint of the run
     other = load_model(tiny_run, guide=tiny_run / "checkpoints" / "step_0000020")
     assert other.guide.step == 20

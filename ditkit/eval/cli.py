@@ -71,6 +71,7 @@ def run(args) -> int:
                                       spacing=args.spacing, weights=args.weights, device=args.device,
                                       sampler_options=dict(args.sampler_option), cfg_schedule=args.cfg_schedule,
                                       autoguidance=args.autoguidance, guide=args.guide, precision=args.precision,
-                                      compile=args.compile, progress=bar.update, reject=args.reject)
+                                      compile=args.compile, progress=bar.update, reject=args.reject,
+                                      guidance_interval=args.guidance_interval)
     print(json.dumps(res, indent=2, default=str) if args.json else format_result(res))
     return 0

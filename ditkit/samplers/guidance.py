@@ -42,7 +42,8 @@ def _check_scale(scale: Scale) -> Union[float, torch.Tensor]:
     return v
 
 
-def _check_interval(interval) -> Optional[tuple[float, float]]:
+def check_interval(interval) -> Optional[tuple[float, float]]:
+    """(sigma_lo, sigma_hi) as floats, or None; a UsageError unless 0 <= sigma_lo < sigma_hi (hi may be inf)."""
     if interval is None:
         return None
     try:
@@ -75,7 +76,7 @@ def guided(denoiser: Denoiser, scale: Scale, interval: Optional[tuple[float, flo
     conditional forward).
     """
     w_all = _check_scale(scale)
-    band = _check_interval(interval)
+    band = check_interval(interval)
     ramp = check_schedule(schedule) == "ramp"
     memo: dict = {}  # this wrapper's own: the (cond, null) pair of the condition it last saw
 
@@ -135,7 +136,8 @@ def guided(denoiser: Denoiser, scale: Scale, interval: Optional[tuple[float, flo
     return denoiser.wrap(fn)
 
 
-def autoguided(denoiser: Denoiser, weak: Denoiser, scale: Scale) -> Denoiser:
+def autoguided(denoiser: Denoiser, weak: Denoiser, scale: Scale,
+               interval: Optional[tuple[float, float]] = None) -> Denoiser:
     """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
 
         D_w(x, sigma, c) = D_weak(x, sigma, c) + w (D(x, sigma, c) - D_weak(x, sigma, c))
@@ -145,8 +147,12 @@ def autoguided(denoiser: Denoiser, weak: Denoiser, scale: Scale) -> Denoiser:
     without CFG's pull towards a few prototypes of each class. scale: a float or a (B,) tensor; 1 is
     `denoiser` exactly (the weak model is then not run); NaN / negative -> UsageError. Both models see
     the same condition, so it works for unconditional models too. `denoiser` may itself be a `guided` one.
+    interval: (sigma_lo, sigma_hi): guide only there, as `guided` does (Kynkäänniemi et al. 2024); outside
+    it an image gets `denoiser`'s own prediction bit for bit, and the weak model runs only for the images
+    inside it.
     """
     w_all = _check_scale(scale)
+    band = check_interval(interval)
     if (weak.path is None) != (denoiser.path is None):
         raise UsageError("autoguidance: the weak model must use the same kind of objective as the model")
     per_image = isinstance(w_all, torch.Tensor)
@@ -164,6 +170,23 @@ def autoguided(denoiser: Denoiser, weak: Denoiser, scale: Scale) -> Denoiser:
             w = w_all.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
         else:
             w = torch.tensor(w_all, dtype=torch.float64).to(x.dtype)
+        if band is not None:
+            sg = sigma.detach().to(torch.float64)
+            inside = (sg >= band[0]) & (sg <= band[1])
+            if not bool(inside.any()):
+                return denoiser(x, sigma, cond)
+            if not bool(inside.all()):  # a batch of images at different noise levels (a server's)
+                idx = inside.nonzero().squeeze(1)
+                d_good = denoiser(x, sigma, cond)
+                out = d_good.clone()
+                d_in = d_good[idx]
+                w_in = w[idx] if per_image else w
+                g = weak(x[idx], sigma[idx], cond.index(idx))
+                g = g + w_in * (d_in - g)
+                if per_image:
+                    g = torch.where(off[idx].to(x.device).view_as(w_in), d_in, g)
+                out[idx] = g
+                return out
         d_good = denoiser(x, sigma, cond)
         d_weak = weak(x, sigma, cond)
         out = d_weak + w * (d_good - d_weak)

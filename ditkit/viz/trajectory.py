@@ -72,15 +72,17 @@ def _u8(x: torch.Tensor) -> np.ndarray:
 
 def record_trajectory(model, labels: Sequence[int], seeds: Sequence[int], *, sampler: str = "dpm++2m", steps: int = 20,
                       cfg_scale: float = 1.0, every: Optional[int] = None,
-                      at: Optional[Sequence[int]] = None, cfg_schedule: str = "constant") -> Trajectory:
+                      at: Optional[Sequence[int]] = None, cfg_schedule: str = "constant", autoguidance: float = 1.0,
+                      guidance_interval: Optional[tuple[float, float]] = None, spacing: Optional[str] = None,
+                      sampler_options: Optional[dict] = None) -> Trajectory:
     """Sample B images (one per (label, image seed)) and keep x_t and predicted x0 at the chosen steps.
 
     `seeds` are per-image seeds as `ditkit.utils.image_seeds` makes them, so image b is the same picture
-    that `generate` draws for that seed and label.
+    that `generate` draws for that seed, label and settings (its first draw, under rejection).
     """
     from ..sampling import sample_batch, validate_sampling
 
-    validate_sampling(model, sampler, steps, cfg_scale, cfg_schedule=cfg_schedule)
+    validate_sampling(model, sampler, steps, cfg_scale, autoguidance, cfg_schedule, guidance_interval)
     chosen = set(pick_steps(steps, every, at))
     xs, x0s, got_steps, sigmas = [], [], [], []
 
@@ -94,7 +96,8 @@ def record_trajectory(model, labels: Sequence[int], seeds: Sequence[int], *, sam
             x0s.append(_u8(d["denoised"]))
 
     final = sample_batch(model, list(labels), list(seeds), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                         cfg_schedule=cfg_schedule, callback=callback)
+                         cfg_schedule=cfg_schedule, callback=callback, autoguidance=autoguidance,
+                         guidance_interval=guidance_interval, spacing=spacing, sampler_options=sampler_options)
     if not got_steps:  # a sampler that reports no steps: keep the final image only
         return Trajectory([], [], np.zeros((0, *_u8(final).shape), np.uint8), np.zeros((0, *_u8(final).shape), np.uint8),
                           _u8(final), list(labels), list(seeds), steps, sampler)
@@ -165,13 +168,14 @@ def trajectory_gif(traj: Trajectory, out: str | Path, scale: int = 6, frame_ms: 
 
 
 def save_trajectory(model, label: Optional[int], seed: int, sampler: str, steps: int, cfg_scale: float,
-                    path: str | Path, every: Optional[int] = None, cfg_schedule: str = "constant") -> Path:
+                    path: str | Path, every: Optional[int] = None, cfg_schedule: str = "constant", **settings) -> Path:
     """Write the trajectory of one image as a PNG strip (`.png`) or an animated GIF (`.gif`).
 
     The image is image 0 of `ditkit sample --seed SEED --labels LABEL` (same per-image seed), so the
     strip ends on the picture that command draws first. `label` None: class 0 (unconditional models
     ignore it). `every`: record every k-th step (default: about 8 evenly spaced steps for a PNG,
-    every step for a GIF); the last step and the output are always shown.
+    every step for a GIF); the last step and the output are always shown. `settings`: the rest of
+    `record_trajectory`'s (autoguidance, guidance_interval, spacing, sampler_options).
     """
     from ..sampling import parse_labels
 
@@ -183,7 +187,7 @@ def save_trajectory(model, label: Optional[int], seed: int, sampler: str, steps:
     if every is None and kind == ".gif":
         every = 1
     traj = record_trajectory(model, labels, image_seeds(seed, 1), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                             every=every, cfg_schedule=cfg_schedule)
+                             every=every, cfg_schedule=cfg_schedule, **settings)
     if kind == ".gif":
         return trajectory_gif(traj, path)
     return plot_trajectory(traj, path, model.class_names if model.num_classes else None)
