@@ -203,15 +203,12 @@ def _sampler_option(v: str) -> tuple[str, object]:
 
 def _guidance_interval(v: str) -> tuple[float, float]:
     """--guidance-interval LO,HI: the noise levels (sigma) where guidance acts; HI may be inf."""
-    lo, comma, hi = v.partition(",")
+    from .samplers.guidance import parse_interval
+
     try:
-        band = (float(lo), float(hi)) if comma else None
-    except ValueError:
-        band = None
-    if band is None or math.isnan(band[0]) or math.isnan(band[1]) or not 0 <= band[0] < band[1]:
-        raise argparse.ArgumentTypeError(f"--guidance-interval {v!r}: give SIGMA_LO,SIGMA_HI with "
-                                         "0 <= SIGMA_LO < SIGMA_HI, e.g. 0.3,inf")
-    return band
+        return parse_interval(v)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _add_sampler_option_flag(p) -> None:
@@ -271,7 +268,7 @@ def _add_guidance_flags(p) -> None:
     _add_autoguidance_flags(p)
     p.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI",
                    help="guide (classifier-free and autoguidance) only at noise levels sigma in [LO, HI], the "
-                        "model's own prediction elsewhere (Kynkaanniemi et al. 2024), e.g. 0.3,inf; the "
+                        "model's own prediction elsewhere (Kynkaanniemi et al. 2024), e.g. 0.6,inf; the "
                         "interpolants' sigma is t / (1 - t) (default: every step)")
     from .samplers.implicit import SIGMAS
     from .sampling import REJECT_TRIES

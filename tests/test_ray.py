@@ -116,6 +116,11 @@ def test_the_cluster_config_file_is_valid_and_builds_the_app(tiny_run):
         ray_app.build_app({"ckpt": str(tiny_run), "max_batch": 4})
     with pytest.raises(UsageError, match="args.ckpt"):
         ray_app.build_app({})
+    # a guidance interval in the YAML, written as on the command line or as a list
+    assert ray_app.settings_from_args({"guidance_interval": "0.6,inf"}).guidance_interval == (0.6, float("inf"))
+    assert ray_app.settings_from_args({"guidance_interval": [0.6, 80]}).guidance_interval == (0.6, 80.0)
+    with pytest.raises(UsageError, match="--guidance-interval"):
+        ray_app.build_app({"ckpt": str(tiny_run), "guidance_interval": "1,0.5"})
     with pytest.raises(UsageError, match="--replicas 3: outside --autoscale 1,2"):
         ray_app.build_app({"ckpt": str(tiny_run), "replicas": 3, "autoscale": "1,2"})
 

@@ -503,6 +503,31 @@ def test_autoguidance_needs_a_weak_model(model, tmp_path):
     asyncio.run(main())
 
 
+def test_guidance_interval_is_a_server_setting(model):
+    """`ditkit serve --guidance-interval LO,HI`: every request is guided only at sigma in [LO, HI], as the
+    library's sample_batch does with the same interval; /v1/model says so; bad values are refused up front."""
+    band = (0.6, float("inf"))
+
+    async def main():
+        app = create_app(model=model, settings=settings(guidance_interval=band))
+        async with asgi_client(app) as c:
+            assert (await c.get("/v1/model")).json()["guidance_interval"] == [0.6, None]
+            r = await c.post("/v1/generate", json={"labels": [2, 5], "seed": 4, "guidance_scale": 3.0,
+                                                   "autoguidance": 2.0, "format": "json", **FAST})
+            assert r.status_code == 200, r.text
+            got = np.stack([png_pixels(base64.b64decode(s)) for s in r.json()["images"]])
+        x = sample_batch(model, [2, 5], image_seeds(4, 2), sampler=DEFAULT_SAMPLER, steps=3, cfg_scale=[3.0, 3.0],
+                         autoguidance=[2.0, 2.0], guidance_interval=band)
+        np.testing.assert_array_equal(got, to_uint8(x)[..., 0])
+        y = sample_batch(model, [2, 5], image_seeds(4, 2), sampler=DEFAULT_SAMPLER, steps=3, cfg_scale=[3.0, 3.0],
+                         autoguidance=[2.0, 2.0])
+        assert not np.array_equal(got, to_uint8(y)[..., 0])  # the interval changed the images
+    asyncio.run(main())
+    for bad in [(2.0, 1.0), (-1.0, 1.0), (float("nan"), 1.0), (1.0,)]:
+        with pytest.raises(UsageError, match="--guidance-interval"):
+            settings(guidance_interval=bad).validate()
+
+
 def test_batcher_groups_by_sampler_and_steps_and_splits_large_requests():
     """The batching rules on a stand-in model: image b's value encodes (label, seed, scale)."""
     ran: list[Batch] = []

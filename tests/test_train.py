@@ -415,7 +415,7 @@ def test_autoguidance_sampling_with_the_runs_own_or_another_weak_model(tiny_run,
         rc = run_cli(["sample", "--ckpt", str(tiny_run), "--out", str(tmp_path / "gi.png"), "--autoguidance", "2",
                       f"--guidance-interval={bad}"])
         err = capsys.readouterr().err
-        assert rc == 2 and "--guidance-interval" in err and "0.3,inf" in err and "Traceback" not in err, err
+        assert rc == 2 and "--guidance-interval" in err and "0.6,inf" in err and "Traceback" not in err, err
     # another weak model: an earlier checkpoint of the run
     other = load_model(tiny_run, guide=tiny_run / "checkpoints" / "step_0000020")
     assert other.guide.step == 20

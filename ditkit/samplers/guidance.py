@@ -55,6 +55,17 @@ def check_interval(interval) -> Optional[tuple[float, float]]:
     return lo, hi
 
 
+def parse_interval(text: str, flag: str = "--guidance-interval") -> tuple[float, float]:
+    """'LO,HI' (HI may be inf) -> (sigma_lo, sigma_hi); a UsageError naming `flag` and the form otherwise."""
+    lo, comma, hi = str(text).partition(",")
+    try:
+        if comma:
+            return check_interval((float(lo), float(hi)))
+    except (ValueError, UsageError):
+        pass
+    raise UsageError(f"{flag} {text!r}: give SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, e.g. 0.6,inf")
+
+
 def check_schedule(schedule: str) -> str:
     """The schedule's name, or a UsageError naming the allowed ones (guided() and validate_sampling)."""
     if schedule not in SCHEDULES:

@@ -46,6 +46,7 @@ from ..errors import DitkitError, UsageError
 from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, LoadedModel, load_model, sample_batch, \
     to_uint8, validate_sampling
 from ..samplers import SAMPLERS
+from ..samplers.guidance import check_interval
 from ..utils import image_seeds, native_bf16, pick_device
 from ..viz.grids import make_grid, png_bytes
 from .batcher import Batch, Batcher, Job, QueueFull, ServiceStopping
@@ -87,6 +88,8 @@ class ServeSettings:
     # different images (GET /v1/model says which one serves).
     precision: str = "auto"
     compile: bool = False  # torch.compile the network at load (before /readyz; see load_model)
+    # guide (classifier-free and autoguidance) only at sigma in [lo, hi], every request alike; None: every step
+    guidance_interval: Optional[tuple[float, float]] = None
     warmup: bool = True  # run one tiny batch before /readyz says ready
 
     def load(self, ckpt: str | Path) -> LoadedModel:
@@ -126,6 +129,12 @@ class ServeSettings:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
+        if self.guidance_interval is not None:
+            try:
+                self.guidance_interval = check_interval(self.guidance_interval)
+            except UsageError:
+                raise UsageError(f"--guidance-interval {self.guidance_interval!r}: give SIGMA_LO,SIGMA_HI with "
+                                 "0 <= SIGMA_LO < SIGMA_HI, e.g. 0.6,inf") from None
         for key in self.api_keys:
             if len(key) < 8 or any(c.isspace() for c in key):
                 raise UsageError("--api-key: a key needs at least 8 characters and no spaces")
@@ -180,7 +189,11 @@ class ModelInfo:
                 "max_steps": self.max_steps, "max_num_samples": settings.max_num_samples,
                 "max_guidance_scale": settings.max_guidance_scale if self.num_classes else 1.0,
                 "guidance": self.num_classes > 0, "autoguidance": self.autoguidance, "precision": self.precision,
-                "compiled": self.compiled}
+                "compiled": self.compiled,
+                # [lo, hi] in sigma (hi null: no upper bound), or null: guidance at every step
+                "guidance_interval": None if settings.guidance_interval is None else
+                [settings.guidance_interval[0], None if math.isinf(settings.guidance_interval[1])
+                 else settings.guidance_interval[1]]}
 
 
 def _default_sampler(samplers: Sequence[str]) -> str:
@@ -371,11 +384,12 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 # -----------------------------------------------------------------------------------------------
 # The service: model, batcher, readiness, admission
 # -----------------------------------------------------------------------------------------------
-def run_model_batch(model: LoadedModel, batch: Batch) -> np.ndarray:
+def run_model_batch(model: LoadedModel, batch: Batch,
+                    guidance_interval: Optional[tuple[float, float]] = None) -> np.ndarray:
     """The worker thread's job: the library's sample_batch, one seed and one guidance scale per image."""
     x = sample_batch(model, batch.labels, batch.seeds, sampler=batch.sampler, steps=batch.steps,
                      cfg_scale=batch.scales, autoguidance=batch.autoguidance or 1.0,
-                     callback=batch.check_abandoned)
+                     guidance_interval=guidance_interval, callback=batch.check_abandoned)
     return to_uint8(x)  # (B, H, W, C) uint8
 
 
@@ -408,7 +422,7 @@ class Service:
         self._startup: Optional[asyncio.Task] = None
 
     def _run_batch(self, batch: Batch) -> np.ndarray:
-        return run_model_batch(self.model, batch)
+        return run_model_batch(self.model, batch, self.settings.guidance_interval)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:

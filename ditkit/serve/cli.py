@@ -40,6 +40,15 @@ def _number(name: str, lo: float, lo_open: bool = False) -> Callable[[str], floa
     return parse
 
 
+def _interval(v: str) -> tuple[float, float]:
+    from ..samplers.guidance import parse_interval
+
+    try:
+        return parse_interval(v)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def register(sub, parser_class=None) -> None:
     """Add the `serve` subcommand to the main CLI's subparsers."""
     p = sub.add_parser("serve", help="serve a trained run over HTTP (FastAPI + uvicorn)",
@@ -67,6 +76,9 @@ def register(sub, parser_class=None) -> None:
                    help="on SIGTERM: how long admitted requests get to finish")
     p.add_argument("--max-steps", type=_int_in("--max-steps", 1, 100_000), default=1000,
                    help="most sampler steps a request may ask for")
+    p.add_argument("--guidance-interval", type=_interval, default=None, metavar="LO,HI",
+                   help="guide every request (classifier-free and autoguidance) only at noise levels sigma in "
+                        "[LO, HI], e.g. 0.6,inf (default: every step)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     from ..cli import _add_compile_flag, _add_precision_flag
@@ -123,7 +135,8 @@ def _cmd_serve(args) -> int:
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, rate_limit=args.rate_limit,
                              burst=args.burst, api_keys=keys, timeout_s=args.timeout_s, grace_s=args.grace_s,
                              max_steps=args.max_steps, weights=args.weights, device=args.device,
-                             precision=args.precision, compile=args.compile)
+                             precision=args.precision, compile=args.compile,
+                             guidance_interval=args.guidance_interval)
     settings.validate()
     if args.ray:  # the replicas load the model; this process only starts Ray and waits
         from .ray_app import parse_autoscale, run_ray
