@@ -30,9 +30,9 @@ demo: data
 	rm -rf $(DEMO_RUN)
 	$(DITKIT) train --out $(DEMO_RUN) --max-minutes $(DEMO_MINUTES)
 	$(DITKIT) sample --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/grid.png --out $(DEMO_RUN)/samples.npz \
-		--num 100 --labels all --sampler dpm++2m --autoguidance 2 --reject 0.08
+		--num 100 --labels all --sampler dpm++2m --autoguidance 2 --guidance-interval 0.6,inf --reject 0.08
 	$(DITKIT) sample --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/grid_cfg.png --num 100 --labels all --cfg-scale 1.35
-	@echo "grids: $(DEMO_RUN)/grid.png (dpm++2m, autoguidance 2, rejection 0.08: the best after 10 minutes),"
+	@echo "grids: $(DEMO_RUN)/grid.png (dpm++2m, autoguidance 2 at sigma >= 0.6, rejection 0.08: the best after 10 minutes),"
 	@echo "       $(DEMO_RUN)/grid_cfg.png (dpm++2m-sde, guidance 1.35: a third of the sampling time)"
 	@echo "loss curve: $(DEMO_RUN)/loss.png   run folder: $(DEMO_RUN)"
 
