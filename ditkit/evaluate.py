@@ -75,7 +75,8 @@ def evaluate_model(model, *, num: int = 10000, sampler: Optional[str] = None, st
                    labels: str | Sequence[int] | None = "prior", spacing: Optional[str] = None,
                    autoguidance: float = 1.0, sampler_options: Optional[dict[str, Any]] = None,
                    cfg_schedule: str = "constant", reject: Optional[float] = None, progress=None,
-                   n_boot: Optional[int] = None, guidance_interval: Optional[tuple[float, float]] = None) -> tuple[dict[str, Any], dict[str, Any]]:
+                   n_boot: Optional[int] = None, guidance_interval: Optional[tuple[float, float]] = None
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sample `num` images from a loaded model (`sampling.load_model`) and evaluate them.
 
     Returns (result, samples): the result as `evaluate_checkpoint` keeps it (JSON-ready: settings, class

@@ -55,15 +55,15 @@ def check_interval(interval) -> Optional[tuple[float, float]]:
     return lo, hi
 
 
-def parse_interval(text: str, flag: str = "--guidance-interval") -> tuple[float, float]:
-    """'LO,HI' (HI may be inf) -> (sigma_lo, sigma_hi); a UsageError naming `flag` and the form otherwise."""
-    lo, comma, hi = str(text).partition(",")
+def parse_interval(value, flag: str = "--guidance-interval") -> tuple[float, float]:
+    """'LO,HI' (as on a command line or in a YAML file; HI may be inf) or a (lo, hi) pair -> (sigma_lo,
+    sigma_hi); a UsageError naming `flag` and the form otherwise."""
+    pair = value.split(",") if isinstance(value, str) else value
     try:
-        if comma:
-            return check_interval((float(lo), float(hi)))
-    except (ValueError, UsageError):
-        pass
-    raise UsageError(f"{flag} {text!r}: give SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, e.g. 0.6,inf")
+        return check_interval(pair)
+    except UsageError:
+        raise UsageError(f"{flag} {value!r}: give SIGMA_LO,SIGMA_HI with 0 <= SIGMA_LO < SIGMA_HI, "
+                         "e.g. 0.6,inf") from None
 
 
 def check_schedule(schedule: str) -> str:
@@ -181,28 +181,24 @@ def autoguided(denoiser: Denoiser, weak: Denoiser, scale: Scale,
             w = w_all.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
         else:
             w = torch.tensor(w_all, dtype=torch.float64).to(x.dtype)
+        def mix(d_good, d_weak, w, off):  # D_weak + w (D - D_weak); images at w = 1 get D's own bits
+            out = d_weak + w * (d_good - d_weak)
+            return out if off is None else torch.where(off.to(x.device).view_as(w), d_good, out)
+
+        rows = None  # every image is guided
         if band is not None:
             sg = sigma.detach().to(torch.float64)
             inside = (sg >= band[0]) & (sg <= band[1])
             if not bool(inside.any()):
                 return denoiser(x, sigma, cond)
             if not bool(inside.all()):  # a batch of images at different noise levels (a server's)
-                idx = inside.nonzero().squeeze(1)
-                d_good = denoiser(x, sigma, cond)
-                out = d_good.clone()
-                d_in = d_good[idx]
-                w_in = w[idx] if per_image else w
-                g = weak(x[idx], sigma[idx], cond.index(idx))
-                g = g + w_in * (d_in - g)
-                if per_image:
-                    g = torch.where(off[idx].to(x.device).view_as(w_in), d_in, g)
-                out[idx] = g
-                return out
+                rows = inside.nonzero().squeeze(1)
         d_good = denoiser(x, sigma, cond)
-        d_weak = weak(x, sigma, cond)
-        out = d_weak + w * (d_good - d_weak)
-        if per_image:
-            out = torch.where(off.to(x.device).view_as(w), d_good, out)
+        if rows is None:
+            return mix(d_good, weak(x, sigma, cond), w, off if per_image else None)
+        out = d_good.clone()
+        out[rows] = mix(d_good[rows], weak(x[rows], sigma[rows], cond.index(rows)), w[rows] if per_image else w,
+                        off[rows] if per_image else None)
         return out
 
     return denoiser.wrap(fn)

@@ -46,7 +46,7 @@ from ..errors import DitkitError, UsageError
 from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, LoadedModel, load_model, sample_batch, \
     to_uint8, validate_sampling
 from ..samplers import SAMPLERS
-from ..samplers.guidance import check_interval
+from ..samplers.guidance import parse_interval
 from ..utils import image_seeds, native_bf16, pick_device
 from ..viz.grids import make_grid, png_bytes
 from .batcher import Batch, Batcher, Job, QueueFull, ServiceStopping
@@ -129,12 +129,8 @@ class ServeSettings:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
-        if self.guidance_interval is not None:
-            try:
-                self.guidance_interval = check_interval(self.guidance_interval)
-            except UsageError:
-                raise UsageError(f"--guidance-interval {self.guidance_interval!r}: give SIGMA_LO,SIGMA_HI with "
-                                 "0 <= SIGMA_LO < SIGMA_HI, e.g. 0.6,inf") from None
+        if self.guidance_interval is not None:  # a pair, or "LO,HI" as in a Ray YAML file
+            self.guidance_interval = parse_interval(self.guidance_interval)
         for key in self.api_keys:
             if len(key) < 8 or any(c.isspace() for c in key):
                 raise UsageError("--api-key: a key needs at least 8 characters and no spaces")

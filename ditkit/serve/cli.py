@@ -40,15 +40,6 @@ def _number(name: str, lo: float, lo_open: bool = False) -> Callable[[str], floa
     return parse
 
 
-def _interval(v: str) -> tuple[float, float]:
-    from ..samplers.guidance import parse_interval
-
-    try:
-        return parse_interval(v)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def register(sub, parser_class=None) -> None:
     """Add the `serve` subcommand to the main CLI's subparsers."""
     p = sub.add_parser("serve", help="serve a trained run over HTTP (FastAPI + uvicorn)",
@@ -76,12 +67,12 @@ def register(sub, parser_class=None) -> None:
                    help="on SIGTERM: how long admitted requests get to finish")
     p.add_argument("--max-steps", type=_int_in("--max-steps", 1, 100_000), default=1000,
                    help="most sampler steps a request may ask for")
-    p.add_argument("--guidance-interval", type=_interval, default=None, metavar="LO,HI",
+    from ..cli import _add_compile_flag, _add_precision_flag, _guidance_interval
+    p.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI",
                    help="guide every request (classifier-free and autoguidance) only at noise levels sigma in "
                         "[LO, HI], e.g. 0.6,inf (default: every step)")
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    from ..cli import _add_compile_flag, _add_precision_flag
 
     _add_precision_flag(p, auto=True)
     _add_compile_flag(p)

@@ -284,10 +284,6 @@ def settings_from_args(args: dict[str, Any]) -> Any:
         keys = values["api_keys"]
         values["api_keys"] = tuple(k.strip() for k in keys.split(",") if k.strip()) if isinstance(keys, str) \
             else tuple(keys or ())
-    if isinstance(values.get("guidance_interval"), str):  # "0.6,inf" in a YAML file, as on the command line
-        from ..samplers.guidance import parse_interval
-
-        values["guidance_interval"] = parse_interval(values["guidance_interval"])
     settings = ServeSettings(**values)
     settings.validate()
     return settings
