@@ -66,6 +66,12 @@ def parse_interval(value, flag: str = "--guidance-interval") -> tuple[float, flo
                          "e.g. 0.6,inf") from None
 
 
+def in_band(sigma: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
+    """(B,) bool: the images whose noise level lies in band = (sigma_lo, sigma_hi), both ends included."""
+    sg = sigma.detach().to(torch.float64)
+    return (sg >= band[0]) & (sg <= band[1])
+
+
 def check_schedule(schedule: str) -> str:
     """The schedule's name, or a UsageError naming the allowed ones (guided() and validate_sampling)."""
     if schedule not in SCHEDULES:
@@ -121,8 +127,7 @@ def guided(denoiser: Denoiser, scale: Scale, interval: Optional[tuple[float, flo
             w = 1 + 2 * (w.to(torch.float64) - 1) / (1 + sigma.detach().to(device=w.device, dtype=torch.float64))
         need = w != 1  # (B,) images whose output differs from the conditional prediction
         if band is not None:
-            sg = sigma.detach().to(torch.float64)
-            need = need & (sg >= band[0]) & (sg <= band[1])
+            need = need & in_band(sigma, band)
         if cond.labels is None and cond.tokens is None:
             need = torch.zeros_like(need)  # no condition: null == cond, so D_u == D_c and guidance is a no-op
         if not bool(need.any()):
@@ -181,24 +186,26 @@ def autoguided(denoiser: Denoiser, weak: Denoiser, scale: Scale,
             w = w_all.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
         else:
             w = torch.tensor(w_all, dtype=torch.float64).to(x.dtype)
-        def mix(d_good, d_weak, w, off):  # D_weak + w (D - D_weak); images at w = 1 get D's own bits
-            out = d_weak + w * (d_good - d_weak)
-            return out if off is None else torch.where(off.to(x.device).view_as(w), d_good, out)
-
         rows = None  # every image is guided
         if band is not None:
-            sg = sigma.detach().to(torch.float64)
-            inside = (sg >= band[0]) & (sg <= band[1])
+            inside = in_band(sigma, band)
             if not bool(inside.any()):
                 return denoiser(x, sigma, cond)
             if not bool(inside.all()):  # a batch of images at different noise levels (a server's)
                 rows = inside.nonzero().squeeze(1)
         d_good = denoiser(x, sigma, cond)
         if rows is None:
-            return mix(d_good, weak(x, sigma, cond), w, off if per_image else None)
+            return _extrapolate(d_good, weak(x, sigma, cond), w, off)
         out = d_good.clone()
-        out[rows] = mix(d_good[rows], weak(x[rows], sigma[rows], cond.index(rows)), w[rows] if per_image else w,
-                        off[rows] if per_image else None)
+        out[rows] = _extrapolate(d_good[rows], weak(x[rows], sigma[rows], cond.index(rows)),
+                                 w[rows] if per_image else w, None if off is None else off[rows])
         return out
 
     return denoiser.wrap(fn)
+
+
+def _extrapolate(d_good: torch.Tensor, d_weak: torch.Tensor, w: torch.Tensor,
+                 off: Optional[torch.Tensor]) -> torch.Tensor:
+    """D_weak + w (D - D_weak); the images flagged in `off` (scale 1) get D's own bits."""
+    out = d_weak + w * (d_good - d_weak)
+    return out if off is None else torch.where(off.to(out.device).view_as(w), d_good, out)
