@@ -118,6 +118,9 @@ def _add_train(sub) -> None:
     p.add_argument("--schedule", default=d.schedule, choices=["linear", "cosine"], help="ddpm beta schedule")
     p.add_argument("--time-sampling", default=d.time_sampling, choices=["uniform", "logit-normal"],
                    help="interpolant training-time distribution")
+    p.add_argument("--stratified-time", action="store_true",
+                   help="draw a batch's training times one per stratum of the time distribution (unbiased, "
+                        "lower-variance loss; Kingma et al. 2021)")
     p.add_argument("--min-snr-gamma", type=_float("--min-snr-gamma", 0, True), help="ddpm min-SNR loss weighting")
     p.add_argument("--label-dropout", type=_float("--label-dropout", 0), default=d.label_dropout)
     p.add_argument("--logit-mean", type=float, default=d.logit_mean,

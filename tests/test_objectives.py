@@ -398,3 +398,57 @@ def test_dispersive_bad_inputs():
         build_objective({"name": "ddpm", "dispersive": float("nan")})
     with pytest.raises(UsageError, match="--dispersive-block 0: must be a block number"):
         build_objective({"name": "linear", "dispersive": 0.5, "dispersive_block": 0})
+
+
+def test_stratified_uniforms_put_one_draw_in_each_stratum_and_stay_uniform():
+    from ditkit.objectives.base import stratified_uniforms
+
+    g = torch.Generator().manual_seed(0)
+    for B in (1, 7, 64):
+        u = stratified_uniforms(B, g)
+        assert u.dtype == torch.float64 and u.shape == (B,)
+        assert torch.equal(torch.sort((u * B).floor().long()).values, torch.arange(B))  # one per stratum
+        assert bool(((u >= 0) & (u < 1)).all())
+    # each draw on its own is uniform on [0, 1): any position of the batch, over many batches
+    draws = torch.stack([stratified_uniforms(8, g) for _ in range(4000)])  # (4000, 8)
+    for col in (draws[:, 0], draws[:, 5]):
+        counts = torch.histc(col.float(), bins=10, min=0, max=1)
+        assert float((counts - 400).abs().max()) < 80  # ~4 standard deviations of a binomial(4000, 0.1)
+    # the batch mean of a smooth function varies far less than with independent draws
+    iid = torch.rand(4000, 8, generator=g, dtype=torch.float64)
+    assert float(draws.mean(1).var()) < float(iid.mean(1).var()) / 20  # 1/(12 B^3) against 1/(12 B)
+    same = [stratified_uniforms(16, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(same[0], same[1])  # one seed, one draw
+
+
+@pytest.mark.parametrize("time_sampling", ["uniform", "logit-normal"])
+def test_stratified_interpolant_times_keep_their_distribution(time_sampling):
+    """With stratified_time the training times keep the objective's distribution (the loss stays
+    unbiased): the same quantiles as the independent draws, and one time per stratum of its CDF."""
+    plain = InterpolantObjective(path="linear", time_sampling=time_sampling)
+    strat = InterpolantObjective(path="linear", time_sampling=time_sampling, stratified_time=True)
+    g = torch.Generator().manual_seed(1)
+    ts = torch.cat([strat.sample_t(32, g) for _ in range(500)])
+    tp = torch.cat([plain.sample_t(32, g) for _ in range(500)])
+    q = torch.tensor([0.05, 0.25, 0.5, 0.75, 0.95], dtype=torch.float64)
+    assert torch.allclose(torch.quantile(ts, q), torch.quantile(tp, q), atol=0.015)
+    p = strat.path
+    u = (strat.sample_t(40, g) - p.t_min) / (p.t_max - p.t_min)  # undo the map onto [t_min, t_max]
+    if time_sampling == "logit-normal":  # back through the CDF: Phi(logit u) is one per stratum
+        cdf = 0.5 * (1 + torch.erf(torch.logit(u) / math.sqrt(2)))
+    else:
+        cdf = u
+    assert torch.equal(torch.sort((cdf * 40).floor().long()).values, torch.arange(40))
+
+
+def test_stratified_ddpm_steps_cover_the_range_and_configs_round_trip():
+    obj = build_objective({"name": "ddpm", "stratified_time": True})
+    g = torch.Generator().manual_seed(2)
+    t = obj.sample_noise(50, (1, 4, 4), g)["t"]
+    assert t.dtype == torch.long
+    assert torch.equal(torch.sort(t // 20).values, torch.arange(50))  # one step in each slice of 20
+    for name in ("ddpm", "linear", "gvp", "vp"):
+        plain = build_objective({"name": name})
+        assert "stratified_time" not in plain.config()  # runs from before it load and compare as before
+        on = build_objective({"name": name, "stratified_time": True})
+        assert on.config()["stratified_time"] is True and build_objective(on.config()).config() == on.config()

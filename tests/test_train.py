@@ -112,14 +112,16 @@ def test_resume_a_run_from_before_the_block_parts(tmp_path):
 
 def test_cli_resume_keeps_the_runs_settings(tmp_path, capsys):
     """`ditkit train --out R --resume` alone continues R with the settings R was started with (seed, lr,
-    block parts, subset, ...), bit-exactly; a setting given anew that differs is refused by name."""
+    block parts, stratified times, subset, ...), bit-exactly; a setting given anew that differs is refused
+    by name."""
     run_args = ["--subset", "256", "--batch-size", "16", "--warmup-steps", "2", "--lr-decay", "0", "--lr", "5e-4",
-                "--seed", "3", "--norm", "rmsnorm", "--mlp", "swiglu", "--sample-every", "0", "--sample-steps", "1",
+                "--seed", "3", "--stratified-time", "--norm", "rmsnorm", "--mlp", "swiglu", "--sample-every", "0", "--sample-steps", "1",
                 "--log-every", "1", "--ckpt-every", "0", "--no-progress", "--threads", "1", "--no-compile"]
     assert cli_main(["train", "--out", str(tmp_path / "full"), "--max-steps", "5"] + run_args) == 0
     assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "2"] + run_args) == 0
     assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "5", "--resume", "--no-progress"]) == 0
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["objective"]["stratified_time"] is True
     capsys.readouterr()
     assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "7", "--resume", "--seed", "4"]) == 2
     err = capsys.readouterr().err

@@ -197,6 +197,17 @@ def batch_noise(t: torch.Tensor, shape: tuple[int, ...], label_dropout: float,
     return dict(t=t, eps=eps, drop=drop)
 
 
+def stratified_uniforms(B: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """B float64 numbers in [0, 1), one in each of the B strata [k/B, (k+1)/B), the strata in a random
+    order: an objective's training times with `stratified_time` (through its time distribution's inverse
+    CDF). Stratified (jittered) sampling, a variant of the low-discrepancy times of Kingma et al. (2021,
+    "Variational Diffusion Models", appendix I.1, which share one offset u + k/B): each draw is still
+    uniform, so the loss stays unbiased, but a batch covers the time range evenly and the variance of its
+    loss (and gradient) from the draw of the times drops."""
+    u = torch.rand(B, generator=generator, dtype=torch.float64)
+    return (torch.randperm(B, generator=generator).to(torch.float64) + u) / B
+
+
 def loss_inputs(objective: Any, x0: torch.Tensor, cond: Condition, noise: Optional[dict],
                 generator: Optional[torch.Generator]) -> tuple[dict, torch.Tensor, Condition, torch.Tensor]:
     """The start every objective's loss shares: the batch's randomness (drawn now unless given), its noise

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..condition import Condition
 from ..errors import UsageError
 from .base import (KARRAS_SIGMA_MAX, DataMean, Denoiser, Dispersion, batch_noise, karras_sigmas, loglinear_sigmas,
-                   loss_inputs)
+                   loss_inputs, stratified_uniforms)
 
 PREDICTIONS = ("eps", "v", "x0")
 SCHEDULES = ("linear", "cosine")
@@ -40,7 +40,7 @@ class DDPMObjective:
     def __init__(self, *, num_timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, prediction: str = "eps", min_snr_gamma: Optional[float] = None,
                  label_dropout: float = 0.1, data_mean: Any = None, dispersive: float = 0.0,
-                 dispersive_block: Optional[int] = None):
+                 dispersive_block: Optional[int] = None, stratified_time: bool = False):
         if prediction not in PREDICTIONS:
             raise UsageError(f"--prediction {prediction!r} for the ddpm objective: allowed {', '.join(PREDICTIONS)}")
         if schedule not in SCHEDULES:
@@ -57,6 +57,7 @@ class DDPMObjective:
         self.prediction = prediction
         self.min_snr_gamma = min_snr_gamma
         self.label_dropout = label_dropout
+        self.stratified_time = bool(stratified_time)
         self.dispersion = Dispersion(dispersive, dispersive_block)  # off by default (base.Dispersion)
         self.centring = DataMean(data_mean)  # off unless a mean image is given (base.DataMean)
         self.betas = linear_betas(T, beta_start, beta_end) if schedule == "linear" else cosine_betas(T)
@@ -70,7 +71,9 @@ class DDPMObjective:
         return dict(name=self.name, num_timesteps=self.num_timesteps, schedule=self.schedule,
                     beta_start=self.beta_start, beta_end=self.beta_end, prediction=self.prediction,
                     min_snr_gamma=self.min_snr_gamma, label_dropout=self.label_dropout, **self.centring.config(),
-                    **self.dispersion.config())
+                    **self.dispersion.config(),
+                    # written only when on: runs from before it existed resume unchanged
+                    **({"stratified_time": True} if self.stratified_time else {}))
 
     @property
     def sigma_min(self) -> float:
@@ -83,7 +86,10 @@ class DDPMObjective:
     # -- training ----------------------------------------------------------------------------------
     def sample_noise(self, B: int, shape: tuple[int, ...], generator: Optional[torch.Generator] = None) -> dict:
         """All the randomness of one training batch (`base.batch_noise`)."""
-        t = torch.randint(0, self.num_timesteps, (B,), generator=generator)  # one t per sample
+        if self.stratified_time:  # one t in each of B equal slices of the steps (base.stratified_uniforms)
+            t = (stratified_uniforms(B, generator) * self.num_timesteps).long().clamp_(max=self.num_timesteps - 1)
+        else:
+            t = torch.randint(0, self.num_timesteps, (B,), generator=generator)  # one t per sample
         return batch_noise(t, shape, self.label_dropout, generator)
 
     def loss(self, net: nn.Module, x0: torch.Tensor, cond: Condition, noise: Optional[dict] = None,

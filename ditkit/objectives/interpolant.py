@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..condition import Condition
 from ..errors import UsageError
 from .base import (KARRAS_SIGMA_MAX, DataMean, Denoiser, Dispersion, Path, batch_noise, karras_sigmas, loglinear_sigmas,
-                   loss_inputs)
+                   loss_inputs, stratified_uniforms)
 
 PATHS = ("linear", "gvp", "vp")
 PREDICTIONS = ("velocity", "noise", "data")
@@ -65,7 +65,7 @@ class InterpolantObjective:
     def __init__(self, *, path: str = "linear", prediction: str = "velocity", time_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, loss_weighting: Optional[str] = None,
                  label_dropout: float = 0.1, train_guidance: float = 1.0, data_mean: Any = None,
-                 dispersive: float = 0.0, dispersive_block: Optional[int] = None):
+                 dispersive: float = 0.0, dispersive_block: Optional[int] = None, stratified_time: bool = False):
         if prediction not in PREDICTIONS:
             raise UsageError(f"--prediction {prediction!r} for the {path} objective: allowed {', '.join(PREDICTIONS)}")
         if time_sampling not in TIME_SAMPLING:
@@ -85,6 +85,7 @@ class InterpolantObjective:
         self.path = make_path(path)
         self.prediction = prediction
         self.time_sampling = time_sampling
+        self.stratified_time = bool(stratified_time)
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.loss_weighting = None if loss_weighting == "none" else loss_weighting
         self.label_dropout = label_dropout
@@ -98,6 +99,7 @@ class InterpolantObjective:
                     label_dropout=self.label_dropout,
                     # written only when on: runs from before it existed resume unchanged
                     **({"train_guidance": self.train_guidance} if self.train_guidance != 1 else {}),
+                    **({"stratified_time": True} if self.stratified_time else {}),
                     **self.centring.config(), **self.dispersion.config())
 
     @property
@@ -111,7 +113,11 @@ class InterpolantObjective:
     # -- training ----------------------------------------------------------------------------------
     def sample_t(self, B: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         p = self.path
-        if self.time_sampling == "uniform":
+        if self.stratified_time:  # uniforms one per stratum, through the distribution's inverse CDF
+            u = stratified_uniforms(B, generator)
+            if self.time_sampling == "logit-normal":
+                u = torch.sigmoid(self.logit_mean + self.logit_std * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0))
+        elif self.time_sampling == "uniform":
             u = torch.rand(B, generator=generator, dtype=torch.float64)
         else:  # logit-normal (Esser et al. 2024, SD3 sec. 3.1)
             u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(B, generator=generator, dtype=torch.float64))

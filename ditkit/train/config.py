@@ -41,6 +41,7 @@ class TrainConfig:
     min_snr_gamma: Optional[float] = None
     label_dropout: float = 0.1
     logit_mean: float = 0.0  # the logit-normal time distribution's location (interpolants)
+    stratified_time: bool = False  # one training time per stratum of the batch (objectives.base.stratified_uniforms)
     center: str = "none"  # "mean": model x0 minus the training images' mean (objectives.base.DataMean)
     # model guidance (interpolants): learn the CFG-guided prediction at this scale; sample it with no CFG
     train_guidance: float = 1.0
@@ -113,6 +114,8 @@ class TrainConfig:
         if self.center == "mean" and data_mean is None:
             raise UsageError("--center mean: the objective needs the training images' mean image")
         extra = {"data_mean": data_mean} if self.center == "mean" else {}
+        if self.stratified_time:  # written only when on: runs from before it existed resume unchanged
+            extra["stratified_time"] = True
         if self.dispersive > 0:
             if depth is None:
                 raise UsageError("--dispersive: the objective needs the model's depth to place its block")
