@@ -205,7 +205,8 @@ def stratified_uniforms(B: int, generator: Optional[torch.Generator] = None) -> 
     uniform, so the loss stays unbiased, but a batch covers the time range evenly and the variance of its
     loss (and gradient) from the draw of the times drops."""
     u = torch.rand(B, generator=generator, dtype=torch.float64)
-    return (torch.randperm(B, generator=generator).to(torch.float64) + u) / B
+    # k + u rounds up to B when u is within an ulp of 1: kept below 1, as the strata promise
+    return ((torch.randperm(B, generator=generator).to(torch.float64) + u) / B).clamp_(max=math.nextafter(1.0, 0.0))
 
 
 def loss_inputs(objective: Any, x0: torch.Tensor, cond: Condition, noise: Optional[dict],

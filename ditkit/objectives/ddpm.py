@@ -87,7 +87,7 @@ class DDPMObjective:
     def sample_noise(self, B: int, shape: tuple[int, ...], generator: Optional[torch.Generator] = None) -> dict:
         """All the randomness of one training batch (`base.batch_noise`)."""
         if self.stratified_time:  # one t in each of B equal slices of the steps (base.stratified_uniforms)
-            t = (stratified_uniforms(B, generator) * self.num_timesteps).long().clamp_(max=self.num_timesteps - 1)
+            t = (stratified_uniforms(B, generator) * self.num_timesteps).long()
         else:
             t = torch.randint(0, self.num_timesteps, (B,), generator=generator)  # one t per sample
         return batch_noise(t, shape, self.label_dropout, generator)

@@ -113,14 +113,13 @@ class InterpolantObjective:
     # -- training ----------------------------------------------------------------------------------
     def sample_t(self, B: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         p = self.path
-        if self.stratified_time:  # uniforms one per stratum, through the distribution's inverse CDF
-            u = stratified_uniforms(B, generator)
-            if self.time_sampling == "logit-normal":
-                u = torch.sigmoid(self.logit_mean + self.logit_std * math.sqrt(2.0) * torch.erfinv(2.0 * u - 1.0))
-        elif self.time_sampling == "uniform":
-            u = torch.rand(B, generator=generator, dtype=torch.float64)
-        else:  # logit-normal (Esser et al. 2024, SD3 sec. 3.1)
-            u = torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(B, generator=generator, dtype=torch.float64))
+        strata = stratified_uniforms(B, generator) if self.stratified_time else None  # one draw per stratum
+        if self.time_sampling == "uniform":
+            u = torch.rand(B, generator=generator, dtype=torch.float64) if strata is None else strata
+        else:  # logit-normal (Esser et al. 2024, SD3 sec. 3.1); stratified: the normal's inverse CDF of the strata
+            z = (torch.randn(B, generator=generator, dtype=torch.float64) if strata is None
+                 else math.sqrt(2.0) * torch.erfinv(2.0 * strata - 1.0))
+            u = torch.sigmoid(self.logit_mean + self.logit_std * z)
         return p.t_min + (p.t_max - p.t_min) * u
 
     def sample_noise(self, B: int, shape: tuple[int, ...], generator: Optional[torch.Generator] = None) -> dict:
