@@ -5,6 +5,7 @@ benchmarks call this one function."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -49,6 +50,11 @@ def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
         out.append((res["cfg_schedule"], f"{res['cfg_schedule']} schedule"))
     if res.get("autoguidance", 1) != 1:
         out.append((f"ag{res['autoguidance']:g}", f"autoguidance {res['autoguidance']}"))
+    if res.get("autoguidance", 1) != 1 and res.get("guide_own") is False:  # not the run's own weak model
+        run = res.get("guide_run")  # None: an early checkpoint of the same run
+        name = "" if run is None else re.sub(r"[^A-Za-z0-9.-]+", "-", run) + "-"
+        out.append((f"guide-{name}{res.get('guide_step', 0)}",
+                    f"weak model {'' if run is None else run + ' '}step {res.get('guide_step', 0)}"))
     if res.get("guidance_interval") is not None:
         lo, hi = res["guidance_interval"]
         out.append((f"gi{lo:g}-{hi:g}", f"guidance at sigma in [{lo:g}, {hi:g}]"))
@@ -105,7 +111,16 @@ def evaluate_model(model, *, num: int = 10000, sampler: Optional[str] = None, st
                labels_spec="all" if labels is None else labels if isinstance(labels, str) else "custom",
                sample_seconds=sample_s, **ev)
     if autoguidance != 1:
-        out.update(autoguidance=autoguidance, guide=str(model.guide.checkpoint), guide_step=model.guide.step)
+        from .train.checkpoint import GUIDE_DIR
+
+        def same(a, b) -> bool:
+            return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+        g = model.guide
+        run = None if model.run_dir is None else Path(model.run_dir)
+        out.update(autoguidance=autoguidance, guide=str(g.checkpoint), guide_step=g.step,
+                   guide_own=same(g.checkpoint, run and run / GUIDE_DIR),
+                   guide_run=None if same(g.run_dir, run) or g.run_dir is None else Path(g.run_dir).name)
     if guidance_interval is not None and (cfg_scale != 1 or autoguidance != 1):
         out.update(guidance_interval=[float(v) for v in guidance_interval])
     if reject is not None:

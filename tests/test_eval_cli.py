@@ -33,7 +33,21 @@ def test_eval_checkpoint_writes_result_for_the_report(tiny_run, tmp_path, capsys
     assert cli_main(["eval", "--ckpt", str(run), "--num", "20", "--steps", "2", "--autoguidance", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["autoguidance"] == 2 and res["guide_step"] == 10 and res["n"] == 20
+    assert len(list((run / "eval").glob("*_ag2_n20.json"))) == 1 and res["guide_own"] is True
+    # another weak model (an early checkpoint of the same run, or another run) is named in the file, and
+    # does not overwrite the result of the run's own guide
+    assert cli_main(["eval", "--ckpt", str(run), "--num", "20", "--steps", "2", "--autoguidance", "2",
+                     "--guide", str(run / "checkpoints" / "step_0000020"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["guide_step"] == 20 and res["guide_own"] is False
     assert len(list((run / "eval").glob("*_ag2_n20.json"))) == 1
+    assert len(list((run / "eval").glob("*_ag2_guide-20_n20.json"))) == 1
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    assert cli_main(["eval", "--ckpt", str(run), "--num", "20", "--steps", "2", "--autoguidance", "2",
+                     "--guide", str(other / "checkpoints" / "step_0000020"), "--json"]) == 0
+    capsys.readouterr()
+    assert len(list((run / "eval").glob("*_ag2_guide-other-20_n20.json"))) == 1
     # a guidance interval is a setting of its own: recorded, and named in the file
     assert cli_main(["eval", "--ckpt", str(run), "--num", "20", "--steps", "2", "--autoguidance", "2",
                      "--guidance-interval", "0.6,inf", "--json"]) == 0
