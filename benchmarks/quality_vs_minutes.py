@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--minutes", default="5,10,20,30")
     ap.add_argument("--scales", default="1.75", help="CFG scales (empty: none)")
     ap.add_argument("--ag-scales", default="", help="autoguidance scales, without CFG (empty: none)")
-    ap.add_argument("--guide-frac", type=float, default=0.25,
+    ap.add_argument("--guide-frac", type=float, default=0.3,
                     help="autoguidance: the weak model of a checkpoint at step S is the run's checkpoint nearest "
                          "to this fraction of S (as `ditkit train --guide-at` keeps for a run of S steps)")
     ap.add_argument("--sampler", default="dpm++2m")

@@ -32,7 +32,7 @@ def test_eval_checkpoint_writes_result_for_the_report(tiny_run, tmp_path, capsys
     # autoguidance by the run's own guide: its own result file, which names the weak model
     assert cli_main(["eval", "--ckpt", str(run), "--num", "20", "--steps", "2", "--autoguidance", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["autoguidance"] == 2 and res["guide_step"] == 10 and res["n"] == 20
+    assert res["autoguidance"] == 2 and res["guide_step"] == 12 and res["n"] == 20
     assert len(list((run / "eval").glob("*_ag2_n20.json"))) == 1 and res["guide_own"] is True
     # another weak model (an early checkpoint of the same run, or another run) is named in the file, and
     # does not overwrite the result of the run's own guide

@@ -400,7 +400,7 @@ def test_autoguidance_sampling_with_the_runs_own_or_another_weak_model(tiny_run,
     import shutil
 
     m = load_model(tiny_run)
-    assert m.guide is not None and m.guide.step == 10 and m.step == 40  # guide_at 0.25 of 40 steps
+    assert m.guide is not None and m.guide.step == 12 and m.step == 40  # guide_at 0.3 of 40 steps
     kw = dict(num=5, labels="all", seed=3, steps=4, autoguidance=2.0)
     a = generate(m, batch_size=5, **kw)
     assert np.array_equal(a["images"], generate(m, batch_size=2, **kw)["images"])  # one seed, one image

@@ -60,7 +60,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     # autoguidance (Karras et al. 2024): keep the EMA weights at this fraction of the run as the weak model
-    guide_at: float = 0.25
+    # (0.3, measured: better than or equal to 0.25 in five of five paired runs of 4,500 and 8,800 steps)
+    guide_at: float = 0.3
     # length (the first limit reached stops the run)
     max_steps: Optional[int] = None
     epochs: Optional[float] = None
