@@ -173,6 +173,27 @@ def test_frechet_imaginary_part_check(monkeypatch):
         F.frechet_distance([0.0], [[4.0]], [0.0], [[1.0]])
 
 
+def test_distance_to_a_fixed_reference_is_the_frechet_distance():
+    """The bootstrap's fast form (a symmetric eigendecomposition) equals the general sqrtm form: full-rank
+    covariances, a rank-deficient sample (fewer samples than dimensions, as at small n), and a reference
+    that is itself singular; and it refuses what frechet_distance refuses."""
+    rng = np.random.default_rng(5)
+    ref = F.feature_stats(rng.normal(size=(400, 32)) @ rng.normal(size=(32, 32)))
+    to_ref = F.DistanceToReference(*ref)
+    for n in (300, 20, 3):
+        stats = F.feature_stats(rng.normal(0.3, 2.0, size=(n, 32)))
+        assert to_ref(*stats) == pytest.approx(F.frechet_distance(*stats, *ref), rel=1e-8), n
+    singular = F.feature_stats(rng.normal(size=(5, 32)))
+    stats = F.feature_stats(rng.normal(size=(300, 32)))
+    assert F.DistanceToReference(*singular)(*stats) == pytest.approx(F.frechet_distance(*stats, *singular), rel=1e-6)
+    assert to_ref(*ref) == pytest.approx(0.0, abs=1e-8)
+    assert F.DistanceToReference([1.0], [[4.0]])([-2.0], [[9.0]]) == pytest.approx(10.0, abs=1e-9)
+    with pytest.raises(DitkitError, match="expected mu"):
+        to_ref(np.zeros(3), np.eye(3))
+    with pytest.raises(DitkitError, match="finite"):
+        F.DistanceToReference([np.nan], [[1.0]])
+
+
 def test_frechet_bad_shapes():
     with pytest.raises(DitkitError, match="expected mu"):
         F.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
