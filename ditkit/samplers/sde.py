@@ -19,7 +19,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-from scipy.integrate import solve_ivp
 
 from ..condition import Condition
 from ..errors import DitkitError, UsageError
@@ -171,6 +170,8 @@ def sample_adaptive(denoiser: Denoiser, noise: torch.Tensor, sigmas: torch.Tenso
     x = _coefs(path, t0)[1] * noise.detach().to("cpu", torch.float64)  # x_{t_0} = s(t_0) * noise, float64
     y = x.reshape(-1).numpy()
     if t0 > t_end:
+        from scipy.integrate import solve_ivp  # here, not at import: scipy.integrate costs every process 0.7 s
+
         sol = solve_ivp(velocity, (t0, t_end), y, method=method, rtol=rtol, atol=atol)
         if not sol.success:
             raise DitkitError(f"sampler {name!r}: the ODE solver failed: {sol.message}")
