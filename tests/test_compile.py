@@ -31,6 +31,8 @@ def test_compiled_dit_image_does_not_depend_on_its_batch():
     """One compiled graph serves every batch size, compiled once: an image alone (padded to the graph's
     smallest batch), three at a time and forty together give the same bits, close to the eager network's."""
     torch.manual_seed(0)
+    # DiT-T/4's own shape: the next test compiles the shared fixture's DiT-T/4 from the same kernels (a cold
+    # inductor cache compiles each kernel's C++ once: ~70 s here, then ~3 s for the second network)
     net = build_model(model_config("DiT-T/4")).eval().requires_grad_(False)
     for p in net.parameters():
         p.data.normal_(0, 0.05)
@@ -120,8 +122,9 @@ def test_compiled_training_trains_and_resumes_bit_exactly(tmp_path, monkeypatch,
     from ditkit.train.config import TrainConfig
     from ditkit.train.loop import train
 
-    kw = dict(model="DiT-T/4", batch_size=16, warmup_steps=5, log_every=1, sample_every=0, sample_steps=1,
-              progress=False, subset=512, threads=1, ckpt_every=0, lr_decay=0.0, precision="bf16")
+    kw = dict(model="DiT-T/4", depth=2, width=64, heads=2, batch_size=16, warmup_steps=5, log_every=1,
+              sample_every=0, sample_steps=1, progress=False, subset=512, threads=1, ckpt_every=0, lr_decay=0.0,
+              precision="bf16")
     full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=6, compile=True, **kw))
     part = TrainConfig(out=str(tmp_path / "part"), max_steps=2, compile=True, **kw)
     train(part)
@@ -158,8 +161,9 @@ def test_compile_auto_decides_by_run_length_and_falls_back_to_eager(tmp_path, mo
     from ditkit.train.config import TrainConfig
     from ditkit.train.loop import train
 
-    kw = dict(model="DiT-T/4", batch_size=16, warmup_steps=5, log_every=1, sample_every=0, sample_steps=1,
-              progress=False, subset=256, threads=1, ckpt_every=0, lr_decay=0.0, max_steps=3)
+    kw = dict(model="DiT-T/4", depth=2, width=64, heads=2, batch_size=16, warmup_steps=5, log_every=1,
+              sample_every=0, sample_steps=1, progress=False, subset=256, threads=1, ckpt_every=0, lr_decay=0.0,
+              max_steps=3)
     losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
     short = train(TrainConfig(out=str(tmp_path / "short"), **kw))
     assert json.loads((short / "config.json").read_text())["compiled"] is False  # 3 steps: not worth compiling
