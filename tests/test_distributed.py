@@ -40,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # fp32: one process and two must agree to 1e-5, and bf16 GEMMs round differently on half batches.
 TRAIN_ARGS = ["--subset", "512", "--batch-size", "16", "--log-every", "1", "--sample-every", "0", "--ckpt-every", "0",
               "--lr-decay", "0", "--precision", "fp32",
-              "--no-progress", "--threads", "1", "--sample-sampler", "euler", "--sample-steps", "1"]
+              "--no-progress", "--threads", "1", "--sample-sampler", "euler", "--sample-steps", "1",
+              "--depth", "2", "--width", "64", "--heads", "2"]  # a small DiT-T/4: these tests are about processes
 RUN_TIMEOUT_S = 180  # a bound per subprocess, far above the ~20 s a run takes: a hang fails the test
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")

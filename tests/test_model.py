@@ -257,7 +257,7 @@ def test_bf16_dit_t_image_does_not_depend_on_its_batch():
         for lo in range(0, 40, 3):
             i = torch.arange(lo, min(lo + 3, 40))
             assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), lo
-        for k in range(40):
+        for k in range(0, 40, 5):  # every fifth alone (each pays a padded batch in bf16: slow without bf16 units)
             i = torch.tensor([k])
             assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), k
 
