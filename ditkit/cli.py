@@ -165,9 +165,10 @@ def _add_train(sub) -> None:
                         "auto = bf16 where the hardware runs it natively, else fp32")
     p.add_argument("--threads", type=_positive_int("--threads"), help="CPU threads (default: torch's)")
     p.add_argument("--compile", dest="compile", action="store_const", const=True, default=None,
-                   help="torch.compile the training step (needs a C++ compiler): ~24%% more steps/s on the CPU "
-                        "after ~35 s of compilation; one process only. Default: on for CPU runs of one process "
-                        "that last >= 3 minutes (or >= 3000 steps) where a compiler works, off otherwise")
+                   help="torch.compile the training step (needs a C++ compiler): ~24%% more steps/s on an AVX-512 "
+                        "CPU after ~35 s of compilation, none on an AVX2-only one; one process only. Default: on for "
+                        "CPU runs of one process that last >= 3 minutes (or >= 3000 steps) where a compiler works "
+                        "and the CPU has AVX-512, off otherwise")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--sample-sampler", default=d.sample_sampler, help="sampler of the periodic sample grids")

@@ -39,6 +39,19 @@ LAST_REPLAN_STEPS = 16  # until fewer than this many remain
 # here and then buys ~24% more steps per second, so it pays for itself after ~2.5 minutes of training.
 AUTO_COMPILE_MIN_MINUTES = 3.0
 AUTO_COMPILE_MIN_STEPS = 3000
+# ... but not on a CPU whose widest vectors are AVX2: there a compiled step was measured no faster than an
+# eager one (fp32, batch 64: 154 against 155 img/s, and 167 against 170 in a second pair), while a first
+# compilation (empty inductor cache) cost ~50 s, 8% of a 10-minute run (docs/BENCHMARKS.md, round 28).
+AUTO_COMPILE_SKIP_CPUS = ("AVX2",)
+
+
+def compile_pays_here() -> Optional[str]:
+    """None where --compile auto may compile on this CPU, else why not (torch's CPU capability)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap in AUTO_COMPILE_SKIP_CPUS:
+        return (f"this CPU's widest vectors are {cap} (no AVX-512), where a compiled training step was measured "
+                "no faster than an eager one; --compile compiles anyway")
+    return None
 
 
 def next_plan_step(step: int, planned: int, lr_decay: float, *, in_decay: bool) -> Optional[int]:
@@ -69,7 +82,8 @@ def resolve_compile(cfg: TrainConfig, device: torch.device, world_size: int, ste
     """Whether this run compiles its training step. A resumed run (`old`: its config.json) keeps what it
     started with (compiled arithmetic differs from eager in its last bits). Otherwise --compile /
     --no-compile decide; auto (None) compiles one CPU process whose run is long enough for compilation
-    to pay (AUTO_COMPILE_MIN_*) on a machine that can compile, and trains eagerly otherwise (saying why)."""
+    to pay (AUTO_COMPILE_MIN_*) on a machine that can compile and where compiling speeds training up (not
+    an AVX2-only CPU: `compile_pays_here`), and trains eagerly otherwise (saying why)."""
     if old is not None:
         was = old.get("compiled", bool(old["train"].get("compile")))
         if cfg.compile is not None and cfg.compile != was:
@@ -88,6 +102,10 @@ def resolve_compile(cfg: TrainConfig, device: torch.device, world_size: int, ste
     long_enough = ((cfg.max_minutes is None or cfg.max_minutes >= AUTO_COMPILE_MIN_MINUTES)
                    and (not steps or min(steps) >= AUTO_COMPILE_MIN_STEPS))
     if world_size > 1 or device.type != "cpu" or not long_enough:
+        return False
+    why_not = compile_pays_here()
+    if why_not is not None:
+        log.info("training without compilation: %s", why_not)
         return False
     try:
         check_compiler()
