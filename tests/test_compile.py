@@ -23,6 +23,8 @@ from ditkit.sampling import generate, load_model, sample_batch, to_uint8
 from ditkit.serve.app import ServeSettings, create_app
 from ditkit.utils import image_seeds
 
+from conftest import SMALL_SHAPE
+
 pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "g++", "clang")),
                                 reason="torch.compile (inductor) needs a C++ compiler on the CPU")
 
@@ -122,9 +124,8 @@ def test_compiled_training_trains_and_resumes_bit_exactly(tmp_path, monkeypatch,
     from ditkit.train.config import TrainConfig
     from ditkit.train.loop import train
 
-    kw = dict(model="DiT-T/4", depth=2, width=64, heads=2, batch_size=16, warmup_steps=5, log_every=1,
-              sample_every=0, sample_steps=1, progress=False, subset=512, threads=1, ckpt_every=0, lr_decay=0.0,
-              precision="bf16")
+    kw = dict(model="DiT-T/4", **SMALL_SHAPE, batch_size=16, warmup_steps=5, log_every=1, sample_every=0,
+              sample_steps=1, progress=False, subset=512, threads=1, ckpt_every=0, lr_decay=0.0, precision="bf16")
     full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=6, compile=True, **kw))
     part = TrainConfig(out=str(tmp_path / "part"), max_steps=2, compile=True, **kw)
     train(part)
@@ -161,9 +162,8 @@ def test_compile_auto_decides_by_run_length_and_falls_back_to_eager(tmp_path, mo
     from ditkit.train.config import TrainConfig
     from ditkit.train.loop import train
 
-    kw = dict(model="DiT-T/4", depth=2, width=64, heads=2, batch_size=16, warmup_steps=5, log_every=1,
-              sample_every=0, sample_steps=1, progress=False, subset=256, threads=1, ckpt_every=0, lr_decay=0.0,
-              max_steps=3)
+    kw = dict(model="DiT-T/4", **SMALL_SHAPE, batch_size=16, warmup_steps=5, log_every=1, sample_every=0,
+              sample_steps=1, progress=False, subset=256, threads=1, ckpt_every=0, lr_decay=0.0, max_steps=3)
     losses = lambda run: [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
     short = train(TrainConfig(out=str(tmp_path / "short"), **kw))
     assert json.loads((short / "config.json").read_text())["compiled"] is False  # 3 steps: not worth compiling

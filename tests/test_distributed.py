@@ -27,6 +27,8 @@ import torch.distributed
 from ditkit.train.checkpoint import latest_checkpoint, load_weights
 from ditkit.train.distributed import DUMP_ENV, TIMEOUT_ENV, DistContext, state_digest
 
+from conftest import SMALL_SHAPE_ARGS
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["--subset", "512", "--batch-size", "16", "--log-every", "1", "--sample-every", "0", "--ckpt-every", "0",
               "--lr-decay", "0", "--precision", "fp32",
               "--no-progress", "--threads", "1", "--sample-sampler", "euler", "--sample-steps", "1",
-              "--depth", "2", "--width", "64", "--heads", "2"]  # a small DiT-T/4: these tests are about processes
+              *SMALL_SHAPE_ARGS]
 RUN_TIMEOUT_S = 180  # a bound per subprocess, far above the ~20 s a run takes: a hang fails the test
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
             "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")

@@ -22,11 +22,11 @@ from ditkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_we
 from ditkit.train.config import TrainConfig
 from ditkit.train.loop import train
 
-# DiT-T/4 cut to 2 blocks of width 64 (2 heads): these tests are about the loop (resume, checkpoints, plans,
-# errors), which is the same at every shape, and this shape trains ~4x faster (an AVX2-only host: 0.1 s a
-# step against 0.4 s). The integration run and the shared fixtures keep the preset's own shape.
-SMALL = dict(model="DiT-T/4", depth=2, width=64, heads=2, batch_size=16, warmup_steps=5, log_every=1, sample_every=0,
-             progress=False, subset=512, threads=1, sample_steps=1)  # one step for the end-of-run grid (the default 10: ~8 s a run)
+from conftest import SMALL_SHAPE, SMALL_SHAPE_ARGS
+
+SMALL = dict(model="DiT-T/4", **SMALL_SHAPE, batch_size=16, warmup_steps=5, log_every=1, sample_every=0,
+             progress=False, subset=512, threads=1,
+             sample_steps=1)  # one step for the end-of-run grid (the default 10: ~8 s a run)
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
@@ -196,7 +196,7 @@ def test_resume_after_kill_9(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "ditkit", "train", "--subset", "512", "--batch-size", "16", "--warmup-steps", "5",
             "--log-every", "1", "--sample-every", "0", "--sample-steps", "1", "--no-progress", "--threads", "1",
-            "--depth", "2", "--width", "64", "--heads", "2", "--max-steps", "30"]
+            *SMALL_SHAPE_ARGS, "--max-steps", "30"]
     ref = tmp_path / "ref"  # the uninterrupted run, alongside the one to kill (one thread each, 2 cores)
     ref_proc = subprocess.Popen(args + ["--out", str(ref), "--ckpt-every", "0"], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -275,7 +275,7 @@ def test_shape_flags_change_the_preset_and_are_kept_in_the_run(tmp_path):
     with pytest.raises(UsageError, match="depth"):  # the shape is part of the run: no resuming into another
         train(TrainConfig(out=str(run), max_steps=4, ckpt_every=0, **dict(SMALL, depth=2, width=32)), resume=True)
     preset = train(TrainConfig(out=str(tmp_path / "p"), max_steps=1, ckpt_every=0,
-                               **{k: v for k, v in SMALL.items() if k not in ("depth", "width", "heads")}))
+                               **{k: v for k, v in SMALL.items() if k not in SMALL_SHAPE}))
     m = json.loads((preset / "config.json").read_text())["model"]
     assert (m["depth"], m["hidden_size"], m["num_heads"], m["patch_size"]) == (4, 128, 4, 4)  # DiT-T/4 itself
 

@@ -137,7 +137,7 @@ def frechet_distance(
 
 class DistanceToReference:
     """The Fréchet distance from many Gaussians to one fixed reference N(mu_ref, sigma_ref): FID's
-    bootstrap replicates and the real-data floor's draws.
+    bootstrap replicates (`metrics.fid_with_ci`).
 
     With R = sigma_ref^{1/2} (symmetric, computed once), tr (sigma sigma_ref)^{1/2} = tr (R sigma R)^{1/2}:
     sigma R·R and R·sigma R share their eigenvalues (AB and BA do), and R sigma R is symmetric positive

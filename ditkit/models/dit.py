@@ -194,9 +194,9 @@ class DiT(nn.Module):
 
         On this project's CPU a compiled forward is 10-25% faster: inductor fuses the layer norms,
         adaLN multiply-adds, GELU and residuals between the matrix products, which at DiT-T's sizes
-        cost as much as the products themselves. The first call compiles (measured on an AVX2-only host's 2 cores:
-        ~18 s, ~43 s with an empty inductor cache; it needs a C++ compiler on the CPU). One graph, dynamic in the batch alone, serves every batch size: a batch
-        smaller than `compiled_min_batch` is padded up to it, so that every matrix product has at least
+        cost as much as the products themselves. The first call compiles (measured on an AVX2-only host's
+        2 cores: ~18 s, ~43 s with an empty inductor cache; it needs a C++ compiler on the CPU). One graph,
+        dynamic in the batch alone, serves every batch size: a batch smaller than `compiled_min_batch` is padded up to it, so that every matrix product has at least
         its probed number of rows (see `layers.invariant_rows`) and an image keeps the same bits at any
         batch size. Compiled images differ from eager ones in their last bits (fused arithmetic), like
         bf16 from fp32: "one seed, one image" holds within each mode.
