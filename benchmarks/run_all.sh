@@ -17,6 +17,9 @@ rm -rf runs/bench/epoch
   --sample-every 0 --ckpt-every 0 --no-progress 2> $OUT/epoch_time.txt
 grep -E "Elapsed|Maximum resident" $OUT/epoch_time.txt; tail -n 1 runs/bench/epoch/metrics.jsonl
 
+log what --batch-size auto measures here, and the batch it takes for 10 minutes
+$PY benchmarks/auto_batch.py --minutes 10 --repeats 2 2>&1 | tee $OUT/auto_batch.txt
+
 log demo: the default recipe for 10 minutes, then its guided samples
 rm -rf runs/demo
 $PY -m ditkit train --out runs/demo --max-minutes 10 --no-progress

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -43,6 +44,18 @@ def _nonneg_int(name: str):
             raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {x}")
         return x
     return parse
+
+
+def _or_auto(parse):
+    """`parse`, or None for the word auto (the setting chosen when the run starts)."""
+    def parse_or_auto(v: str):
+        if v == "auto":
+            return None
+        try:
+            return parse(v)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e}; or give auto") from None
+    return parse_or_auto
 
 
 def _float(name: str, lo: Optional[float] = None, lo_open: bool = False):
@@ -136,8 +149,11 @@ def _add_train(sub) -> None:
                         "batch's hidden representations apart (0 = off)")
     p.add_argument("--dispersive-block", type=_positive_int("--dispersive-block"), default=d.dispersive_block,
                    metavar="K", help="the block for --dispersive (default: the middle one, depth // 2)")
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=d.batch_size)
-    p.add_argument("--lr", type=_float("--lr", 0, True), default=d.lr)
+    p.add_argument("--batch-size", type=_or_auto(_positive_int("--batch-size")), default=d.batch_size,
+                   metavar="N|auto", help="auto (default): 64; with --max-minutes alone, 32 where this machine's measured "
+                   "speed makes fewer than 3,000 steps at 64 in the budget (measured better there)")
+    p.add_argument("--lr", type=_or_auto(_float("--lr", 0, True)), default=d.lr, metavar="LR|auto",
+                   help="auto (default): 2.8e-3 at batch 64, scaled by sqrt(batch / 64)")
     p.add_argument("--weight-decay", type=_float("--weight-decay", 0), default=d.weight_decay)
     p.add_argument("--beta2", type=_float("--beta2", 0, True), default=d.beta2, help="AdamW beta2")
     p.add_argument("--warmup-steps", type=_nonneg_int("--warmup-steps"), default=d.warmup_steps)
@@ -187,7 +203,8 @@ def _cmd_train(args) -> int:
     cfg = TrainConfig(**fields)
     run = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one line, not one per rank
-        print(f"run folder: {run}")
+        t = json.loads((run / "config.json").read_text())["train"]  # what --batch-size / --lr auto became
+        print(f"run folder: {run} (batch {t['batch_size']}, lr {t['lr']:.3g})")
     return 0
 
 

@@ -20,7 +20,8 @@ from ditkit.errors import DitkitError, UsageError
 from ditkit.sampling import generate, load_model
 from ditkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_weights
 from ditkit.train.config import TrainConfig
-from ditkit.train.loop import train
+from ditkit.train import loop
+from ditkit.train.loop import lr_for_batch, train
 
 from conftest import SMALL_SHAPE, SMALL_SHAPE_ARGS
 
@@ -121,6 +122,7 @@ def test_cli_resume_keeps_the_runs_settings(tmp_path, capsys):
                 "--seed", "3", "--stratified-time", "--norm", "rmsnorm", "--mlp", "swiglu", "--sample-every", "0", "--sample-steps", "1",
                 "--log-every", "1", "--ckpt-every", "0", "--no-progress", "--threads", "1", "--no-compile"]
     assert cli_main(["train", "--out", str(tmp_path / "full"), "--max-steps", "5"] + run_args) == 0
+    assert "(batch 16, lr 0.0005)" in capsys.readouterr().out  # the run's batch and lr, in its last line
     assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "2"] + run_args) == 0
     assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "5", "--resume", "--no-progress"]) == 0
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
@@ -172,7 +174,7 @@ def test_time_limited_run_plans_its_steps_and_ends_decayed(tmp_path):
     last = rows[-1]
     assert last["elapsed_s"] <= budget_s + 1.0
     assert last["elapsed_s"] >= 0.6 * budget_s, "the plan left much of the budget unused"
-    lr_max = SMALL.get("lr", TrainConfig().lr)
+    lr_max = lr_for_batch(SMALL["batch_size"])
     assert last["lr"] < 0.15 * lr_max  # decayed to (near) zero at the planned end
     # re-plans during the decay bend the line, never make the lr jump
     lrs = [r["lr"] for r in rows if r["step"] > SMALL["warmup_steps"]]
@@ -180,6 +182,63 @@ def test_time_limited_run_plans_its_steps_and_ends_decayed(tmp_path):
     assert max(a - b for a, b in zip(lrs, lrs[1:])) < 0.1 * lr_max, "the lr jumped at a re-plan"
     # the plan ends the run, or the deadline a few steps before it (the machine's speed varies)
     assert 0.9 * state["planned_steps"] <= last["step"] <= state["planned_steps"]
+
+
+def test_lr_auto_scales_with_the_square_root_of_the_batch():
+    assert lr_for_batch(64) == pytest.approx(2.8e-3)
+    assert lr_for_batch(32) == pytest.approx(2.8e-3 / 2 ** 0.5) and lr_for_batch(16) == pytest.approx(1.4e-3)
+
+
+@pytest.mark.parametrize("step_s,want", [
+    (lambda b: 0.02, 64),  # a fast host: 30,000 steps in 10 minutes at 64
+    (lambda b: 0.19, 64),  # 3,150 steps at 64
+    (lambda b: {64: 0.375, 32: 0.22}[b], 32),  # round 28's AVX2 host: ~1,600 and ~2,700 steps
+    (lambda b: 5.0, 32),  # too slow for either: the smaller
+])
+def test_auto_batch_is_the_first_whose_measured_speed_buys_enough_steps(monkeypatch, step_s, want):
+    asked = []
+    monkeypatch.setattr(loop, "seconds_per_step", lambda mcfg, obj, shape, batch, device, amp: asked.append(batch)
+                        or step_s(batch))
+    cfg = TrainConfig(max_minutes=10)
+    config = dict(model={}, objective=dict(name="linear", prediction="velocity"), data=dict(shape=[1, 28, 28]),
+                  precision="fp32")
+    assert loop.auto_batch_size(cfg, config, torch.device("cpu"), 1, 50_000) == want
+    assert asked == [b for b in loop.AUTO_BATCHES if b >= want]  # measured until one sufficed
+    # a run of a set length, or under DDP, takes 64 without measuring anything
+    asked.clear()
+    for c, ws in ((TrainConfig(max_minutes=10, max_steps=100), 1), (TrainConfig(epochs=1), 1), (cfg, 2)):
+        assert loop.auto_batch_size(c, config, torch.device("cpu"), ws, 50_000) == 64
+    assert asked == []
+
+
+def test_auto_batch_and_lr_are_recorded_and_kept_on_resume(tmp_path, monkeypatch):
+    """The batch and lr that auto became are written into the run; the measurement counts against the
+    time budget; --resume trains on with them."""
+    def slow_measurement(mcfg, objective, shape, batch, device, amp):
+        time.sleep(0.75)
+        return 1.0  # 6 steps in the budget at every batch: the smaller is taken
+    monkeypatch.setattr(loop, "seconds_per_step", slow_measurement)
+    small = {k: v for k, v in SMALL.items() if k != "batch_size"}
+    budget_s = 6.0
+    run = train(TrainConfig(out=str(tmp_path / "a"), max_minutes=budget_s / 60, ckpt_every=0, **small))
+    cfg = json.loads((run / "config.json").read_text())["train"]
+    assert cfg["batch_size"] == 32 and cfg["lr"] == pytest.approx(2.8e-3 / 2 ** 0.5)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["elapsed_s"] >= 1.5  # the run's clock started before the two measurements
+    assert rows[-1]["elapsed_s"] <= budget_s + 1.0  # and they were paid out of the budget
+    steps = rows[-1]["step"]
+    train(TrainConfig(out=str(run), max_steps=steps + 3, **small), resume=True)
+    assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 32
+    assert losses(run)[-1][0] == steps + 3
+
+
+def test_seconds_per_step_measures_a_training_step():
+    from ditkit.models import model_config
+    from ditkit.objectives import build_objective
+    mcfg = model_config("DiT-T/4", input_size=28, in_channels=1, num_classes=10, depth=2, hidden_size=64).to_dict()
+    objective = build_objective(dict(name="linear", prediction="velocity"))
+    t = loop.seconds_per_step(mcfg, objective, (1, 28, 28), 8, torch.device("cpu"), False, steps=2, warmup=1)
+    assert 0 < t < 5
 
 
 def test_precision_resolution():
@@ -350,6 +409,7 @@ def run_cli(argv) -> int:
     (["train", "--model", "DiT-Z/9"], "invalid choice", 2),
     (["train", "--batch-size", "0"], "--batch-size must be >= 1", 2),
     (["train", "--lr", "nan"], "--lr must be a finite number", 2),
+    (["train", "--batch-size", "automatic"], "--batch-size must be an integer", 2),
     (["train", "--objective", "edm"], "invalid choice", 2),
     (["train", "--bogus"], "unrecognized arguments", 2),
     (["train", "--dataset", "/nonexistent/folder", "--out", "{tmp}/r"], "mnist", 1),

@@ -50,8 +50,10 @@ class TrainConfig:
     dispersive: float = 0.0
     dispersive_block: Optional[int] = None
     # optimisation
-    batch_size: int = 64  # with lr 2.8e-3: better per CPU-minute than 32 (docs/BENCHMARKS.md, "Batch size")
-    lr: float = 2.8e-3
+    # None = auto: 64 (better per CPU-minute than 32 where a run makes 5,000+ steps: docs/BENCHMARKS.md,
+    # "Batch size"), smaller for a run limited by time alone on a CPU too slow for that (loop.auto_batch_size)
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None  # None = 2.8e-3 at batch 64, scaled by sqrt(batch / 64) (loop.lr_for_batch)
     weight_decay: float = 0.0
     beta2: float = 0.99
     warmup_steps: int = 200
@@ -134,8 +136,8 @@ class TrainConfig:
             if not ok:
                 raise UsageError(msg)
 
-        need(self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1")
-        need(math.isfinite(self.lr) and self.lr > 0, f"--lr {self.lr}: must be a positive number")
+        need(self.batch_size is None or self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1")
+        need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr {self.lr}: must be a positive number")
         need(self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0")
         need(0 < self.beta2 < 1, f"--beta2 {self.beta2}: must be in (0, 1)")
         need(self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")

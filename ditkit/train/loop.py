@@ -43,6 +43,21 @@ AUTO_COMPILE_MIN_STEPS = 3000
 # eager one (fp32, batch 64: 154 against 155 img/s, and 167 against 170 in a second pair), while a first
 # compilation (empty inductor cache) cost ~50 s, 8% of a 10-minute run (docs/BENCHMARKS.md, round 28).
 AUTO_COMPILE_SKIP_CPUS = ("AVX2",)
+# --batch-size auto (the default) is 64, with lr 2.8e-3: better per CPU-minute than 32 where a 10-minute run
+# makes 5,000+ steps (docs/BENCHMARKS.md, "Batch size"). A run limited by time alone first measures a
+# training step here at each of these batches, and takes the first one at which its budget buys at least
+# AUTO_BATCH_MIN_STEPS steps (else the last): on a host that made ~1,600 steps at 64 in 10 minutes, batch
+# 32's ~2,700 were better in two pairs of two (~3.3x the FID floor against ~4.0x), and batch 16's ~4,500
+# worse (5.4x; docs/BENCHMARKS.md, rounds 28-29). 3,000 lies between 1,600 (32 better) and 6,100 (64 better).
+AUTO_BATCHES = (64, 32)
+AUTO_BATCH_MIN_STEPS = 3000
+PROBE_WARMUP, PROBE_STEPS = 2, 3  # untimed, then timed, training steps of the measurement at each batch
+BASE_BATCH, BASE_LR = 64, 2.8e-3  # --lr auto: BASE_LR at BASE_BATCH, scaled by sqrt(batch / BASE_BATCH)
+
+
+def lr_for_batch(batch: int) -> float:
+    """--lr auto: 2.8e-3 at batch 64, scaled by the square root of the batch (~2e-3 at 32)."""
+    return BASE_LR * math.sqrt(batch / BASE_BATCH)
 
 
 def compile_pays_here() -> Optional[str]:
@@ -213,6 +228,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     config = resolve_run_config(cfg, data)
     config["world_size"] = dist.world_size
     config["precision"] = resolve_precision(cfg.precision, device)  # what "auto" became on this machine
+    if old is None and (run_dir / "config.json").exists():
+        raise DitkitError(f"--out {run_dir} already holds a run; add --resume to continue it or pick another --out")
+    # --batch-size and --lr auto: what they become is written into the run (a resumed run reads it back).
+    # Measuring the batch counts against a time budget: the run's clock starts before it.
+    t_measure = time.monotonic()
+    if cfg.batch_size is None:
+        cfg = replace(cfg, batch_size=auto_batch_size(cfg, config, device, dist.world_size, len(data)))
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=lr_for_batch(cfg.batch_size))
+    config["train"] = cfg.to_dict()
+    measured_s = time.monotonic() - t_measure
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
     steps_per_epoch = len(data) // cfg.batch_size
@@ -226,8 +252,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
         if dist.is_main:
             clean_partial(run_dir)
         ckpt = latest_checkpoint(run_dir)
-    elif (run_dir / "config.json").exists():
-        raise DitkitError(f"--out {run_dir} already holds a run; add --resume to continue it or pick another --out")
     else:
         config["compiled"] = resolve_compile(cfg, device, dist.world_size, steps_per_epoch)  # what auto became
     dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
@@ -245,7 +269,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     objective = build_objective(config["objective"])
     gen = torch.Generator().manual_seed(cfg.seed + 1)  # all training noise: t, eps, label dropout
 
-    step, epoch, pos, elapsed_before, planned = 0, 0, 0, 0.0, None
+    step, epoch, pos, elapsed_before, planned = 0, 0, 0, measured_s, None
     anchor = None  # (step, lr factor) where a re-planned lr decay resumes its straight line to 0
     if ckpt is not None:
         state, rng = load_training_state(ckpt, model, ema.model, opt)
@@ -272,7 +296,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     if cfg.epochs is not None:
         limits.append(math.ceil(cfg.epochs * steps_per_epoch))
     total_steps = min(limits) if limits else None
-    deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else None
+    deadline = time.monotonic() + cfg.max_minutes * 60 - measured_s if cfg.max_minutes else None
     if total_steps is not None:
         planned = total_steps
     # With only a time limit, the step count is planned from the measured speed (so that the lr decay
@@ -296,7 +320,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
         # alone (its gradients are dropped; no optimiser step, no draw from the run's generator). Under
         # --compile auto, a model that fails to compile then trains eagerly instead of stopping.
         try:
-            _compiled_probe_step(net, objective, shape, local_B, config["model"]["num_classes"], device, amp)
+            _probe_step(net, objective, shape, local_B, config["model"]["num_classes"], device, amp)
         except Exception as e:
             if cfg.compile:
                 raise compile_failed(e, "train without --compile") from None
@@ -453,9 +477,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     return run_dir
 
 
-def _compiled_probe_step(net, objective, shape: tuple, batch: int, num_classes: int, device: torch.device,
-                         amp: bool) -> None:
-    """One forward and backward of the training loss through `net` (compiling it) on a zero batch."""
+def _probe_step(net, objective, shape: tuple, batch: int, num_classes: int, device: torch.device,
+                amp: bool) -> None:
+    """One forward and backward of the training loss through `net` (compiling it, if it is compiled) on a
+    zero batch, with noise from a generator of its own: the run's generator is left alone."""
     x = torch.zeros(batch, *shape, device=device)
     cond = (Condition.from_labels(torch.zeros(batch, dtype=torch.long, device=device), num_classes) if num_classes
             else Condition.none(batch))
@@ -463,6 +488,46 @@ def _compiled_probe_step(net, objective, shape: tuple, batch: int, num_classes: 
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         loss = objective.loss(net, x, cond, noise=noise)
     loss.backward()
+
+
+def seconds_per_step(model_config: dict[str, Any], objective, shape: tuple, batch: int, device: torch.device,
+                     amp: bool, steps: int = PROBE_STEPS, warmup: int = PROBE_WARMUP) -> float:
+    """The measured time of one training step (forward, backward, fused AdamW) at `batch` on a fresh copy
+    of the model: the fastest of `steps` timed steps after `warmup` untimed ones."""
+    model = build_model(model_config).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), fused=device.type in ("cpu", "cuda"))
+    best = math.inf
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        _probe_step(model, objective, shape, batch, model_config["num_classes"], device, amp)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def auto_batch_size(cfg: TrainConfig, config: dict[str, Any], device: torch.device, world_size: int,
+                    num_images: int) -> int:
+    """What --batch-size auto becomes (see AUTO_BATCHES). 64 unless the run is limited by time alone and
+    trains in one process: then the first of AUTO_BATCHES whose measured step buys AUTO_BATCH_MIN_STEPS
+    steps in the budget (else the last)."""
+    if cfg.max_minutes is None or cfg.max_steps is not None or cfg.epochs is not None or world_size > 1:
+        return BASE_BATCH
+    objective = build_objective(config["objective"])
+    shape, amp = tuple(config["data"]["shape"]), config["precision"] == "bf16"
+    candidates = [b for b in AUTO_BATCHES if b <= num_images] or [min(AUTO_BATCHES)]
+    said = []
+    for batch in candidates:
+        steps = int(cfg.max_minutes * 60 / seconds_per_step(config["model"], objective, shape, batch, device, amp))
+        said.append(f"{steps:,} steps at batch {batch}")
+        if steps >= AUTO_BATCH_MIN_STEPS:
+            break
+    log.info("--batch-size auto: %d (measured here, %s minutes buy %s; wanted >= %d steps)", batch,
+             f"{cfg.max_minutes:g}", ", ".join(said), AUTO_BATCH_MIN_STEPS)
+    return batch
 
 
 @torch.no_grad()
