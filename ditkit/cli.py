@@ -149,11 +149,12 @@ def _add_train(sub) -> None:
                         "batch's hidden representations apart (0 = off)")
     p.add_argument("--dispersive-block", type=_positive_int("--dispersive-block"), default=d.dispersive_block,
                    metavar="K", help="the block for --dispersive (default: the middle one, depth // 2)")
-    p.add_argument("--batch-size", type=_or_auto(_positive_int("--batch-size")), default=d.batch_size,
-                   metavar="N|auto", help="auto (default): 64; with --max-minutes alone, 32 where this machine's measured "
+    # default "auto" (a string: argparse passes it through `type`, which makes it None, TrainConfig's auto)
+    p.add_argument("--batch-size", type=_or_auto(_positive_int("--batch-size")), default="auto",
+                   metavar="N|auto", help="auto: 64; with --max-minutes alone, 32 where this machine's measured "
                    "speed makes fewer than 3,000 steps at 64 in the budget (measured better there)")
-    p.add_argument("--lr", type=_or_auto(_float("--lr", 0, True)), default=d.lr, metavar="LR|auto",
-                   help="auto (default): 2.8e-3 at batch 64, scaled by sqrt(batch / 64)")
+    p.add_argument("--lr", type=_or_auto(_float("--lr", 0, True)), default="auto", metavar="LR|auto",
+                   help="auto: 2.8e-3 at batch 64, scaled by sqrt(batch / 64)")
     p.add_argument("--weight-decay", type=_float("--weight-decay", 0), default=d.weight_decay)
     p.add_argument("--beta2", type=_float("--beta2", 0, True), default=d.beta2, help="AdamW beta2")
     p.add_argument("--warmup-steps", type=_nonneg_int("--warmup-steps"), default=d.warmup_steps)
