@@ -33,7 +33,9 @@ FID_NOTE = (
     "(ditkit/eval/classifier.py, sha256-pinned weights) against the 10k MNIST test digits - "
     "not on Inception-v3 pool3 features against ImageNet-trained statistics. Its values compare "
     "only with other ditkit FIDs (same classifier weights, same reference, similar sample count), "
-    "never with FID numbers published in papers."
+    "never with FID numbers published in papers. The ratio to the real-data floor compares only at the "
+    "same n too: FID's finite-sample bias, shared by the samples and the floor, weighs more at small n "
+    "and pulls the ratio toward 1."
 )
 
 REFERENCE_SPLITS = ("test", "train")
