@@ -302,7 +302,12 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, value = self.fc1(x).chunk(2, dim=-1)
-        return self.fc2(F.silu(gate) * value)
+        # SiLU written as gate * sigmoid(gate) through exp: PyTorch's CPU SiLU (and sigmoid) kernel takes a
+        # scalar path for the tail of each thread's share, whose last bits differ from its vector path, and
+        # at this width (344, not a multiple of 16) where the shares split depends on the batch, so an
+        # image's bits did; exp's kernel is the same on every element (tests/test_model.py, "one seed,
+        # one image"). The clamp keeps exp finite (for gate < -80 the factor is below 1e-34 either way).
+        return self.fc2(gate / (1 + torch.exp(-gate.clamp(min=-80.0))) * value)
 
 
 MLPS = ("gelu", "swiglu")
