@@ -262,6 +262,55 @@ def test_bf16_dit_t_image_does_not_depend_on_its_batch():
             assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), k
 
 
+
+def test_bf16_attention_cpu_is_sdpa_within_bf16_rounding():
+    """The written-out bf16 attention (ditkit's attention in bf16 on the CPU) against fp32 SDPA of the same
+    bf16 inputs, forward and backward, on peaked attention, where a wrong scale or softmax axis shows."""
+    import torch.nn.functional as F
+    from ditkit.models.layers import bf16_attention_cpu
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 49, 32, generator=g).to(torch.bfloat16) for _ in range(3))
+    q = (q * 4).requires_grad_()  # logits spread ~4: peaked rows
+    k.requires_grad_(), v.requires_grad_()
+    ref_in = [a.detach().float().requires_grad_() for a in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in)
+    probs = torch.softmax(ref_in[0] @ ref_in[1].transpose(-2, -1) / 32 ** 0.5, -1)
+    assert probs.max(-1).values.mean() > 0.5  # on average over half of a row on one token
+    out = bf16_attention_cpu(q, k, v, 32 ** -0.5)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).norm() < 0.02 * ref.norm()
+    grad = torch.randn(ref.shape, generator=g)
+    ref.backward(grad)
+    out.backward(grad.to(torch.bfloat16))
+    for a, r in zip((q, k, v), ref_in):
+        assert (a.grad.float() - r.grad).norm() < 0.05 * r.grad.norm()
+    # a wrong scale or axis is far outside these bounds
+    assert (bf16_attention_cpu(q, k, v, 1.0).float() - ref).norm() > 0.1 * ref.norm()
+
+
+@pytest.mark.parametrize("parts", [{}, dict(qk_norm=True, rope=True)])
+def test_attention_layer_in_bf16_on_the_cpu_is_its_fp32_self(parts):
+    """The attention layer under bf16 autocast (training) and as a bf16 copy (inference): its fp32
+    output and input gradient within bf16 rounding, with and without QK-norm and RoPE."""
+    from ditkit.models.layers import Attention, rope_2d
+
+    torch.manual_seed(0)
+    attn = Attention(128, 4, qk_norm=parts.get("qk_norm", False))
+    rope = rope_2d(32, 7) if parts.get("rope") else None
+    x = torch.randn(5, 49, 128, requires_grad=True)
+    ref = attn(x, rope)  # fp32: scaled_dot_product_attention
+    ref.square().sum().backward()
+    grad_ref, x.grad = x.grad, None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x, rope)
+    assert out.dtype == torch.bfloat16 and (out.float() - ref).norm() < 0.03 * ref.norm()
+    out.float().square().sum().backward()
+    assert (x.grad - grad_ref).norm() < 0.05 * grad_ref.norm()
+    with torch.no_grad():
+        inf = attn.to(torch.bfloat16)(x.detach().to(torch.bfloat16), rope)
+    assert inf.dtype == torch.bfloat16 and (inf.float() - ref).norm() < 0.03 * ref.norm()
+
 LIGHTNING = dict(norm="rmsnorm", qk_norm=True, mlp="swiglu", rope=True)
 
 

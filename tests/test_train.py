@@ -134,7 +134,7 @@ def test_cli_resume_keeps_the_runs_settings(tmp_path, capsys):
 
 
 def test_bf16_autocast_trains_and_resumes_bit_exactly(tmp_path):
-    """--precision bf16 on the CPU: matrix products in bf16 (attention in fp32), still deterministic."""
+    """--precision bf16 on the CPU: matrix products in bf16 (attention's softmax in fp32), still deterministic."""
     kw = dict(SMALL, precision="bf16", ckpt_every=0, lr_decay=0.0)
     full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=8, **kw))
     part = TrainConfig(out=str(tmp_path / "part"), max_steps=3, **kw)

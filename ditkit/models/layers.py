@@ -226,6 +226,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rot * sin.to(x.dtype)
 
 
+def bf16_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v for bf16 q, k, v (B, H, N, Dh) on the CPU, written out: the two products in
+    bf16 (fp32 accumulation, bf16 results), the softmax in fp32, its probabilities rounded to bf16 for the
+    second product. PyTorch's CPU flash attention runs bf16 several times slower than
+    fp32 (its backward ~14 against ~2.3 ms a call at DiT-T/4's shape, batch 64), and fp32 flash is
+    itself slow on 49-token sequences: this takes ~1.7 against fp32 SDPA's ~3.3 ms forward and backward
+    (Zen 5; `benchmarks/attention_cpu.py`), and a compiled bf16 training step of DiT-T/4 ~20% less time."""
+    probs = torch.softmax((q @ k.transpose(-2, -1)).float() * scale, dim=-1).to(q.dtype)
+    return probs @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through `F.scaled_dot_product_attention`; optionally with QK-norm
     (RMSNorm with a learned gain on each head's queries and keys, as in LightningDiT and SD3) and rotary
@@ -253,20 +264,24 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, H, N, Dh)
         dtype = q.dtype
-        # PyTorch's CPU flash-attention backward is ~10x slower in bf16 than in fp32 (measured on
-        # DiT-T/4: 14.9 vs 1.3 ms a call): on the CPU attention itself runs in fp32.
+        scale = self.head_dim ** -0.5
+        # bf16 on the CPU (autocast in training, a bf16 inference copy): `bf16_attention_cpu`, not SDPA
         cpu_bf16 = dtype == torch.bfloat16 and q.device.type == "cpu"
         with torch.autocast("cpu", enabled=False) if cpu_bf16 else contextlib.nullcontext():
-            if cpu_bf16:
-                q, k, v = q.float(), k.float(), v.float()
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.q_norm is not None or rope is not None:
+                q, k = q.float(), k.float()  # the norms and rotations in fp32
+                if self.q_norm is not None:
+                    q, k = self.q_norm(q), self.k_norm(k)
+                if rope is not None:
+                    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+                q, k = q.to(v.dtype), k.to(v.dtype)
             if self.capture is not None:
-                probs = torch.softmax((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5, dim=-1)
+                probs = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * scale, dim=-1)
                 self.capture.append(probs.detach())
-            out = F.scaled_dot_product_attention(q, k, v).to(dtype)  # (B, H, N, Dh)
+            if cpu_bf16:
+                out = bf16_attention_cpu(q, k, v, scale)  # (B, H, N, Dh)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, Dh)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 
 
