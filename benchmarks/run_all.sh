@@ -42,6 +42,7 @@ $PY benchmarks/compile_ab.py --ckpt runs/demo --precision bf16 2>&1 | tee $OUT/c
 $PY benchmarks/train_compile.py eager 2>&1 | tee $OUT/train_compile.txt
 $PY benchmarks/train_compile.py compile 2>&1 | tee -a $OUT/train_compile.txt
 $PY benchmarks/train_batch_throughput.py 2>&1 | tee $OUT/train_batch_throughput.txt
+$PY benchmarks/attention_cpu.py 2>&1 | tee $OUT/attention_cpu.txt
 
 log serving
 $PY benchmarks/serve_ceiling.py --ckpt runs/demo 2>&1 | grep -v Warning | tee $OUT/serve_ceiling.txt
