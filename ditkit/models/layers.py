@@ -229,18 +229,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def bf16_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale) v for bf16 q, k, v (B, H, N, Dh) on the CPU, written out: the two products in
     bf16 (fp32 accumulation, bf16 results), the softmax in fp32, its probabilities rounded to bf16 for the
-    second product. PyTorch's CPU flash attention runs bf16 several times slower than
-    fp32 (its backward ~14 against ~2.3 ms a call at DiT-T/4's shape, batch 64), and fp32 flash is
-    itself slow on 49-token sequences: this takes ~1.7 against fp32 SDPA's ~3.3 ms forward and backward
-    (Zen 5; `benchmarks/attention_cpu.py`), and a compiled bf16 training step of DiT-T/4 ~20% less time."""
+    second product. PyTorch's CPU flash attention runs bf16 several times slower than fp32 (its backward
+    ~14 against ~2.3 ms a call at DiT-T/4's shape, batch 64), and fp32 flash is itself slow on 49-token
+    sequences: this takes ~1.7 against fp32 SDPA's ~3.3 ms forward and backward (Zen 5;
+    `benchmarks/attention_cpu.py`), and a compiled bf16 training step of DiT-T/4 ~20% less time."""
     probs = torch.softmax((q @ k.transpose(-2, -1)).float() * scale, dim=-1).to(q.dtype)
     return probs @ v
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`; optionally with QK-norm
-    (RMSNorm with a learned gain on each head's queries and keys, as in LightningDiT and SD3) and rotary
-    position angles passed in by the network (`rope`, from `rope_2d`).
+    """Multi-head self-attention through `F.scaled_dot_product_attention` (in bf16 on the CPU through
+    `bf16_attention_cpu`); optionally with QK-norm (RMSNorm with a learned gain on each head's queries
+    and keys, as in LightningDiT and SD3) and rotary position angles passed in by the network (`rope`,
+    from `rope_2d`).
 
     Setting `self.capture = []` (opt-in, see `ditkit.viz.attention`) makes the layer also compute the
     attention probabilities explicitly and append them, (B, H, N, N), to that list; the normal path
