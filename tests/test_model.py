@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ditkit.condition import Condition
 from ditkit.errors import UsageError
 from ditkit.models import PRESETS, DiTConfig, build_model, model_config
-from ditkit.models.layers import AdaLNZeroBlock, patchify, sincos_pos_embed_2d, unpatchify
+from ditkit.models.layers import (AdaLNZeroBlock, Attention, bf16_attention_cpu, patchify, rope_2d,
+                                  sincos_pos_embed_2d, unpatchify)
 
 
 @pytest.mark.parametrize("c,h,p", [(1, 28, 4), (3, 32, 2), (1, 28, 7), (3, 16, 4)])
@@ -262,13 +264,9 @@ def test_bf16_dit_t_image_does_not_depend_on_its_batch():
             assert torch.equal(net(x[i], t[i], cond.index(i)), full[i]), k
 
 
-
 def test_bf16_attention_cpu_is_sdpa_within_bf16_rounding():
     """The written-out bf16 attention (ditkit's attention in bf16 on the CPU) against fp32 SDPA of the same
     bf16 inputs, forward and backward, on peaked attention, where a wrong scale or softmax axis shows."""
-    import torch.nn.functional as F
-    from ditkit.models.layers import bf16_attention_cpu
-
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 4, 49, 32, generator=g).to(torch.bfloat16) for _ in range(3))
     q = (q * 4).requires_grad_()  # logits spread ~4: peaked rows
@@ -293,8 +291,6 @@ def test_bf16_attention_cpu_is_sdpa_within_bf16_rounding():
 def test_attention_layer_in_bf16_on_the_cpu_is_its_fp32_self(parts):
     """The attention layer under bf16 autocast (training) and as a bf16 copy (inference): its fp32
     output and input gradient within bf16 rounding, with and without QK-norm and RoPE."""
-    from ditkit.models.layers import Attention, rope_2d
-
     torch.manual_seed(0)
     attn = Attention(128, 4, qk_norm=parts.get("qk_norm", False))
     rope = rope_2d(32, 7) if parts.get("rope") else None
@@ -310,6 +306,7 @@ def test_attention_layer_in_bf16_on_the_cpu_is_its_fp32_self(parts):
     with torch.no_grad():
         inf = attn.to(torch.bfloat16)(x.detach().to(torch.bfloat16), rope)
     assert inf.dtype == torch.bfloat16 and (inf.float() - ref).norm() < 0.03 * ref.norm()
+
 
 LIGHTNING = dict(norm="rmsnorm", qk_norm=True, mlp="swiglu", rope=True)
 
