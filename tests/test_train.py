@@ -148,6 +148,25 @@ def test_bf16_autocast_trains_and_resumes_bit_exactly(tmp_path):
     assert a != b and all(abs(a[k] - b[k]) < 0.05 * b[k] for k in b)  # bf16 rounding, the same training
 
 
+def test_a_bf16_runs_sample_grids_are_drawn_in_bf16(tmp_path):
+    """A run that trains in bf16 draws its sample grids from a bf16 copy of its EMA: pixel for pixel what
+    `ditkit sample --precision bf16` draws from the run with the grid's seeds, not the fp32 model's draw."""
+    from PIL import Image
+
+    from ditkit.viz.grids import save_grid
+
+    run = train(TrainConfig(out=str(tmp_path / "run"), max_steps=3, **dict(SMALL, precision="bf16", ckpt_every=0,
+                                                                          sample_steps=2)))
+    grid = np.asarray(Image.open(run / "samples" / "step_0000003.png"))
+    drawn = {}
+    for precision in ("bf16", "fp32"):
+        out = generate(load_model(run, precision=precision), num=100, labels=None, seed=loop.GRID_SEED, batch_size=100,
+                       sampler=TrainConfig.sample_sampler, steps=2, cfg_scale=TrainConfig.sample_cfg_scale)
+        drawn[precision] = np.asarray(Image.open(save_grid(out["images"], tmp_path / f"{precision}.png", nrow=10)))
+    assert np.array_equal(grid, drawn["bf16"])
+    assert not np.array_equal(grid, drawn["fp32"])
+
+
 def test_plan_points_double_then_follow_the_decay_to_its_end():
     """Re-plans: at 2x the step while the lr is constant, at the decay's start, then each eighth of the
     remaining steps (so a machine that slows near the end is followed), until few steps remain."""
