@@ -44,6 +44,9 @@ $PY benchmarks/train_compile.py compile 2>&1 | tee -a $OUT/train_compile.txt
 $PY benchmarks/train_batch_throughput.py 2>&1 | tee $OUT/train_batch_throughput.txt
 $PY benchmarks/attention_cpu.py 2>&1 | tee $OUT/attention_cpu.txt
 
+log a training run: the time of its sample grid, fp32 and bf16
+$PY benchmarks/train_grid.py --ckpt runs/demo 2>&1 | tee $OUT/train_grid.txt
+
 log serving
 $PY benchmarks/serve_ceiling.py --ckpt runs/demo 2>&1 | grep -v Warning | tee $OUT/serve_ceiling.txt
 $PY benchmarks/serve_load.py --ckpt runs/demo --levels 1,8,32,128 --duration-s 12 --soak-minutes 3 --out $OUT/serve.json 2>&1 | tee $OUT/serve.txt
