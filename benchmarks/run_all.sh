@@ -47,6 +47,9 @@ $PY benchmarks/attention_cpu.py 2>&1 | tee $OUT/attention_cpu.txt
 log a training run: the time of its sample grid, fp32 and bf16
 $PY benchmarks/train_grid.py --ckpt runs/demo 2>&1 | tee $OUT/train_grid.txt
 
+log ways to compile the training step
+$PY benchmarks/train_compile_variants.py 2>&1 | grep -E '^(default|regional|autotune):' | tee $OUT/train_compile_variants.txt
+
 log serving
 $PY benchmarks/serve_ceiling.py --ckpt runs/demo 2>&1 | grep -v Warning | tee $OUT/serve_ceiling.txt
 $PY benchmarks/serve_load.py --ckpt runs/demo --levels 1,8,32,128 --duration-s 12 --soak-minutes 3 --out $OUT/serve.json 2>&1 | tee $OUT/serve.txt

@@ -1,5 +1,6 @@
-"""Training steps per second, eager against `torch.compile` (a probe: compiled training is not wired
-into `ditkit train`). The default recipe's shape: DiT-T/4, batch 32, bf16 autocast, AdamW, the linear
+"""Training steps per second, eager against `torch.compile` (the probe from before compiled training was
+wired into `ditkit train`, which compiles by `--compile auto` since round 6; `train_compile_variants.py`
+compares ways to compile it). The recipe's shape then: DiT-T/4, batch 32, bf16 autocast, AdamW, the linear
 interpolant's loss, gradient clipping; a fixed batch, so only the arithmetic is timed.
 
     python benchmarks/train_compile.py eager
