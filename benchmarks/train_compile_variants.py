@@ -26,10 +26,10 @@ import torch
 
 from ditkit.models import build_model, model_config
 from ditkit.objectives import build_objective
+from ditkit.train.config import TrainConfig
 from ditkit.train.loop import BASE_BATCH, _probe_step
 
 CPU = torch.device("cpu")
-OBJECTIVE = {"name": "linear", "prediction": "velocity", "time_sampling": "logit-normal", "label_dropout": 0.1}
 
 
 def compiled(model: torch.nn.Module, variant: str):
@@ -52,15 +52,18 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="training steps a round")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    objective = build_objective(OBJECTIVE)
+    recipe = TrainConfig(out="unused")  # the default recipe's model and objective, on MNIST's shape
+    base_config = model_config(recipe.model)
+    objective = build_objective(recipe.objective_config(depth=base_config.depth))
     torch.manual_seed(0)
-    base = build_model(model_config("DiT-T/4"))
+    base = build_model(base_config)
+    shape = (base_config.in_channels, base_config.input_size, base_config.input_size)
     runs = {}
     for v in variants:
         model = copy.deepcopy(base).train()
         net = compiled(model, v)
         t = time.perf_counter()
-        _probe_step(net, objective, (1, 28, 28), BASE_BATCH, 10, CPU, True)
+        _probe_step(net, objective, shape, BASE_BATCH, base_config.num_classes, CPU, True)
         print(f"{v}: first step (compiling) {time.perf_counter() - t:.1f} s", flush=True)
         runs[v] = (net, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), [])
 
@@ -68,7 +71,7 @@ def main() -> None:
         net, opt, _ = runs[v]
         t = time.perf_counter()
         for _ in range(n):
-            _probe_step(net, objective, (1, 28, 28), BASE_BATCH, 10, CPU, True)
+            _probe_step(net, objective, shape, BASE_BATCH, base_config.num_classes, CPU, True)
             opt.step()
             opt.zero_grad(set_to_none=True)
         return 1e3 * (time.perf_counter() - t) / n
