@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     args = ap.parse_args()
     lm = load_model(args.ckpt)
-    cfg = TrainConfig(out="unused")
+    cfg = TrainConfig.from_dict(lm.config.get("train", {}))  # the run's own grid settings (defaults if absent)
     times = {"fp32": [], "bf16": []}
     with tempfile.TemporaryDirectory() as tmp:
         save_sample_grid(tmp, lm.net, lm.objective, 0, cfg, "bf16")  # warm-up, untimed

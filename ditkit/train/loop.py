@@ -536,8 +536,9 @@ def save_sample_grid(run_dir: Path, ema_model, objective, step: int, cfg: TrainC
                      precision: str = "fp32") -> Optional[Path]:
     """A 10x10 grid of EMA samples (fixed seeds; one class per column) at this step, drawn in the run's
     `precision`: a run that trains in bf16 draws from a bf16 copy of the EMA, as `ditkit sample
-    --precision bf16` would. Time a time-limited run spends off its steps: on Zen 5 1.21 against 3.15 s
-    a grid of 19 NFE, ~3% of a 10-minute run's budget (`benchmarks/train_grid.py`)."""
+    --precision bf16` would. A time-limited run spends this time off its steps: on Zen 5 1.21 against
+    3.15 s a grid of 19 NFE, a 10-minute run's ~9 grids 1.8% of its budget against 4.7%
+    (`benchmarks/train_grid.py`)."""
     from ..sampling import PRECISIONS, LoadedModel, generate
     from ..viz.grids import save_grid
 
