@@ -452,3 +452,93 @@ def test_stratified_ddpm_steps_cover_the_range_and_configs_round_trip():
         assert "stratified_time" not in plain.config()  # runs from before it load and compare as before
         on = build_objective({"name": name, "stratified_time": True})
         assert on.config()["stratified_time"] is True and build_objective(on.config()).config() == on.config()
+
+
+def _posterior_mean_by_hand(x0, eps, t, labels, null, ref, ref_labels):
+    """E[x0 | x_t] over {own x0} + the reference images of the row's class (all for a null row), linear path,
+    by direct float64 sums."""
+    out = []
+    for i in range(x0.shape[0]):
+        x_t = ((1 - t[i]) * x0[i] + t[i] * eps[i]).double().flatten()
+        cands = [x0[i]] + [ref[j] for j in range(len(ref)) if labels[i] == null or ref_labels[j] == labels[i]]
+        C = torch.stack(cands).double().flatten(1)
+        w = torch.softmax(-((x_t - (1 - t[i]) * C) ** 2).sum(1) / (2 * t[i] ** 2), 0)
+        out.append((w @ C).view_as(x0[i]))
+    return torch.stack(out)
+
+
+def test_stable_target_is_the_posterior_mean_over_the_reference_set_of_the_rows_class():
+    from ditkit.objectives.base import stable_target_x0
+
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(6, 1, 3, 3, generator=g), torch.randn(6, 1, 3, 3, generator=g)
+    ref, ref_labels = torch.randn(40, 1, 3, 3, generator=g), torch.randint(0, 3, (40,), generator=g)
+    cond = Condition.from_labels(torch.tensor([0, 1, 2, 3, 0, 1]), 3)  # 3: the null class (a dropped label)
+    for t in (0.3, 0.8, 0.95, 0.999):
+        tt = torch.full((6,), t, dtype=torch.float64)
+        col = tt.view(-1, 1, 1, 1).float()
+        got = stable_target_x0(x0, eps, 1 - col, col, cond, ref, ref_labels)
+        torch.testing.assert_close(got.double(), _posterior_mean_by_hand(x0, eps, tt, cond.labels, 3, ref, ref_labels),
+                                   rtol=0, atol=1e-5)
+    # small noise: the own image explains x_t by far, and the mean is that image exactly (no rounding)
+    tiny = torch.full((6, 1, 1, 1), 1e-7)
+    assert torch.equal(stable_target_x0(x0, eps, 1 - tiny, tiny, cond, ref, ref_labels), x0)
+    # pure noise: the likelihoods are equal, so a null row's mean is the plain mean of its own and all references
+    one = torch.full((6, 1, 1, 1), 1.0)
+    got = stable_target_x0(x0, eps, 0 * one, one, cond, ref, ref_labels)
+    torch.testing.assert_close(got[3], (x0[3] + ref.sum(0)) / 41)
+    torch.testing.assert_close(got[0], (x0[0] + ref[ref_labels == 0].sum(0)) / (1 + int((ref_labels == 0).sum())))
+
+
+def test_stable_target_converges_to_the_exact_posterior_mean_of_gaussian_data():
+    """Data N(mu, sd^2 I): E[x0 | x_t] is closed-form. Over a large reference set of draws from the data the
+    stable target's mean approaches it, far closer than the row's own x0 (the plain target's) is."""
+    from ditkit.objectives.base import stable_target_x0
+
+    g = torch.Generator().manual_seed(1)
+    D, mu, sd = 2, torch.tensor([0.5, -1.0]), 0.7
+    x0 = mu + sd * torch.randn(200, D, generator=g)
+    eps = torch.randn(200, D, generator=g)
+    errors = {}
+    for M in (100, 20_000):
+        ref = mu + sd * torch.randn(M, D, generator=g)
+        for t in (0.5, 0.9):
+            a, s = 1 - t, t
+            x_t = a * x0 + s * eps
+            exact = mu + a * sd ** 2 / (a * a * sd ** 2 + s * s) * (x_t - a * mu)  # Gaussian conditioning
+            got = stable_target_x0(x0, eps, torch.full((200, 1), a), torch.full((200, 1), s), Condition.none(200),
+                                   ref, None)
+            errors[M, t] = float((got - exact).pow(2).sum(1).mean().sqrt())
+            plain = float((x0 - exact).pow(2).sum(1).mean().sqrt())
+            assert errors[M, t] < 0.25 * plain, (M, t, errors[M, t], plain)
+    for t in (0.5, 0.9):
+        assert errors[20_000, t] < 0.05 and errors[20_000, t] < errors[100, t]
+
+
+def test_stable_target_loss_and_config():
+    g = torch.Generator().manual_seed(3)
+    obj = build_objective({"name": "linear", "stable_target": 8})
+    assert obj.config()["stable_target"] == 8 and build_objective(obj.config()).config() == obj.config()
+    for name in ("linear", "gvp", "vp"):
+        assert "stable_target" not in build_objective({"name": name}).config()  # older runs compare as before
+    x0 = torch.randn(4, 1, 4, 4, generator=g)
+    cond = Condition.from_labels(torch.tensor([0, 1, 0, 1]), 2)
+    noise = obj.sample_noise(4, (1, 4, 4), g)
+    noise["drop"][:] = False
+    net = Recorder()
+    plain = InterpolantObjective(path="linear").loss(net, x0, cond, noise=noise)
+    # references of another class only: every row keeps its own x0, the plain target
+    far = (torch.randn(5, 1, 4, 4, generator=g), torch.full((5,), 2))
+    assert torch.equal(obj.loss(net, x0, cond, noise=noise, reference=far), plain)
+    assert torch.equal(obj.loss(net, x0, cond, noise=noise), plain)  # no reference given: the plain target
+    # the zero network's loss is the target's mean square: the posterior mean's target at that x_t
+    ref = (torch.randn(30, 1, 4, 4, generator=g), torch.randint(0, 2, (30,), generator=g))
+    t = noise["t"].view(-1, 1, 1, 1).float()
+    x_t = (1 - t) * x0 + t * noise["eps"]
+    x0_hat = _posterior_mean_by_hand(x0, noise["eps"], noise["t"], cond.labels, 2, *ref).float()
+    target = (x_t - x0_hat) / t  # the linear path's velocity eps - x0 at the same x_t
+    torch.testing.assert_close(obj.loss(net, x0, cond, noise=noise, reference=ref), target.pow(2).mean(),
+                               rtol=1e-4, atol=1e-5)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(UsageError, match="--stable-target"):
+            InterpolantObjective(stable_target=bad)

@@ -133,6 +133,23 @@ def test_cli_resume_keeps_the_runs_settings(tmp_path, capsys):
     assert "seed" in err and "differ from the run's config.json" in err and "Traceback" not in err
 
 
+def test_stable_target_run_draws_its_references_from_the_run_and_resumes_bit_exactly(tmp_path):
+    """--stable-target M: each step draws M reference images with the run's generator (after the batch's
+    noise), so the run stays deterministic and resumes bit-exactly; the setting is kept in the objective's
+    config, and the target differs from the plain run's from the first step."""
+    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, stable_target=32)
+    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=8, **kw))
+    part = TrainConfig(out=str(tmp_path / "part"), max_steps=3, **kw)
+    train(part)
+    part.max_steps = 8
+    train(part, resume=True)
+    assert losses(full) == losses(tmp_path / "part")
+    assert json.loads((full / "config.json").read_text())["objective"]["stable_target"] == 32
+    plain = train(TrainConfig(out=str(tmp_path / "plain"), max_steps=2, **dict(kw, stable_target=0)))
+    assert "stable_target" not in json.loads((plain / "config.json").read_text())["objective"]
+    assert losses(plain)[0] != losses(full)[0]
+
+
 def test_bf16_autocast_trains_and_resumes_bit_exactly(tmp_path):
     """--precision bf16 on the CPU: matrix products in bf16 (attention's softmax in fp32), still deterministic."""
     kw = dict(SMALL, precision="bf16", ckpt_every=0, lr_decay=0.0)
@@ -458,6 +475,9 @@ def run_cli(argv) -> int:
     (["train", "--dispersive", "-0.5", "--out", "{tmp}/r"], "--dispersive must be >= 0", 2),
     (["train", "--dispersive", "0.25", "--dispersive-block", "5", "--max-steps", "1", "--out", "{tmp}/r"],
      "--dispersive-block 5: the model has blocks 1 to 4", 2),
+    (["train", "--stable-target", "-5", "--out", "{tmp}/r"], "--stable-target must be >= 0", 2),
+    (["train", "--objective", "ddpm", "--stable-target", "64", "--out", "{tmp}/r"],
+     "--stable-target: for the interpolant objectives", 2),
     (["train", "--mlp", "relu", "--out", "{tmp}/r"], "invalid choice: 'relu'", 2),
     (["train", "--rope", "--width", "120", "--max-steps", "1", "--out", "{tmp}/r"],
      "DiT-T/4 with --width 120: rope needs a head width (hidden_size / num_heads = 30) divisible by 4", 2),

@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..condition import Condition
 from ..errors import UsageError
 from .base import (KARRAS_SIGMA_MAX, DataMean, Denoiser, Dispersion, Path, batch_noise, karras_sigmas, loglinear_sigmas,
-                   loss_inputs, stratified_uniforms)
+                   loss_inputs, stable_target_x0, stratified_uniforms)
 
 PATHS = ("linear", "gvp", "vp")
 PREDICTIONS = ("velocity", "noise", "data")
@@ -65,7 +65,8 @@ class InterpolantObjective:
     def __init__(self, *, path: str = "linear", prediction: str = "velocity", time_sampling: str = "uniform",
                  logit_mean: float = 0.0, logit_std: float = 1.0, loss_weighting: Optional[str] = None,
                  label_dropout: float = 0.1, train_guidance: float = 1.0, data_mean: Any = None,
-                 dispersive: float = 0.0, dispersive_block: Optional[int] = None, stratified_time: bool = False):
+                 dispersive: float = 0.0, dispersive_block: Optional[int] = None, stratified_time: bool = False,
+                 stable_target: int = 0):
         if prediction not in PREDICTIONS:
             raise UsageError(f"--prediction {prediction!r} for the {path} objective: allowed {', '.join(PREDICTIONS)}")
         if time_sampling not in TIME_SAMPLING:
@@ -74,6 +75,9 @@ class InterpolantObjective:
             raise UsageError(f"--loss-weighting {loss_weighting!r}: allowed none, snr-velocity")
         if not 0.0 <= label_dropout < 1.0:
             raise UsageError(f"--label-dropout {label_dropout}: must be in [0, 1)")
+        if isinstance(stable_target, bool) or not isinstance(stable_target, int) or stable_target < 0:
+            raise UsageError(f"--stable-target {stable_target!r}: must be a whole number >= 0 (reference images "
+                             "a step; 0 = off)")
         if not logit_std > 0:
             raise UsageError(f"--logit-std {logit_std}: must be > 0")
         if not (math.isfinite(train_guidance) and train_guidance >= 1):
@@ -86,6 +90,7 @@ class InterpolantObjective:
         self.prediction = prediction
         self.time_sampling = time_sampling
         self.stratified_time = bool(stratified_time)
+        self.stable_target = stable_target  # reference images a step for `base.stable_target_x0` (0 = off)
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.loss_weighting = None if loss_weighting == "none" else loss_weighting
         self.label_dropout = label_dropout
@@ -100,6 +105,7 @@ class InterpolantObjective:
                     # written only when on: runs from before it existed resume unchanged
                     **({"train_guidance": self.train_guidance} if self.train_guidance != 1 else {}),
                     **({"stratified_time": True} if self.stratified_time else {}),
+                    **({"stable_target": self.stable_target} if self.stable_target else {}),
                     **self.centring.config(), **self.dispersion.config())
 
     @property
@@ -128,7 +134,12 @@ class InterpolantObjective:
         return batch_noise(t, shape, self.label_dropout, generator)
 
     def loss(self, net: nn.Module, x0: torch.Tensor, cond: Condition, noise: Optional[dict] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+             generator: Optional[torch.Generator] = None,
+             reference: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> torch.Tensor:
+        """The batch's mean squared error against the objective's target. `reference` (images (M, C, H, W) in
+        the data range, their labels (M,) or None), given with `stable_target`: the target is built from
+        each row's posterior mean of x0 over its own x0 and these images (`base.stable_target_x0`) instead
+        of its own x0 alone; without it, the usual target."""
         B = x0.shape[0]
         dev = x0.device
         noise, eps, cond, x0 = loss_inputs(self, x0, cond, noise, generator)
@@ -138,6 +149,12 @@ class InterpolantObjective:
         a, s = col(p.alpha), col(p.s)
         x_t = a * x0 + s * eps
         out, dispersive = self.dispersion.predict(net, x_t, (t64 * TIME_SCALE).to(dev, x0.dtype), cond.to(dev))
+        if reference is not None and self.stable_target:
+            # the target of the posterior mean of x0 at the same x_t = a x0_hat + s eps_hat (eps_hat written
+            # as a correction of eps: exactly eps where x0_hat is x0, however small s is)
+            x0_hat = stable_target_x0(x0, eps, a, s, cond, self.centring.centre(reference[0].to(dev, x0.dtype)),
+                                      reference[1])
+            eps, x0 = eps + a * (x0 - x0_hat) / s.clamp(min=1e-12), x0_hat
         if self.prediction == "velocity":
             target = col(p.d_alpha) * x0 + col(p.d_s) * eps
         else:

@@ -42,6 +42,8 @@ class TrainConfig:
     label_dropout: float = 0.1
     logit_mean: float = 0.0  # the logit-normal time distribution's location (interpolants)
     stratified_time: bool = False  # one training time per stratum of the batch (objectives.base.stratified_uniforms)
+    # interpolants: reference images a step for a stable target (objectives.base.stable_target_x0); 0 = off
+    stable_target: int = 0
     center: str = "none"  # "mean": model x0 minus the training images' mean (objectives.base.DataMean)
     # model guidance (interpolants): learn the CFG-guided prediction at this scale; sample it with no CFG
     train_guidance: float = 1.0
@@ -119,6 +121,8 @@ class TrainConfig:
         extra = {"data_mean": data_mean} if self.center == "mean" else {}
         if self.stratified_time:  # written only when on: runs from before it existed resume unchanged
             extra["stratified_time"] = True
+        if self.stable_target:
+            extra["stable_target"] = self.stable_target
         if self.dispersive > 0:
             if depth is None:
                 raise UsageError("--dispersive: the objective needs the model's depth to place its block")
@@ -152,6 +156,9 @@ class TrainConfig:
              f"--train-guidance {self.train_guidance}: guidance needs class labels; drop --unconditional")
         need(self.objective != "ddpm" or self.logit_mean == 0,
              "--logit-mean: for the interpolant objectives' logit-normal times, not ddpm")
+        need(self.stable_target >= 0, f"--stable-target {self.stable_target}: must be >= 0 (0 = off)")
+        need(self.objective != "ddpm" or not self.stable_target,
+             "--stable-target: for the interpolant objectives (linear, gvp, vp), not ddpm")
         need(math.isfinite(self.dispersive) and self.dispersive >= 0,
              f"--dispersive {self.dispersive}: must be a number >= 0 (0 = off)")
         need(self.dispersive_block is None or self.dispersive_block >= 1,

@@ -397,6 +397,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
                 else Condition.none(local_B)
             noise = objective.sample_noise(B, shape, gen)  # the global batch's randomness, then our share
             noise = {k: v[lo:hi] for k, v in noise.items()}
+            reference = None
+            if getattr(objective, "stable_target", 0):  # drawn after the noise: runs without it keep their stream
+                ref_x, ref_y = data.batch(torch.randint(len(data), (objective.stable_target,), generator=gen))
+                reference = (ref_x.to(device), ref_y.to(device) if config["model"]["num_classes"] else None)
             if plan_at is not None and step == plan_at:
                 # (re-)plan; the plan is kept in the checkpoints, and a resumed run follows it
                 now = time.monotonic()
@@ -413,7 +417,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = objective.loss(net, x, cond, noise=noise)
+                loss = objective.loss(net, x, cond, noise=noise, reference=reference)
             opt.zero_grad(set_to_none=True)
             with dist.collective("the gradient all-reduce"):  # a dead or stalled peer: one clear line
                 loss.backward()
