@@ -150,6 +150,27 @@ def test_stable_target_run_draws_its_references_from_the_run_and_resumes_bit_exa
     assert losses(plain)[0] != losses(full)[0]
 
 
+def test_stable_target_auto_is_on_for_interpolants_and_off_for_ddpm_and_for_runs_from_before_it(tmp_path):
+    from ditkit.train.config import STABLE_TARGET_REFS
+
+    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0)
+    for objective, refs in (("linear", STABLE_TARGET_REFS), ("ddpm", 0)):
+        run = train(TrainConfig(out=str(tmp_path / objective), max_steps=1, objective=objective, **kw))
+        config = json.loads((run / "config.json").read_text())
+        assert config["train"]["stable_target"] == refs  # what auto became
+        assert config["objective"].get("stable_target", 0) == refs
+    # a run written before the option existed (no stable_target in its config.json) resumes without it
+    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=4, stable_target=0, **kw))
+    old = tmp_path / "old"
+    train(TrainConfig(out=str(old), max_steps=2, stable_target=0, **kw))
+    config = json.loads((old / "config.json").read_text())
+    del config["train"]["stable_target"]
+    (old / "config.json").write_text(json.dumps(config))
+    train(TrainConfig(out=str(old), max_steps=4, progress=False), resume=True)
+    assert losses(old) == losses(full)
+    assert "stable_target" not in json.loads((old / "config.json").read_text())["objective"]
+
+
 def test_bf16_autocast_trains_and_resumes_bit_exactly(tmp_path):
     """--precision bf16 on the CPU: matrix products in bf16 (attention's softmax in fp32), still deterministic."""
     kw = dict(SMALL, precision="bf16", ckpt_every=0, lr_decay=0.0)

@@ -12,6 +12,11 @@ from ..models.layers import MLPS, NORMS
 # The demo recipe, chosen by measurement (docs/BENCHMARKS.md, "Choosing the default recipe").
 DEFAULT_MODEL = "DiT-T/4"
 DEFAULT_OBJECTIVE = "linear"
+# --stable-target auto: reference images a step (1,024: ~100 of each digit; 40% of the target's noise left
+# on MNIST, ~3.5 ms a step: benchmarks/stable_target.py)
+STABLE_TARGET_REFS = 1024
+# defaults that changed: what a run whose config.json lacks the field was trained with
+FORMER_DEFAULTS = {"stable_target": 0}
 
 
 @dataclass
@@ -42,8 +47,9 @@ class TrainConfig:
     label_dropout: float = 0.1
     logit_mean: float = 0.0  # the logit-normal time distribution's location (interpolants)
     stratified_time: bool = False  # one training time per stratum of the batch (objectives.base.stratified_uniforms)
-    # interpolants: reference images a step for a stable target (objectives.base.stable_target_x0); 0 = off
-    stable_target: int = 0
+    # interpolants: reference images a step for a stable target (objectives.base.stable_target_x0); 0 = off,
+    # None = auto: STABLE_TARGET_REFS for the interpolants, off for ddpm (docs/BENCHMARKS.md, "Round 34")
+    stable_target: Optional[int] = None
     center: str = "none"  # "mean": model x0 minus the training images' mean (objectives.base.DataMean)
     # model guidance (interpolants): learn the CFG-guided prediction at this scale; sample it with no CFG
     train_guidance: float = 1.0
@@ -112,6 +118,12 @@ class TrainConfig:
             raise UsageError(f"--dispersive-block {block}: the model has blocks 1 to {depth}")
         return block
 
+    def stable_target_refs(self) -> int:
+        """The reference images a step of --stable-target: what was given, or auto's (None) value."""
+        if self.stable_target is not None:
+            return self.stable_target
+        return 0 if self.objective == "ddpm" else STABLE_TARGET_REFS
+
     def objective_config(self, data_mean: Any = None, depth: Optional[int] = None) -> dict[str, Any]:
         """The objective's config; `data_mean` (the training images' mean, ImageDataset.mean_image in
         DataMean.stored form) is needed, and used, when --center mean; `depth` (the model's number of
@@ -121,8 +133,8 @@ class TrainConfig:
         extra = {"data_mean": data_mean} if self.center == "mean" else {}
         if self.stratified_time:  # written only when on: runs from before it existed resume unchanged
             extra["stratified_time"] = True
-        if self.stable_target:
-            extra["stable_target"] = self.stable_target
+        if self.stable_target_refs():
+            extra["stable_target"] = self.stable_target_refs()
         if self.dispersive > 0:
             if depth is None:
                 raise UsageError("--dispersive: the objective needs the model's depth to place its block")
@@ -156,7 +168,8 @@ class TrainConfig:
              f"--train-guidance {self.train_guidance}: guidance needs class labels; drop --unconditional")
         need(self.objective != "ddpm" or self.logit_mean == 0,
              "--logit-mean: for the interpolant objectives' logit-normal times, not ddpm")
-        need(self.stable_target >= 0, f"--stable-target {self.stable_target}: must be >= 0 (0 = off)")
+        need(self.stable_target is None or self.stable_target >= 0,
+             f"--stable-target {self.stable_target}: must be >= 0 (0 = off)")
         need(self.objective != "ddpm" or not self.stable_target,
              "--stable-target: for the interpolant objectives (linear, gvp, vp), not ddpm")
         need(math.isfinite(self.dispersive) and self.dispersive >= 0,
@@ -203,8 +216,8 @@ class TrainConfig:
     @classmethod
     def recorded(cls, d: dict[str, Any]) -> dict[str, Any]:
         """Every field's value in a run's config.json "train" entry `d`; a field that an older ditkit did not
-        write had its default (should a default change, the old one belongs here)."""
-        return {f.name: d.get(f.name, f.default) for f in fields(cls)}
+        write had its default then (FORMER_DEFAULTS where it has changed since)."""
+        return {f.name: d.get(f.name, FORMER_DEFAULTS.get(f.name, f.default)) for f in fields(cls)}
 
     # what a resumption states afresh: where the run is, how long it goes on, and whether a bar is drawn
     STATED_ON_RESUME = ("out", "max_steps", "epochs", "max_minutes", "progress")

@@ -226,6 +226,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     data = load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels)
     if cfg.subset is not None:
         data = data.subset(cfg.subset)
+    cfg = replace(cfg, stable_target=cfg.stable_target_refs())  # what auto became is written into the run
     config = resolve_run_config(cfg, data)
     config["world_size"] = dist.world_size
     config["precision"] = resolve_precision(cfg.precision, device)  # what "auto" became on this machine
@@ -417,7 +418,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = objective.loss(net, x, cond, noise=noise, reference=reference)
+                loss = objective.loss(net, x, cond, noise=noise, **({"reference": reference} if reference else {}))
             opt.zero_grad(set_to_none=True)
             with dist.collective("the gradient all-reduce"):  # a dead or stalled peer: one clear line
                 loss.backward()
@@ -485,13 +486,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
 def _probe_step(net, objective, shape: tuple, batch: int, num_classes: int, device: torch.device,
                 amp: bool) -> None:
     """One forward and backward of the training loss through `net` (compiling it, if it is compiled) on a
-    zero batch, with noise from a generator of its own: the run's generator is left alone."""
+    zero batch (and zero reference images, with a stable target), with noise from a generator of its own:
+    the run's generator is left alone."""
     x = torch.zeros(batch, *shape, device=device)
     cond = (Condition.from_labels(torch.zeros(batch, dtype=torch.long, device=device), num_classes) if num_classes
             else Condition.none(batch))
     noise = objective.sample_noise(batch, shape, torch.Generator().manual_seed(0))  # as the loop passes it
+    refs = getattr(objective, "stable_target", 0)  # the stable target's weighing is part of the step
+    reference = (torch.zeros(refs, *shape, device=device),
+                 torch.zeros(refs, dtype=torch.long, device=device) if num_classes else None) if refs else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = objective.loss(net, x, cond, noise=noise)
+        loss = objective.loss(net, x, cond, noise=noise, **({"reference": reference} if reference else {}))
     loss.backward()
 
 
