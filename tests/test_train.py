@@ -133,17 +133,24 @@ def test_cli_resume_keeps_the_runs_settings(tmp_path, capsys):
     assert "seed" in err and "differ from the run's config.json" in err and "Traceback" not in err
 
 
+def trained_and_resumed_alike(tmp_path: Path, kw: dict, steps: int = 8, stop: int = 3) -> Path:
+    """Train `steps` steps in one go (tmp_path/full) and, with the same settings, `stop` steps then resumed to
+    `steps` (tmp_path/part); assert both logged the same losses bit for bit. Returns the full run."""
+    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=steps, **kw))
+    part = TrainConfig(out=str(tmp_path / "part"), max_steps=stop, **kw)
+    train(part)
+    part.max_steps = steps
+    train(part, resume=True)
+    assert losses(full) == losses(tmp_path / "part")
+    return full
+
+
 def test_stable_target_run_draws_its_references_from_the_run_and_resumes_bit_exactly(tmp_path):
     """--stable-target M: each step draws M reference images with the run's generator (after the batch's
     noise), so the run stays deterministic and resumes bit-exactly; the setting is kept in the objective's
     config, and the target differs from the plain run's from the first step."""
     kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, stable_target=32)
-    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=8, **kw))
-    part = TrainConfig(out=str(tmp_path / "part"), max_steps=3, **kw)
-    train(part)
-    part.max_steps = 8
-    train(part, resume=True)
-    assert losses(full) == losses(tmp_path / "part")
+    full = trained_and_resumed_alike(tmp_path, kw)
     assert json.loads((full / "config.json").read_text())["objective"]["stable_target"] == 32
     plain = train(TrainConfig(out=str(tmp_path / "plain"), max_steps=2, **dict(kw, stable_target=0)))
     assert "stable_target" not in json.loads((plain / "config.json").read_text())["objective"]
@@ -174,12 +181,7 @@ def test_stable_target_auto_is_on_for_interpolants_and_off_for_ddpm_and_for_runs
 def test_bf16_autocast_trains_and_resumes_bit_exactly(tmp_path):
     """--precision bf16 on the CPU: matrix products in bf16 (attention's softmax in fp32), still deterministic."""
     kw = dict(SMALL, precision="bf16", ckpt_every=0, lr_decay=0.0)
-    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=8, **kw))
-    part = TrainConfig(out=str(tmp_path / "part"), max_steps=3, **kw)
-    train(part)
-    part.max_steps = 8
-    train(part, resume=True)
-    assert losses(full) == losses(tmp_path / "part")
+    full = trained_and_resumed_alike(tmp_path, kw)
     assert json.loads((full / "config.json").read_text())["precision"] == "bf16"
     fp32 = train(TrainConfig(out=str(tmp_path / "fp32"), max_steps=8, **dict(kw, precision="fp32")))
     a, b = dict(losses(full)), dict(losses(fp32))
