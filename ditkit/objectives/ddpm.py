@@ -36,6 +36,7 @@ def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Ten
 
 class DDPMObjective:
     name = "ddpm"
+    stable_target = 0  # the stable target is the interpolants' (InterpolantObjective); none here
 
     def __init__(self, *, num_timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, prediction: str = "eps", min_snr_gamma: Optional[float] = None,
@@ -93,8 +94,11 @@ class DDPMObjective:
         return batch_noise(t, shape, self.label_dropout, generator)
 
     def loss(self, net: nn.Module, x0: torch.Tensor, cond: Condition, noise: Optional[dict] = None,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Mean loss over the batch; every sample gets its own t (and its own noise)."""
+             generator: Optional[torch.Generator] = None, reference: None = None) -> torch.Tensor:
+        """Mean loss over the batch; every sample gets its own t (and its own noise). `reference` is the
+        interpolants' (their stable target): the same signature, always None here."""
+        if reference is not None:
+            raise UsageError("--stable-target: for the interpolant objectives (linear, gvp, vp), not ddpm")
         B = x0.shape[0]
         dev = x0.device
         noise, eps, cond, x0 = loss_inputs(self, x0, cond, noise, generator)

@@ -133,8 +133,9 @@ class TrainConfig:
         extra = {"data_mean": data_mean} if self.center == "mean" else {}
         if self.stratified_time:  # written only when on: runs from before it existed resume unchanged
             extra["stratified_time"] = True
-        if self.stable_target_refs():
-            extra["stable_target"] = self.stable_target_refs()
+        refs = self.stable_target_refs()
+        if refs:  # written only when on, as stratified_time
+            extra["stable_target"] = refs
         if self.dispersive > 0:
             if depth is None:
                 raise UsageError("--dispersive: the objective needs the model's depth to place its block")

@@ -399,7 +399,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
             noise = objective.sample_noise(B, shape, gen)  # the global batch's randomness, then our share
             noise = {k: v[lo:hi] for k, v in noise.items()}
             reference = None
-            if getattr(objective, "stable_target", 0):  # drawn after the noise: runs without it keep their stream
+            if objective.stable_target:  # drawn after the noise: runs without it keep their stream
                 ref_x, ref_y = data.batch(torch.randint(len(data), (objective.stable_target,), generator=gen))
                 reference = (ref_x.to(device), ref_y.to(device) if config["model"]["num_classes"] else None)
             if plan_at is not None and step == plan_at:
@@ -418,7 +418,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
             for g in opt.param_groups:
                 g["lr"] = lr
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = objective.loss(net, x, cond, noise=noise, **({"reference": reference} if reference else {}))
+                loss = objective.loss(net, x, cond, noise=noise, reference=reference)
             opt.zero_grad(set_to_none=True)
             with dist.collective("the gradient all-reduce"):  # a dead or stalled peer: one clear line
                 loss.backward()
@@ -492,11 +492,11 @@ def _probe_step(net, objective, shape: tuple, batch: int, num_classes: int, devi
     cond = (Condition.from_labels(torch.zeros(batch, dtype=torch.long, device=device), num_classes) if num_classes
             else Condition.none(batch))
     noise = objective.sample_noise(batch, shape, torch.Generator().manual_seed(0))  # as the loop passes it
-    refs = getattr(objective, "stable_target", 0)  # the stable target's weighing is part of the step
+    refs = objective.stable_target  # the stable target's weighing is part of the step
     reference = (torch.zeros(refs, *shape, device=device),
                  torch.zeros(refs, dtype=torch.long, device=device) if num_classes else None) if refs else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = objective.loss(net, x, cond, noise=noise, **({"reference": reference} if reference else {}))
+        loss = objective.loss(net, x, cond, noise=noise, reference=reference)
     loss.backward()
 
 
