@@ -8,7 +8,7 @@ deviation from it of the plain target and of the stable target (own image + M re
 the whole set, of the row's class; `objectives.base.stable_target_x0`), and the per-step cost of drawing
 and weighing the references at the training batch size.
 
-    python benchmarks/stable_target.py [--refs 256,1024,4096] [--rows 256] [--times 0.3,0.5,...]
+    python benchmarks/stable_target.py [--refs 256,1024,4096] [--rows 256] [--times 0.3,0.5,...] [--batch 64]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--times", default="0.3,0.5,0.6,0.7,0.8,0.9,0.95,0.99")
     ap.add_argument("--batch", type=int, default=64, help="the training batch, for the cost per step")
+    ap.add_argument("--label-dropout", type=float, default=0.1, help="the training's, for the cost per step")
     args = ap.parse_args()
     data = load_dataset("mnist", "train")
     g = torch.Generator().manual_seed(0)
@@ -70,9 +71,11 @@ def main() -> None:
           + " | ".join(f"{tot[m] / wsum:.4f} ({tot[m] / tot['plain']:.0%})" for m in refs) + " |")
 
     B = args.batch
-    xb, yb = x0[:B], cond.labels[:B]
+    xb, yb = x0[:B], cond.labels[:B].clone()
+    yb[torch.rand(B, generator=g) < args.label_dropout] = data.num_classes  # dropped labels weigh every reference
     t = torch.rand(B, generator=g).view(-1, 1, 1, 1)
-    print(f"\ncost per training step at batch {B} (draw M references from the set, weigh them), best of 20:")
+    print(f"\ncost per training step at batch {B}, {int((yb == data.num_classes).sum())} rows without a label "
+          "(draw M references from the set, weigh them), best of 20:")
     for m in refs:
         best = math.inf
         for _ in range(20):

@@ -474,12 +474,15 @@ def test_stable_target_is_the_posterior_mean_over_the_reference_set_of_the_rows_
     x0, eps = torch.randn(6, 1, 3, 3, generator=g), torch.randn(6, 1, 3, 3, generator=g)
     ref, ref_labels = torch.randn(40, 1, 3, 3, generator=g), torch.randint(0, 3, (40,), generator=g)
     cond = Condition.from_labels(torch.tensor([0, 1, 2, 3, 0, 1]), 3)  # 3: the null class (a dropped label)
+    no_twos = ref_labels.clamp(max=1)  # class 2 without a reference image: its row's mean is its own image
     for t in (0.3, 0.8, 0.95, 0.999):
         tt = torch.full((6,), t, dtype=torch.float64)
         col = tt.view(-1, 1, 1, 1).float()
-        got = stable_target_x0(x0, eps, 1 - col, col, cond, ref, ref_labels)
-        torch.testing.assert_close(got.double(), _posterior_mean_by_hand(x0, eps, tt, cond.labels, 3, ref, ref_labels),
-                                   rtol=0, atol=1e-5)
+        for labels in (ref_labels, no_twos):
+            got = stable_target_x0(x0, eps, 1 - col, col, cond, ref, labels)
+            torch.testing.assert_close(got.double(), _posterior_mean_by_hand(x0, eps, tt, cond.labels, 3, ref, labels),
+                                       rtol=0, atol=1e-5)
+        assert torch.equal(got[2], x0[2])
     # small noise: the own image explains x_t by far, and the mean is that image exactly (no rounding)
     tiny = torch.full((6, 1, 1, 1), 1e-7)
     assert torch.equal(stable_target_x0(x0, eps, 1 - tiny, tiny, cond, ref, ref_labels), x0)

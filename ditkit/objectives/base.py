@@ -247,19 +247,31 @@ def stable_target_x0(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: to
     noise), a lower-variance one where many images do (large noise), and, as the set grows, the exact
     regression target of the objective. Log-weights are taken relative to the own x0, so they stay exact at
     small s: log p(x_t | x0') - log p(x_t | x0) = -(a^2 |x0 - x0'|^2 + 2 a s eps.(x0 - x0')) / (2 s^2).
-    a, s: (B, 1, ...) broadcastable. Computed in float32 (no autocast); returns x0's shape and dtype."""
+    a, s: (B, 1, ...) broadcastable. Computed in float32 (no autocast); returns x0's shape and dtype.
+
+    The rows are weighed class by class, each against its class's references only: with K classes that is
+    about 1/K of the products of weighing every row against every reference and masking the other classes."""
     B = x0.shape[0]
     with torch.autocast(x0.device.type, enabled=False):
         X, E = x0.reshape(B, -1).float(), eps.reshape(B, -1).float()
         R = ref_x.reshape(ref_x.shape[0], -1).to(X.device, torch.float32)
         av, sv = a.reshape(B, 1).float(), s.reshape(B, 1).float().clamp(min=1e-12)
-        dist2 = ((X * X).sum(1, keepdim=True) - 2 * X @ R.T + (R * R).sum(1)).clamp_(min=0)  # |x0 - x0'|^2 (B, M)
-        cross = (E * X).sum(1, keepdim=True) - E @ R.T  # eps.(x0 - x0') (B, M)
-        logw = -(av * av * dist2 + 2 * av * sv * cross) / (2 * sv * sv)
-        if cond.labels is not None and ref_labels is not None:
-            labels = cond.labels.to(X.device).view(B, 1)
-            other = (labels != ref_labels.to(X.device).view(1, -1)) & (labels != cond.null_label)
-            logw = logw.masked_fill(other, float("-inf"))
-        w = torch.softmax(torch.cat([torch.zeros(B, 1, device=X.device), logw], 1), dim=1)  # own x0 first
-        mean = w[:, :1] * X + w[:, 1:] @ R
+        if cond.labels is None or ref_labels is None:
+            return _posterior_mean(X, E, av, sv, R).view_as(x0).to(x0.dtype)
+        labels, ref_labels = cond.labels.to(X.device).view(B), ref_labels.to(X.device).view(-1)
+        mean = torch.empty_like(X)
+        for c in torch.unique(labels).tolist():
+            rows = (labels == c).nonzero().squeeze(1)
+            refs = R if c == cond.null_label else R[ref_labels == c]
+            mean[rows] = _posterior_mean(X[rows], E[rows], av[rows], sv[rows], refs)
     return mean.view_as(x0).to(x0.dtype)
+
+
+def _posterior_mean(X: torch.Tensor, E: torch.Tensor, av: torch.Tensor, sv: torch.Tensor,
+                    R: torch.Tensor) -> torch.Tensor:
+    """`stable_target_x0` for rows (B, D) that weigh every reference image R (M, D), their own x0 first."""
+    dist2 = ((X * X).sum(1, keepdim=True) - 2 * X @ R.T + (R * R).sum(1)).clamp_(min=0)  # |x0 - x0'|^2 (B, M)
+    cross = (E * X).sum(1, keepdim=True) - E @ R.T  # eps.(x0 - x0') (B, M)
+    logw = -(av * av * dist2 + 2 * av * sv * cross) / (2 * sv * sv)
+    w = torch.softmax(torch.cat([logw.new_zeros(len(logw), 1), logw], 1), dim=1)
+    return w[:, :1] * X + w[:, 1:] @ R

@@ -486,15 +486,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
 def _probe_step(net, objective, shape: tuple, batch: int, num_classes: int, device: torch.device,
                 amp: bool) -> None:
     """One forward and backward of the training loss through `net` (compiling it, if it is compiled) on a
-    zero batch (and zero reference images, with a stable target), with noise from a generator of its own:
-    the run's generator is left alone."""
+    zero batch spread over the classes (and zero reference images, with a stable target), with noise from a
+    generator of its own: the run's generator is left alone."""
     x = torch.zeros(batch, *shape, device=device)
-    cond = (Condition.from_labels(torch.zeros(batch, dtype=torch.long, device=device), num_classes) if num_classes
-            else Condition.none(batch))
+    spread = lambda n: torch.arange(n, device=device) % max(num_classes, 1)  # noqa: E731  (every class, as in a run)
+    cond = Condition.from_labels(spread(batch), num_classes) if num_classes else Condition.none(batch)
     noise = objective.sample_noise(batch, shape, torch.Generator().manual_seed(0))  # as the loop passes it
-    refs = objective.stable_target  # the stable target's weighing is part of the step
-    reference = (torch.zeros(refs, *shape, device=device),
-                 torch.zeros(refs, dtype=torch.long, device=device) if num_classes else None) if refs else None
+    refs = objective.stable_target  # the stable target's weighing (class by class) is part of the step
+    reference = (torch.zeros(refs, *shape, device=device), spread(refs) if num_classes else None) if refs else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         loss = objective.loss(net, x, cond, noise=noise, reference=reference)
     loss.backward()
