@@ -483,6 +483,9 @@ def test_stable_target_is_the_posterior_mean_over_the_reference_set_of_the_rows_
             torch.testing.assert_close(got.double(), _posterior_mean_by_hand(x0, eps, tt, cond.labels, 3, ref, labels),
                                        rtol=0, atol=1e-5)
         assert torch.equal(got[2], x0[2])
+        order = torch.argsort(ref_labels, stable=True)  # references sorted by class, as training draws them
+        torch.testing.assert_close(stable_target_x0(x0, eps, 1 - col, col, cond, ref[order], ref_labels[order]),
+                                   stable_target_x0(x0, eps, 1 - col, col, cond, ref, ref_labels), rtol=0, atol=1e-6)
     # small noise: the own image explains x_t by far, and the mean is that image exactly (no rounding)
     tiny = torch.full((6, 1, 1, 1), 1e-7)
     assert torch.equal(stable_target_x0(x0, eps, 1 - tiny, tiny, cond, ref, ref_labels), x0)

@@ -249,29 +249,48 @@ def stable_target_x0(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: to
     small s: log p(x_t | x0') - log p(x_t | x0) = -(a^2 |x0 - x0'|^2 + 2 a s eps.(x0 - x0')) / (2 s^2).
     a, s: (B, 1, ...) broadcastable. Computed in float32 (no autocast); returns x0's shape and dtype.
 
-    The rows are weighed class by class, each against its class's references only: with K classes that is
-    about 1/K of the products of weighing every row against every reference and masking the other classes."""
+    The references are weighed class by class: one product of each class's references with the rows of that
+    class and the label-less rows, so the cost grows with the references, not with references x classes.
+    References that come sorted by class (as the training loop draws them) are split without a copy."""
     B = x0.shape[0]
     with torch.autocast(x0.device.type, enabled=False):
         X, E = x0.reshape(B, -1).float(), eps.reshape(B, -1).float()
         R = ref_x.reshape(ref_x.shape[0], -1).to(X.device, torch.float32)
         av, sv = a.reshape(B, 1).float(), s.reshape(B, 1).float().clamp(min=1e-12)
-        if cond.labels is None or ref_labels is None:
-            return _posterior_mean(X, E, av, sv, R).view_as(x0).to(x0.dtype)
-        labels, ref_labels = cond.labels.to(X.device).view(B), ref_labels.to(X.device).view(-1)
-        mean = torch.empty_like(X)
-        for c in torch.unique(labels).tolist():
-            rows = (labels == c).nonzero().squeeze(1)
-            refs = R if c == cond.null_label else R[ref_labels == c]
-            mean[rows] = _posterior_mean(X[rows], E[rows], av[rows], sv[rows], refs)
+        if cond.labels is not None and ref_labels is not None:
+            labels, ref_labels = cond.labels.to(X.device).view(B), ref_labels.to(X.device).view(-1)
+            if len(ref_labels) > 1 and not bool((ref_labels[1:] >= ref_labels[:-1]).all()):
+                order = torch.argsort(ref_labels, stable=True)
+                R, ref_labels = R[order], ref_labels[order]
+            classes, counts = torch.unique_consecutive(ref_labels, return_counts=True)
+            groups = [((labels == c).nonzero().squeeze(1), Rc) for c, Rc in
+                      zip(classes.tolist(), torch.split(R, counts.tolist()))]
+            free = (labels == cond.null_label).nonzero().squeeze(1)  # dropped labels: every reference
+        else:
+            free = torch.arange(B, device=X.device)
+            groups = [(free[:0], R)]
+        XX, EX = (X * X).sum(1, keepdim=True), (E * X).sum(1, keepdim=True)
+
+        def log_weights(rows, XR, ER, RR):
+            """log p(x_t | x0') - log p(x_t | x0) for `rows` against references with products XR = x0.x0',
+            ER = eps.x0' and squared norms RR."""
+            dist2 = (XX[rows] - 2 * XR + RR).clamp_(min=0)  # |x0 - x0'|^2
+            a_, s_ = av[rows], sv[rows]
+            return -(a_ * a_ * dist2 + 2 * a_ * s_ * (EX[rows] - ER)) / (2 * s_ * s_)
+
+        def weighted_mean(rows, logw, refs):
+            w = torch.softmax(torch.cat([logw.new_zeros(len(logw), 1), logw], 1), dim=1)  # the own x0 first
+            return w[:, :1] * X[rows] + w[:, 1:] @ refs
+
+        mean = X.clone()  # a row whose class has no reference keeps its own x0
+        n0, free_logw = len(free), []
+        for rows, Rc in groups:
+            n = len(rows)
+            P = torch.cat([X[rows], X[free], E[rows], E[free]]) @ Rc.T
+            RR = (Rc * Rc).sum(1)
+            if n:
+                mean[rows] = weighted_mean(rows, log_weights(rows, P[:n], P[n + n0:2 * n + n0], RR), Rc)
+            free_logw.append(log_weights(free, P[n:n + n0], P[2 * n + n0:], RR))
+        if n0 and groups:
+            mean[free] = weighted_mean(free, torch.cat(free_logw, 1), R)
     return mean.view_as(x0).to(x0.dtype)
-
-
-def _posterior_mean(X: torch.Tensor, E: torch.Tensor, av: torch.Tensor, sv: torch.Tensor,
-                    R: torch.Tensor) -> torch.Tensor:
-    """`stable_target_x0` for rows (B, D) that weigh every reference image R (M, D), their own x0 first."""
-    dist2 = ((X * X).sum(1, keepdim=True) - 2 * X @ R.T + (R * R).sum(1)).clamp_(min=0)  # |x0 - x0'|^2 (B, M)
-    cross = (E * X).sum(1, keepdim=True) - E @ R.T  # eps.(x0 - x0') (B, M)
-    logw = -(av * av * dist2 + 2 * av * sv * cross) / (2 * sv * sv)
-    w = torch.softmax(torch.cat([logw.new_zeros(len(logw), 1), logw], 1), dim=1)
-    return w[:, :1] * X + w[:, 1:] @ R

@@ -400,7 +400,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
             noise = {k: v[lo:hi] for k, v in noise.items()}
             reference = None
             if objective.stable_target:  # drawn after the noise: runs without it keep their stream
-                ref_x, ref_y = data.batch(torch.randint(len(data), (objective.stable_target,), generator=gen))
+                ref = torch.randint(len(data), (objective.stable_target,), generator=gen)
+                ref_x, ref_y = data.batch(ref[torch.argsort(data.labels[ref], stable=True)])  # by class: no copy
                 reference = (ref_x.to(device), ref_y.to(device) if config["model"]["num_classes"] else None)
             if plan_at is not None and step == plan_at:
                 # (re-)plan; the plan is kept in the checkpoints, and a resumed run follows it
@@ -493,7 +494,8 @@ def _probe_step(net, objective, shape: tuple, batch: int, num_classes: int, devi
     cond = Condition.from_labels(spread(batch), num_classes) if num_classes else Condition.none(batch)
     noise = objective.sample_noise(batch, shape, torch.Generator().manual_seed(0))  # as the loop passes it
     refs = objective.stable_target  # the stable target's weighing (class by class) is part of the step
-    reference = (torch.zeros(refs, *shape, device=device), spread(refs) if num_classes else None) if refs else None
+    reference = (torch.zeros(refs, *shape, device=device), spread(refs).sort().values if num_classes else None) \
+        if refs else None  # sorted by class, as the loop draws them
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         loss = objective.loss(net, x, cond, noise=noise, reference=reference)
     loss.backward()
