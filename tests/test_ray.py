@@ -329,8 +329,8 @@ def test_killing_a_replica_under_load_gives_503_at_worst_and_ray_brings_it_back(
             assert r.headers.get("retry-after") and "detail" in r.json()
     assert any(t > t_kill and r.status_code == 200 for t, r in results), "the live replica kept serving"
 
-    # Ray replaces the dead replica
-    deadline = time.monotonic() + 90
+    # Ray replaces the dead replica (on a loaded 2-core machine its new replica took over 90 s to run)
+    deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         now = replica_pids()
         if running_replicas() == 2 and len(now) == 2 and victim not in now:
