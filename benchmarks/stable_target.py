@@ -80,8 +80,7 @@ def main() -> None:
         best = math.inf
         for _ in range(20):
             t0 = time.perf_counter()
-            ref = torch.randint(0, len(data), (m,), generator=g)
-            rx, ry = data.batch(ref[torch.argsort(data.labels[ref], stable=True)])  # by class, as training draws
+            rx, ry = data.draw(m, g)  # as training draws them
             stable_target_x0(xb, eps[:B], 1 - t, t, Condition.from_labels(yb, data.num_classes), rx, ry)
             best = min(best, time.perf_counter() - t0)
         print(f"  M = {m}: {best * 1e3:.2f} ms")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -62,6 +63,12 @@ class ImageDataset:
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `index` as float32 in [-1, 1], (B, C, H, W), and their labels (B,) int64."""
         return to_model_range(self.images[index].to(torch.float32)), self.labels[index]
+
+    def draw(self, n: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`batch` of `n` images drawn uniformly with replacement, in the order of their labels (a stable
+        target's references: `objectives.base.stable_target_x0` splits them by class without a copy)."""
+        index = torch.randint(len(self), (n,), generator=generator)
+        return self.batch(index[torch.argsort(self.labels[index], stable=True)])
 
     def mean_image(self, chunk: int = 8192) -> torch.Tensor:
         """The per-pixel mean of all the images in the range `batch` gives, (C, H, W) float64."""

@@ -400,8 +400,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
             noise = {k: v[lo:hi] for k, v in noise.items()}
             reference = None
             if objective.stable_target:  # drawn after the noise: runs without it keep their stream
-                ref = torch.randint(len(data), (objective.stable_target,), generator=gen)
-                ref_x, ref_y = data.batch(ref[torch.argsort(data.labels[ref], stable=True)])  # by class: no copy
+                ref_x, ref_y = data.draw(objective.stable_target, gen)
                 reference = (ref_x.to(device), ref_y.to(device) if config["model"]["num_classes"] else None)
             if plan_at is not None and step == plan_at:
                 # (re-)plan; the plan is kept in the checkpoints, and a resumed run follows it
@@ -490,12 +489,12 @@ def _probe_step(net, objective, shape: tuple, batch: int, num_classes: int, devi
     zero batch spread over the classes (and zero reference images, with a stable target), with noise from a
     generator of its own: the run's generator is left alone."""
     x = torch.zeros(batch, *shape, device=device)
-    spread = lambda n: torch.arange(n, device=device) % max(num_classes, 1)  # noqa: E731  (every class, as in a run)
-    cond = Condition.from_labels(spread(batch), num_classes) if num_classes else Condition.none(batch)
+    cond = (Condition.from_labels(torch.arange(batch, device=device) % num_classes, num_classes) if num_classes
+            else Condition.none(batch))  # every class, as in a run
     noise = objective.sample_noise(batch, shape, torch.Generator().manual_seed(0))  # as the loop passes it
     refs = objective.stable_target  # the stable target's weighing (class by class) is part of the step
-    reference = (torch.zeros(refs, *shape, device=device), spread(refs).sort().values if num_classes else None) \
-        if refs else None  # sorted by class, as the loop draws them
+    reference = (torch.zeros(refs, *shape, device=device),  # labels in order, as ImageDataset.draw gives them
+                 torch.arange(refs, device=device) * num_classes // refs if num_classes else None) if refs else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         loss = objective.loss(net, x, cond, noise=noise, reference=reference)
     loss.backward()
