@@ -66,7 +66,7 @@ class ImageDataset:
 
     def draw(self, n: int, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`batch` of `n` images drawn uniformly with replacement, in the order of their labels (a stable
-        target's references: `objectives.base.stable_target_x0` splits them by class without a copy)."""
+        target's references: `objectives.base.stable_target_x0` then finds each class's without a sort)."""
         index = torch.randint(len(self), (n,), generator=generator)
         return self.batch(index[torch.argsort(self.labels[index], stable=True)])
 

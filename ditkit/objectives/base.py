@@ -249,27 +249,18 @@ def stable_target_x0(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: to
     small s: log p(x_t | x0') - log p(x_t | x0) = -(a^2 |x0 - x0'|^2 + 2 a s eps.(x0 - x0')) / (2 s^2).
     a, s: (B, 1, ...) broadcastable. Computed in float32 (no autocast); returns x0's shape and dtype.
 
-    The references are weighed class by class: one product of each class's references with the rows of that
-    class and the label-less rows, so the cost grows with the references, not with references x classes.
-    References that come sorted by class (as the training loop draws them) are split without a copy."""
+    The references are weighed class by class, all classes in one batched product: each class's references
+    (padded to the largest class) against the rows of that class, and the label-less rows against them all,
+    so the cost grows with the references, not with references x classes, and not with the classes' count
+    in operations either. References may come in any order; sorted by class (as the training loop draws
+    them) they need no sort."""
     B = x0.shape[0]
     with torch.autocast(x0.device.type, enabled=False):
         X, E = x0.reshape(B, -1).float(), eps.reshape(B, -1).float()
         R = ref_x.reshape(ref_x.shape[0], -1).to(X.device, torch.float32)
         av, sv = a.reshape(B, 1).float(), s.reshape(B, 1).float().clamp(min=1e-12)
-        if cond.labels is not None and ref_labels is not None:
-            labels, ref_labels = cond.labels.to(X.device).view(B), ref_labels.to(X.device).view(-1)
-            if len(ref_labels) > 1 and not bool((ref_labels[1:] >= ref_labels[:-1]).all()):
-                order = torch.argsort(ref_labels, stable=True)
-                R, ref_labels = R[order], ref_labels[order]
-            classes, counts = torch.unique_consecutive(ref_labels, return_counts=True)
-            groups = [((labels == c).nonzero().squeeze(1), Rc) for c, Rc in
-                      zip(classes.tolist(), torch.split(R, counts.tolist()))]
-            free = (labels == cond.null_label).nonzero().squeeze(1)  # dropped labels: every reference
-        else:
-            free = torch.arange(B, device=X.device)
-            groups = [(free[:0], R)]
         XX, EX = (X * X).sum(1, keepdim=True), (E * X).sum(1, keepdim=True)
+        RR = (R * R).sum(1)
 
         def log_weights(rows, XR, ER, RR):
             """log p(x_t | x0') - log p(x_t | x0) for `rows` against references with products XR = x0.x0',
@@ -278,19 +269,47 @@ def stable_target_x0(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: to
             a_, s_ = av[rows], sv[rows]
             return -(a_ * a_ * dist2 + 2 * a_ * s_ * (EX[rows] - ER)) / (2 * s_ * s_)
 
-        def weighted_mean(rows, logw, refs):
-            w = torch.softmax(torch.cat([logw.new_zeros(len(logw), 1), logw], 1), dim=1)  # the own x0 first
-            return w[:, :1] * X[rows] + w[:, 1:] @ refs
+        def weights(logw):
+            """Softmax weights over (own x0, references), the own x0 first."""
+            return torch.softmax(torch.cat([logw.new_zeros(len(logw), 1), logw], 1), dim=1)
 
         mean = X.clone()  # a row whose class has no reference keeps its own x0
-        n0, free_logw = len(free), []
-        for rows, Rc in groups:
-            n = len(rows)
-            P = torch.cat([X[rows], X[free], E[rows], E[free]]) @ Rc.T
-            RR = (Rc * Rc).sum(1)
-            if n:
-                mean[rows] = weighted_mean(rows, log_weights(rows, P[:n], P[n + n0:2 * n + n0], RR), Rc)
-            free_logw.append(log_weights(free, P[n:n + n0], P[2 * n + n0:], RR))
-        if n0 and groups:
-            mean[free] = weighted_mean(free, torch.cat(free_logw, 1), R)
+        if cond.labels is not None and ref_labels is not None:
+            labels, ref_labels = cond.labels.to(X.device).view(B), ref_labels.to(X.device).view(-1)
+            if len(ref_labels) > 1 and not bool((ref_labels[1:] >= ref_labels[:-1]).all()):
+                order = torch.argsort(ref_labels, stable=True)
+                R, RR, ref_labels = R[order], RR[order], ref_labels[order]
+            free = (labels == cond.null_label).nonzero().squeeze(1)  # dropped labels: every reference
+            classes, counts = torch.unique_consecutive(ref_labels, return_counts=True)
+            K = len(classes)
+            if K:
+                # each row's class among the references' classes, and the rows that have one
+                k = torch.searchsorted(classes, labels).clamp_(max=K - 1)
+                rows = (classes[k] == labels).nonzero().squeeze(1)
+                kr, order = torch.sort(k[rows], stable=True)
+                rows = rows[order]
+                n_rows = torch.bincount(kr, minlength=K)
+                slot = torch.arange(len(rows), device=X.device) - (torch.cumsum(n_rows, 0) - n_rows)[kr]
+                # the references padded to (K, C, D): class k's in its first counts[k] places
+                C = int(counts.max())
+                span = torch.arange(C, device=X.device)
+                valid = span < counts[:, None]
+                idx = ((torch.cumsum(counts, 0) - counts)[:, None] + span).clamp_(max=len(R) - 1)
+                Rp = R[idx]
+                if len(rows):
+                    XE = X.new_zeros(K, 2 * int(n_rows.max()), X.shape[1])
+                    half = XE.shape[1] // 2
+                    XE[kr, slot], XE[kr, slot + half] = X[rows], E[rows]
+                    P = torch.bmm(XE, Rp.transpose(1, 2))  # (K, 2 rows, C): x0.x0' then eps.x0'
+                    logw = log_weights(rows, P[kr, slot], P[kr, slot + half], RR[idx][kr])
+                    w = weights(logw.masked_fill_(~valid[kr], -math.inf))
+                    Wp = X.new_zeros(K, half, C)
+                    Wp[kr, slot] = w[:, 1:]
+                    mean[rows] = w[:, :1] * X[rows] + torch.bmm(Wp, Rp)[kr, slot]
+        else:
+            free = torch.arange(B, device=X.device)
+        if len(free) and len(R):
+            P = torch.cat([X[free], E[free]]) @ R.T
+            w = weights(log_weights(free, P[:len(free)], P[len(free):], RR))
+            mean[free] = w[:, :1] * X[free] + w[:, 1:] @ R
     return mean.view_as(x0).to(x0.dtype)
