@@ -288,15 +288,17 @@ def stable_target_x0(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: to
                 rows = (classes[k] == labels).nonzero().squeeze(1)
                 kr, order = torch.sort(k[rows], stable=True)
                 rows = rows[order]
-                n_rows = torch.bincount(kr, minlength=K)
-                slot = torch.arange(len(rows), device=X.device) - (torch.cumsum(n_rows, 0) - n_rows)[kr]
-                # the references padded to (K, C, D): class k's in its first counts[k] places
-                C = int(counts.max())
-                span = torch.arange(C, device=X.device)
-                valid = span < counts[:, None]
-                idx = ((torch.cumsum(counts, 0) - counts)[:, None] + span).clamp_(max=len(R) - 1)
-                Rp = R[idx]
                 if len(rows):
+                    # the references padded to (K, C, D): class k's in its first counts[k] places
+                    C = int(counts.max())
+                    span = torch.arange(C, device=X.device)
+                    valid = span < counts[:, None]
+                    idx = ((torch.cumsum(counts, 0) - counts)[:, None] + span).clamp_(max=len(R) - 1)
+                    Rp = R[idx]
+                    # each row's place among its class's rows: the rows padded to (K, 2 x the largest class's
+                    # rows, D), x0 in the first half, eps in the second
+                    n_rows = torch.bincount(kr, minlength=K)
+                    slot = torch.arange(len(rows), device=X.device) - (torch.cumsum(n_rows, 0) - n_rows)[kr]
                     XE = X.new_zeros(K, 2 * int(n_rows.max()), X.shape[1])
                     half = XE.shape[1] // 2
                     XE[kr, slot], XE[kr, slot + half] = X[rows], E[rows]
