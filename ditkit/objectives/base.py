@@ -249,11 +249,11 @@ def stable_target_x0(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: to
     small s: log p(x_t | x0') - log p(x_t | x0) = -(a^2 |x0 - x0'|^2 + 2 a s eps.(x0 - x0')) / (2 s^2).
     a, s: (B, 1, ...) broadcastable. Computed in float32 (no autocast); returns x0's shape and dtype.
 
-    The references are weighed class by class, all classes in one batched product: each class's references
-    (padded to the largest class) against the rows of that class, and the label-less rows against them all,
-    so the cost grows with the references, not with references x classes, and not with the classes' count
-    in operations either. References may come in any order; sorted by class (as the training loop draws
-    them) they need no sort."""
+    The labelled rows are weighed against their class's references only, all classes in one batched
+    product (each class's references padded to the largest class, masked), and the label-less rows against
+    all references in one more: the cost grows with the references, not with references x classes, and
+    the number of operations does not grow with the classes. References may come in any order; sorted by
+    class (as `ImageDataset.draw` gives them) they need no sort."""
     B = x0.shape[0]
     with torch.autocast(x0.device.type, enabled=False):
         X, E = x0.reshape(B, -1).float(), eps.reshape(B, -1).float()
@@ -282,32 +282,32 @@ def stable_target_x0(x0: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, s: to
             free = (labels == cond.null_label).nonzero().squeeze(1)  # dropped labels: every reference
             classes, counts = torch.unique_consecutive(ref_labels, return_counts=True)
             K = len(classes)
+            rows = labels[:0]  # the rows whose class has references (none if no reference has a class)
             if K:
-                # each row's class among the references' classes, and the rows that have one
-                k = torch.searchsorted(classes, labels).clamp_(max=K - 1)
+                k = torch.searchsorted(classes, labels).clamp_(max=K - 1)  # each row's class among the references'
                 rows = (classes[k] == labels).nonzero().squeeze(1)
-                kr, order = torch.sort(k[rows], stable=True)
-                rows = rows[order]
-                if len(rows):
-                    # the references padded to (K, C, D): class k's in its first counts[k] places
-                    C = int(counts.max())
-                    span = torch.arange(C, device=X.device)
-                    valid = span < counts[:, None]
-                    idx = ((torch.cumsum(counts, 0) - counts)[:, None] + span).clamp_(max=len(R) - 1)
-                    Rp = R[idx]
-                    # each row's place among its class's rows: the rows padded to (K, 2 x the largest class's
-                    # rows, D), x0 in the first half, eps in the second
-                    n_rows = torch.bincount(kr, minlength=K)
-                    slot = torch.arange(len(rows), device=X.device) - (torch.cumsum(n_rows, 0) - n_rows)[kr]
-                    XE = X.new_zeros(K, 2 * int(n_rows.max()), X.shape[1])
-                    half = XE.shape[1] // 2
-                    XE[kr, slot], XE[kr, slot + half] = X[rows], E[rows]
-                    P = torch.bmm(XE, Rp.transpose(1, 2))  # (K, 2 rows, C): x0.x0' then eps.x0'
-                    logw = log_weights(rows, P[kr, slot], P[kr, slot + half], RR[idx][kr])
-                    w = weights(logw.masked_fill_(~valid[kr], -math.inf))
-                    Wp = X.new_zeros(K, half, C)
-                    Wp[kr, slot] = w[:, 1:]
-                    mean[rows] = w[:, :1] * X[rows] + torch.bmm(Wp, Rp)[kr, slot]
+                kr, by_class = torch.sort(k[rows], stable=True)
+                rows = rows[by_class]
+            if len(rows):
+                # the references padded to (K, C, D): class k's in its first counts[k] places
+                C = int(counts.max())
+                span = torch.arange(C, device=X.device)
+                valid = span < counts[:, None]
+                idx = ((torch.cumsum(counts, 0) - counts)[:, None] + span).clamp_(max=len(R) - 1)
+                Rp = R[idx]
+                # each row's place among its class's rows: the rows padded to (K, 2 x the largest class's rows,
+                # D), x0 in the first half, eps in the second
+                n_rows = torch.bincount(kr, minlength=K)
+                slot = torch.arange(len(rows), device=X.device) - (torch.cumsum(n_rows, 0) - n_rows)[kr]
+                half = int(n_rows.max())
+                XE = X.new_zeros(K, 2 * half, X.shape[1])
+                XE[kr, slot], XE[kr, slot + half] = X[rows], E[rows]
+                P = torch.bmm(XE, Rp.transpose(1, 2))  # (K, 2 x rows, C): x0.x0' then eps.x0'
+                logw = log_weights(rows, P[kr, slot], P[kr, slot + half], RR[idx][kr])
+                w = weights(logw.masked_fill_(~valid[kr], -math.inf))
+                Wp = X.new_zeros(K, half, C)
+                Wp[kr, slot] = w[:, 1:]
+                mean[rows] = w[:, :1] * X[rows] + torch.bmm(Wp, Rp)[kr, slot]
         else:
             free = torch.arange(B, device=X.device)
         if len(free) and len(R):

@@ -492,7 +492,7 @@ def _probe_step(net, objective, shape: tuple, batch: int, num_classes: int, devi
     cond = (Condition.from_labels(torch.arange(batch, device=device) % num_classes, num_classes) if num_classes
             else Condition.none(batch))  # every class, as in a run
     noise = objective.sample_noise(batch, shape, torch.Generator().manual_seed(0))  # as the loop passes it
-    refs = objective.stable_target  # the stable target's weighing (class by class) is part of the step
+    refs = objective.stable_target  # the stable target's weighing is part of the step
     reference = (torch.zeros(refs, *shape, device=device),  # labels in order, as ImageDataset.draw gives them
                  torch.arange(refs, device=device) * num_classes // refs if num_classes else None) if refs else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
