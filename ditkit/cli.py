@@ -104,6 +104,7 @@ def _add_train(sub) -> None:
     from .models.layers import MLPS, NORMS
     from .objectives import OBJECTIVES
     from .train.config import STABLE_TARGET_REFS, TrainConfig
+    from .train.optim import OPTIMIZERS
 
     d = TrainConfig()
     p = sub.add_parser("train", help="train a DiT", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -160,6 +161,9 @@ def _add_train(sub) -> None:
                    "speed makes fewer than 3,000 steps at 64 in the budget (measured better there)")
     p.add_argument("--lr", type=_or_auto(_float("--lr", 0, True)), default="auto", metavar="LR|auto",
                    help="auto: 2.8e-3 at batch 64, scaled by sqrt(batch / 64)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                   help="muon: Muon (orthogonalised momentum) on the transformer blocks' matrices, AdamW on "
+                        "the rest, at the same --lr")
     p.add_argument("--weight-decay", type=_float("--weight-decay", 0), default=d.weight_decay)
     p.add_argument("--beta2", type=_float("--beta2", 0, True), default=d.beta2, help="AdamW beta2")
     p.add_argument("--warmup-steps", type=_nonneg_int("--warmup-steps"), default=d.warmup_steps)

@@ -256,7 +256,7 @@ def test_lr_auto_scales_with_the_square_root_of_the_batch():
 ])
 def test_auto_batch_is_the_first_whose_measured_speed_buys_enough_steps(monkeypatch, step_s, want):
     asked = []
-    monkeypatch.setattr(loop, "seconds_per_step", lambda mcfg, obj, shape, batch, device, amp: asked.append(batch)
+    monkeypatch.setattr(loop, "seconds_per_step", lambda mcfg, obj, shape, batch, device, amp, **kw: asked.append(batch)
                         or step_s(batch))
     cfg = TrainConfig(max_minutes=10)
     config = dict(model={}, objective=dict(name="linear", prediction="velocity"), data=dict(shape=[1, 28, 28]),
@@ -273,7 +273,7 @@ def test_auto_batch_is_the_first_whose_measured_speed_buys_enough_steps(monkeypa
 def test_auto_batch_and_lr_are_recorded_and_kept_on_resume(tmp_path, monkeypatch):
     """The batch and lr that auto became are written into the run; the measurement counts against the
     time budget; --resume trains on with them."""
-    def slow_measurement(mcfg, objective, shape, batch, device, amp):
+    def slow_measurement(mcfg, objective, shape, batch, device, amp, **kw):
         time.sleep(0.75)
         return 1.0  # 6 steps in the budget at every batch: the smaller is taken
     monkeypatch.setattr(loop, "seconds_per_step", slow_measurement)

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from ..errors import UsageError
 from ..models.layers import MLPS, NORMS
+from .optim import OPTIMIZERS
 
 # The demo recipe, chosen by measurement (docs/BENCHMARKS.md, "Choosing the default recipe").
 DEFAULT_MODEL = "DiT-T/4"
@@ -62,6 +63,8 @@ class TrainConfig:
     # "Batch size"), smaller for a run limited by time alone on a CPU too slow for that (loop.auto_batch_size)
     batch_size: Optional[int] = None
     lr: Optional[float] = None  # None = 2.8e-3 at batch 64, scaled by sqrt(batch / 64) (loop.lr_for_batch)
+    # "adamw", or "muon": Muon on the blocks' matrices, AdamW on the rest (train.optim), at the same lr
+    optimizer: str = "adamw"
     weight_decay: float = 0.0
     beta2: float = 0.99
     warmup_steps: int = 200
@@ -155,6 +158,7 @@ class TrainConfig:
 
         need(self.batch_size is None or self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1")
         need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr {self.lr}: must be a positive number")
+        need(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: allowed {', '.join(OPTIMIZERS)}")
         need(self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0")
         need(0 < self.beta2 < 1, f"--beta2 {self.beta2}: must be in (0, 1)")
         need(self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")
