@@ -186,3 +186,60 @@ def format_result(res: dict[str, Any]) -> str:
                          ", ".join(f"{c['asked']} -> {c['read']} ({c['count']})" for c in acc["confusions"]))
     lines.append(f"note: {res['note']}")
     return "\n".join(lines)
+
+
+def held_out_loss(model, images: Any, labels: Any = None, *, repeats: int = 2, bins: int = 8, seed: int = 1234,
+                  batch_size: int = 1000) -> dict[str, Any]:
+    """The training objective's loss on held-out images: a loaded model's (`sampling.load_model`) mean
+    loss over `repeats` draws per image of the objective's own training times and noise (a generator
+    seeded with `seed`: every model is scored on the same draws, so two models' difference is paired),
+    with no label dropout and the plain target. images: uint8 (N, C, H, W) like a dataset's, or float in
+    the model's range; labels: (N,) or None (an unconditional model).
+
+    A training-side change can be compared on this at a matched step or time with far less noise than
+    through FID (docs/BENCHMARKS.md, "Round 39"); it does not see guidance or the sampler.
+    Returns loss (the mean), its standard error over images, n, and `bins` equal-count bins of the
+    training time, each with its t range and mean loss."""
+    import torch
+
+    from .condition import Condition
+    from .data.dataset import to_model_range
+
+    if repeats < 1 or bins < 1 or batch_size < 1:
+        raise DitkitError(f"held_out_loss: repeats {repeats}, bins {bins} and batch_size {batch_size} must be >= 1")
+    x0 = torch.as_tensor(images)
+    x0 = to_model_range(x0.float()) if x0.dtype == torch.uint8 else x0.float()
+    if tuple(x0.shape[1:]) != tuple(model.image_shape):
+        raise DitkitError(f"held_out_loss: images of shape {tuple(x0.shape[1:])}, the model's are "
+                          f"{tuple(model.image_shape)}")
+    if model.num_classes and labels is None:
+        raise DitkitError("held_out_loss: this model is class-conditional; give the images' labels")
+    obj, net, dev = model.objective, model.net, model.device
+    n, shape = x0.shape[0], tuple(x0.shape[1:])
+    gen = torch.Generator().manual_seed(seed)
+    ts, per = [], []
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                noise = obj.sample_noise(n, shape, gen)
+                for i in range(0, n, batch_size):
+                    sl = slice(i, min(i + batch_size, n))
+                    b = sl.stop - sl.start
+                    cond = (Condition.from_labels(torch.as_tensor(labels[sl]), model.num_classes)
+                            if model.num_classes else Condition.none(b))
+                    rows = dict(t=noise["t"][sl], eps=noise["eps"][sl], drop=torch.zeros(b, dtype=torch.bool))
+                    per.append(obj.loss(net, x0[sl].to(dev), cond, noise=rows, reduce=False).cpu())
+                    ts.append(noise["t"][sl].double())
+    finally:
+        net.train(was_training)
+    loss, t = torch.cat(per).double(), torch.cat(ts)
+    order = torch.argsort(t)
+    out_bins = []
+    for chunk in torch.tensor_split(order, bins):
+        out_bins.append(dict(t_low=float(t[chunk].min()), t_high=float(t[chunk].max()),
+                             loss=float(loss[chunk].mean())))
+    per_image = loss.view(repeats, n).mean(0)
+    return dict(loss=float(loss.mean()), stderr=float(per_image.std() / n ** 0.5), n=n, repeats=repeats,
+                seed=seed, bins=out_bins)

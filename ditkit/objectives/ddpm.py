@@ -94,9 +94,10 @@ class DDPMObjective:
         return batch_noise(t, shape, self.label_dropout, generator)
 
     def loss(self, net: nn.Module, x0: torch.Tensor, cond: Condition, noise: Optional[dict] = None,
-             generator: Optional[torch.Generator] = None, reference: None = None) -> torch.Tensor:
-        """Mean loss over the batch; every sample gets its own t (and its own noise). `reference` is the
-        interpolants' (their stable target): the same signature, always None here."""
+             generator: Optional[torch.Generator] = None, reference: None = None,
+             reduce: bool = True) -> torch.Tensor:
+        """Mean loss over the batch (reduce=False: each row's, (B,)); every sample gets its own t (and its own
+        noise). `reference` is the interpolants' (their stable target): the same signature, always None here."""
         if reference is not None:
             raise UsageError("--stable-target: for the interpolant objectives (linear, gvp, vp), not ddpm")
         B = x0.shape[0]
@@ -115,6 +116,8 @@ class DDPMObjective:
             # Hang et al. 2023: weight on the x0-MSE is min(snr, gamma); convert to this prediction's MSE.
             w = {"eps": clipped / snr, "v": clipped / (snr + 1), "x0": clipped}[self.prediction]
             per_sample = per_sample * w
+        if not reduce:  # (B,): the rows' own losses (a dispersive term, the batch's, left out)
+            return per_sample
         return per_sample.mean() + dispersive
 
     # -- sampling ----------------------------------------------------------------------------------

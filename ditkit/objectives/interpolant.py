@@ -135,11 +135,12 @@ class InterpolantObjective:
 
     def loss(self, net: nn.Module, x0: torch.Tensor, cond: Condition, noise: Optional[dict] = None,
              generator: Optional[torch.Generator] = None,
-             reference: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None) -> torch.Tensor:
-        """The batch's mean squared error against the objective's target. `reference` (images (M, C, H, W) in
-        the data range, their labels (M,) or None), given with `stable_target`: the target is built from
-        each row's posterior mean of x0 over its own x0 and these images (`base.stable_target_x0`) instead
-        of its own x0 alone; without it, the usual target."""
+             reference: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None,
+             reduce: bool = True) -> torch.Tensor:
+        """The batch's mean squared error against the objective's target (reduce=False: each row's, (B,)).
+        `reference` (images (M, C, H, W) in the data range, their labels (M,) or None), given with
+        `stable_target`: the target is built from each row's posterior mean of x0 over its own x0 and these
+        images (`base.stable_target_x0`) instead of its own x0 alone; without it, the usual target."""
         B = x0.shape[0]
         dev = x0.device
         noise, eps, cond, x0 = loss_inputs(self, x0, cond, noise, generator)
@@ -164,6 +165,8 @@ class InterpolantObjective:
         per_sample = (out - target).pow(2).flatten(1).mean(1)
         if self.loss_weighting == "snr-velocity":  # down-weight the near-noise end
             per_sample = per_sample * (a.view(B) ** 2 / (a.view(B) ** 2 + s.view(B) ** 2))
+        if not reduce:  # (B,): the rows' own losses (a dispersive term, the batch's, left out)
+            return per_sample
         return per_sample.mean() + dispersive
 
     def _guided_target(self, net: nn.Module, out: torch.Tensor, target: torch.Tensor, x_t: torch.Tensor,
