@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 DITKIT := $(VENV)/bin/ditkit
 DEMO_RUN ?= runs/demo
 DEMO_MINUTES ?= 10
+# Muon trains the 10-minute demo better than AdamW (four runs of four, docs/BENCHMARKS.md "Round 39");
+# after 30 minutes it measured worse: DEMO_OPTIMIZER=adamw for long demos
+DEMO_OPTIMIZER ?= muon
 
 .PHONY: install data demo test bench clean
 
@@ -28,7 +31,7 @@ data: install
 # About DEMO_MINUTES of CPU training of the default recipe, then a guided sample grid and the loss curve.
 demo: data
 	rm -rf $(DEMO_RUN)
-	$(DITKIT) train --out $(DEMO_RUN) --max-minutes $(DEMO_MINUTES)
+	$(DITKIT) train --out $(DEMO_RUN) --max-minutes $(DEMO_MINUTES) --optimizer $(DEMO_OPTIMIZER)
 	$(DITKIT) sample --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/grid.png --out $(DEMO_RUN)/samples.npz \
 		--num 100 --labels all --sampler dpm++2m --autoguidance 2 --guidance-interval 0.6,inf --reject 0.08
 	$(DITKIT) sample --ckpt $(DEMO_RUN) --out $(DEMO_RUN)/grid_cfg.png --num 100 --labels all --cfg-scale 1.35

@@ -162,9 +162,9 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=_or_auto(_float("--lr", 0, True)), default="auto", metavar="LR|auto",
                    help="auto: 2.8e-3 at batch 64, scaled by sqrt(batch / 64)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help="muon (default): Muon (orthogonalised momentum) on the transformer blocks' hidden "
-                        "matrices, AdamW on the rest, at the same --lr (measured better per CPU-minute); "
-                        "adamw: AdamW on everything (the default before round 39)")
+                   help="adamw (default), or muon: Muon (orthogonalised momentum) on the transformer blocks' "
+                        "hidden matrices, AdamW on the rest, at the same --lr (measured better after 10 "
+                        "minutes, worse after 30; make demo uses it)")
     p.add_argument("--weight-decay", type=_float("--weight-decay", 0), default=d.weight_decay)
     p.add_argument("--beta2", type=_float("--beta2", 0, True), default=d.beta2, help="AdamW beta2")
     p.add_argument("--warmup-steps", type=_nonneg_int("--warmup-steps"), default=d.warmup_steps)

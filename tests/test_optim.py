@@ -116,7 +116,7 @@ def test_muon_adamw_state_round_trip():
 
 
 def test_a_muon_run_records_its_optimizer_and_resumes_bit_exactly(tmp_path):
-    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, optimizer="muon")  # the default, said
+    kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, optimizer="muon")
     full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=10, **kw))
     assert json.loads((full / "config.json").read_text())["train"]["optimizer"] == "muon"
     part = TrainConfig(out=str(tmp_path / "part"), max_steps=4, **kw)
@@ -130,7 +130,7 @@ def test_a_muon_run_records_its_optimizer_and_resumes_bit_exactly(tmp_path):
     adam = train(TrainConfig(out=str(tmp_path / "adam"), max_steps=4, **dict(kw, optimizer="adamw")))
     assert losses(adam)[-1] != losses(tmp_path / "part")[3]
     with pytest.raises(UsageError, match="optimizer"):
-        train(TrainConfig(out=str(tmp_path / "part"), max_steps=12, **dict(kw, optimizer="adamw")), resume=True)
+        train(TrainConfig(out=str(adam), max_steps=6, **dict(kw, optimizer="muon")), resume=True)
 
 
 def test_bad_optimizer_is_refused():
@@ -138,8 +138,8 @@ def test_bad_optimizer_is_refused():
         TrainConfig(optimizer="sgd").validate()
 
 
-def test_muon_is_the_default_and_a_run_from_before_it_resumes_with_adamw(tmp_path):
-    assert TrainConfig().optimizer == "muon"
+def test_adamw_is_the_default_and_a_run_from_before_the_option_resumes_with_it(tmp_path):
+    assert TrainConfig().optimizer == "adamw"
     kw = dict(SMALL, ckpt_every=0, lr_decay=0.0)
     # a run written before --optimizer existed (no "optimizer" in its config.json) trained with AdamW,
     # and resumes with it, bit-exactly
