@@ -16,7 +16,7 @@ from ditkit.train.config import TrainConfig
 from ditkit.train.loop import train
 from ditkit.train.optim import Muon, MuonAdamW, build_optimizer, muon_parameters, zeropower_newton_schulz
 
-from test_train import SMALL, losses
+from test_train import SMALL, losses, trained_and_resumed_alike
 
 SHAPES = [(384, 128), (128, 128), (512, 128), (128, 512), (96, 40)]  # DiT-T/4's, tall and wide, and an odd one
 
@@ -117,13 +117,8 @@ def test_muon_adamw_state_round_trip():
 
 def test_a_muon_run_records_its_optimizer_and_resumes_bit_exactly(tmp_path):
     kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, optimizer="muon")
-    full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=10, **kw))
+    full = trained_and_resumed_alike(tmp_path, kw, steps=10, stop=4)
     assert json.loads((full / "config.json").read_text())["train"]["optimizer"] == "muon"
-    part = TrainConfig(out=str(tmp_path / "part"), max_steps=4, **kw)
-    train(part)
-    part.max_steps = 10
-    train(part, resume=True)
-    assert losses(full) == losses(tmp_path / "part")
     a, b = load_weights(latest_checkpoint(full), "ema"), load_weights(latest_checkpoint(tmp_path / "part"), "ema")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # an AdamW run differs (Muon did train the matrices), and a resume may not switch optimiser
