@@ -1,6 +1,7 @@
 """evaluate(): generate from a checkpoint (or read an .npz of samples), then class accuracy and FID on
 the project's classifier features, with n and bootstrap intervals. The CLI, the report and the
-benchmarks call this one function."""
+benchmarks call this one function. Also `held_out_loss`: the training objective's loss on held-out
+images, on draws every model shares (a low-noise ranking of training changes)."""
 
 from __future__ import annotations
 
@@ -224,6 +225,7 @@ def held_out_loss(model, images: Any, labels: Any = None, *, repeats: int = 2, b
         with torch.no_grad():
             for _ in range(repeats):
                 noise = obj.sample_noise(n, shape, gen)
+                ts.append(noise["t"].double())
                 for i in range(0, n, batch_size):
                     sl = slice(i, min(i + batch_size, n))
                     b = sl.stop - sl.start
@@ -231,15 +233,11 @@ def held_out_loss(model, images: Any, labels: Any = None, *, repeats: int = 2, b
                             if model.num_classes else Condition.none(b))
                     rows = dict(t=noise["t"][sl], eps=noise["eps"][sl], drop=torch.zeros(b, dtype=torch.bool))
                     per.append(obj.loss(net, x0[sl].to(dev), cond, noise=rows, reduce=False).cpu())
-                    ts.append(noise["t"][sl].double())
     finally:
         net.train(was_training)
     loss, t = torch.cat(per).double(), torch.cat(ts)
-    order = torch.argsort(t)
-    out_bins = []
-    for chunk in torch.tensor_split(order, bins):
-        out_bins.append(dict(t_low=float(t[chunk].min()), t_high=float(t[chunk].max()),
-                             loss=float(loss[chunk].mean())))
+    out_bins = [dict(t_low=float(t[chunk].min()), t_high=float(t[chunk].max()), loss=float(loss[chunk].mean()))
+                for chunk in torch.tensor_split(torch.argsort(t), bins)]
     per_image = loss.view(repeats, n).mean(0)
     return dict(loss=float(loss.mean()), stderr=float(per_image.std() / n ** 0.5), n=n, repeats=repeats,
                 seed=seed, bins=out_bins)
