@@ -164,8 +164,9 @@ def _add_train(sub) -> None:
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                    help="adamw (default), or muon: Muon (orthogonalised momentum) on the transformer blocks' "
                         "hidden matrices, AdamW on the rest, at the same --lr (measured better after 10 "
-                        "minutes, worse after 30; make demo uses it)")
-    p.add_argument("--weight-decay", type=_float("--weight-decay", 0), default=d.weight_decay)
+                        "minutes; make demo uses it)")
+    p.add_argument("--weight-decay", type=_or_auto(_float("--weight-decay", 0)), default="auto", metavar="WD|auto",
+                   help="decoupled weight decay; auto: 0 with adamw, 0.1 with muon")
     p.add_argument("--beta2", type=_float("--beta2", 0, True), default=d.beta2, help="AdamW beta2")
     p.add_argument("--warmup-steps", type=_nonneg_int("--warmup-steps"), default=d.warmup_steps)
     p.add_argument("--lr-decay", type=_float("--lr-decay", 0), default=d.lr_decay,

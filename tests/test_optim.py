@@ -14,7 +14,8 @@ from ditkit.models import build_model, model_config
 from ditkit.train.checkpoint import latest_checkpoint, load_weights
 from ditkit.train.config import TrainConfig
 from ditkit.train.loop import train
-from ditkit.train.optim import Muon, MuonAdamW, build_optimizer, muon_parameters, zeropower_newton_schulz
+from ditkit.train.optim import (DEFAULT_WEIGHT_DECAY, Muon, MuonAdamW, build_optimizer, muon_parameters,
+                                zeropower_newton_schulz)
 
 from test_train import SMALL, losses, trained_and_resumed_alike
 
@@ -118,7 +119,8 @@ def test_muon_adamw_state_round_trip():
 def test_a_muon_run_records_its_optimizer_and_resumes_bit_exactly(tmp_path):
     kw = dict(SMALL, ckpt_every=0, lr_decay=0.0, optimizer="muon")
     full = trained_and_resumed_alike(tmp_path, kw, steps=10, stop=4)
-    assert json.loads((full / "config.json").read_text())["train"]["optimizer"] == "muon"
+    recorded = json.loads((full / "config.json").read_text())["train"]
+    assert (recorded["optimizer"], recorded["weight_decay"]) == ("muon", 0.1)  # --weight-decay auto, written down
     a, b = load_weights(latest_checkpoint(full), "ema"), load_weights(latest_checkpoint(tmp_path / "part"), "ema")
     assert all(torch.equal(a[k], b[k]) for k in a)
     # an AdamW run differs (Muon did train the matrices), and a resume may not switch optimiser
@@ -139,6 +141,7 @@ def test_adamw_is_the_default_and_a_run_from_before_the_option_resumes_with_it(t
     # a run written before --optimizer existed (no "optimizer" in its config.json) trained with AdamW,
     # and resumes with it, bit-exactly
     full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=4, optimizer="adamw", **kw))
+    assert json.loads((full / "config.json").read_text())["train"]["weight_decay"] == 0.0
     old = tmp_path / "old"
     train(TrainConfig(out=str(old), max_steps=2, optimizer="adamw", **kw))
     config = json.loads((old / "config.json").read_text())
@@ -146,3 +149,19 @@ def test_adamw_is_the_default_and_a_run_from_before_the_option_resumes_with_it(t
     (old / "config.json").write_text(json.dumps(config))
     train(TrainConfig(out=str(old), max_steps=4, progress=False), resume=True)
     assert losses(old) == losses(full)
+
+
+def test_weight_decay_auto_follows_the_optimizer_and_a_recorded_one_is_kept_on_resume():
+    cpu = torch.device("cpu")
+    opt = build_optimizer(_model(), "muon", lr=1e-3, beta2=0.99, weight_decay=DEFAULT_WEIGHT_DECAY["muon"],
+                          device=cpu)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1]  # AdamW's group and Muon's
+    assert DEFAULT_WEIGHT_DECAY == {"adamw": 0.0, "muon": 0.1}
+    assert TrainConfig().weight_decay is None
+    # a Muon run from before auto recorded 0.0: resuming it with the default keeps 0.0, an explicit value wins
+    recorded = TrainConfig.recorded(dict(TrainConfig(optimizer="muon", weight_decay=0.0).to_dict()))
+    assert TrainConfig().settings_of_run(recorded).weight_decay == 0.0
+    assert TrainConfig(weight_decay=0.05).settings_of_run(recorded).weight_decay == 0.05
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="--weight-decay .*: must be a number >= 0"):
+            TrainConfig(weight_decay=bad).validate()

@@ -468,6 +468,7 @@ def run_cli(argv) -> int:
     (["train", "--model", "DiT-Z/9"], "invalid choice", 2),
     (["train", "--batch-size", "0"], "--batch-size must be >= 1", 2),
     (["train", "--lr", "nan"], "--lr must be a finite number", 2),
+    (["train", "--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1; or give auto", 2),
     (["train", "--batch-size", "automatic"], "--batch-size must be an integer", 2),
     (["train", "--objective", "edm"], "invalid choice", 2),
     (["train", "--bogus"], "unrecognized arguments", 2),

@@ -64,10 +64,12 @@ class TrainConfig:
     batch_size: Optional[int] = None
     lr: Optional[float] = None  # None = 2.8e-3 at batch 64, scaled by sqrt(batch / 64) (loop.lr_for_batch)
     # "adamw", or "muon": Muon on the blocks' hidden matrices, AdamW on the rest (train.optim), at the same lr:
-    # measured better after 10 minutes (four runs of four), worse after 30 (one run), so `make demo` (10
-    # minutes) asks for it and the default stays AdamW (docs/BENCHMARKS.md, "Round 39")
+    # measured better after 10 minutes (four runs of four), so `make demo` asks for it; the default stays
+    # AdamW (docs/BENCHMARKS.md, "Round 39" and "Round 40")
     optimizer: str = "adamw"
-    weight_decay: float = 0.0
+    # None = auto: the optimiser's own (optim.DEFAULT_WEIGHT_DECAY: 0 for AdamW, 0.1 for Muon, whose runs
+    # without it drew worse digits the longer they trained: "Round 40")
+    weight_decay: Optional[float] = None
     beta2: float = 0.99
     warmup_steps: int = 200
     lr_decay: float = 0.3  # fraction of the run (at its end) over which the lr falls linearly to 0
@@ -161,7 +163,8 @@ class TrainConfig:
         need(self.batch_size is None or self.batch_size >= 1, f"--batch-size {self.batch_size}: must be >= 1")
         need(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr {self.lr}: must be a positive number")
         need(self.optimizer in OPTIMIZERS, f"--optimizer {self.optimizer!r}: allowed {', '.join(OPTIMIZERS)}")
-        need(self.weight_decay >= 0, f"--weight-decay {self.weight_decay}: must be >= 0")
+        need(self.weight_decay is None or (math.isfinite(self.weight_decay) and self.weight_decay >= 0),
+             f"--weight-decay {self.weight_decay}: must be a number >= 0")
         need(0 < self.beta2 < 1, f"--beta2 {self.beta2}: must be in (0, 1)")
         need(self.warmup_steps >= 0, f"--warmup-steps {self.warmup_steps}: must be >= 0")
         need(0 <= self.lr_decay <= 1, f"--lr-decay {self.lr_decay}: must be in [0, 1] (a fraction of the run)")

@@ -29,7 +29,7 @@ from .checkpoint import clean_partial, guide_checkpoint, latest_checkpoint, load
 from .config import TrainConfig
 from .distributed import DistContext
 from .ema import EMA
-from .optim import build_optimizer
+from .optim import DEFAULT_WEIGHT_DECAY, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -233,13 +233,16 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     config["precision"] = resolve_precision(cfg.precision, device)  # what "auto" became on this machine
     if old is None and (run_dir / "config.json").exists():
         raise DitkitError(f"--out {run_dir} already holds a run; add --resume to continue it or pick another --out")
-    # --batch-size and --lr auto: what they become is written into the run (a resumed run reads it back).
+    # --batch-size, --lr and --weight-decay auto: what they become is written into the run (a resumed run
+    # reads it back).
     # Measuring the batch counts against a time budget: the run's clock starts before it.
     t_measure = time.monotonic()
     if cfg.batch_size is None:
         cfg = replace(cfg, batch_size=auto_batch_size(cfg, config, device, dist.world_size, len(data)))
     if cfg.lr is None:
         cfg = replace(cfg, lr=lr_for_batch(cfg.batch_size))
+    if cfg.weight_decay is None:
+        cfg = replace(cfg, weight_decay=DEFAULT_WEIGHT_DECAY[cfg.optimizer])
     config["train"] = cfg.to_dict()
     measured_s = time.monotonic() - t_measure
     if cfg.batch_size % dist.world_size:
