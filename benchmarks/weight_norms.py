@@ -12,6 +12,7 @@ course.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -27,8 +28,8 @@ def main() -> None:
     from ditkit.sampling import load_model
     from ditkit.train.optim import muon_parameters
 
-    def norm(tensors) -> float:
-        return float(torch.sqrt(sum(t.detach().double().pow(2).sum() for t in tensors)))
+    def norm(tensors) -> float:  # nan where a model has none of them (no blocks, no class labels)
+        return float(torch.cat([t.detach().double().flatten() for t in tensors]).norm()) if tensors else math.nan
 
     for ck in args.ckpts:
         try:
@@ -40,7 +41,7 @@ def main() -> None:
         adaln = [p for n, p in params.items() if "adaLN" in n and p.ndim == 2]
         labels = [p for n, p in params.items() if n.startswith("y_embedder.")]
         print(f"{ck}  step {model.step:6d}  hidden matrices {norm(hidden):7.1f}  adaLN {norm(adaln):6.1f}  "
-              f"label table {norm(labels) if labels else float('nan'):5.2f}")
+              f"label table {norm(labels):5.2f}")
 
 
 if __name__ == "__main__":
