@@ -3,8 +3,8 @@
     python benchmarks/train_compile_variants.py [--variants default,regional,autotune] [--rounds 12]
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/train_compile_variants.py --variants regional
 
-The default recipe's step (DiT-T/4, batch 64, bf16 autocast, the linear interpolant's loss, fused AdamW)
-through `ditkit.train.loop._probe_step`, the function a run compiles with:
+The recipe's step (DiT-T/4, batch 64, bf16 autocast, the linear interpolant's loss) with fused AdamW (the
+default optimiser until round 41) through `ditkit.train.loop._probe_step`, the function a run compiles with:
 - default: `torch.compile(model, dynamic=False)`, what `ditkit train` does;
 - regional: each DiT block compiled on its own (`block.compile(dynamic=False)`; the blocks share their
   code, so one graph serves all four), the embeddings and the final layer eager: less to compile;

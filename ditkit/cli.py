@@ -162,9 +162,9 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=_or_auto(_float("--lr", 0, True)), default="auto", metavar="LR|auto",
                    help="auto: 2.8e-3 at batch 64, scaled by sqrt(batch / 64)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
-                   help="adamw (default), or muon: Muon (orthogonalised momentum) on the transformer blocks' "
-                        "hidden matrices, AdamW on the rest, at the same --lr (measured better after 10 "
-                        "minutes; make demo uses it)")
+                   help="muon (default): Muon (orthogonalised momentum) on the transformer blocks' hidden "
+                        "matrices, AdamW on the rest, at the same --lr (measured better after 10 and 30 "
+                        "minutes); or adamw: AdamW on every parameter")
     p.add_argument("--weight-decay", type=_or_auto(_float("--weight-decay", 0)), default="auto", metavar="WD|auto",
                    help="decoupled weight decay; auto: 0 with adamw, 0.1 with muon")
     p.add_argument("--beta2", type=_float("--beta2", 0, True), default=d.beta2, help="AdamW beta2")

@@ -123,11 +123,12 @@ def test_a_muon_run_records_its_optimizer_and_resumes_bit_exactly(tmp_path):
     assert (recorded["optimizer"], recorded["weight_decay"]) == ("muon", 0.1)  # --weight-decay auto, written down
     a, b = load_weights(latest_checkpoint(full), "ema"), load_weights(latest_checkpoint(tmp_path / "part"), "ema")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # an AdamW run differs (Muon did train the matrices), and a resume may not switch optimiser
+    # an AdamW run differs (Muon did train the matrices), and a resume may not switch optimiser (a flag left
+    # at its default takes the run's value: only a flag that differs from the default can ask for a switch)
     adam = train(TrainConfig(out=str(tmp_path / "adam"), max_steps=4, **dict(kw, optimizer="adamw")))
     assert losses(adam)[-1] != losses(tmp_path / "part")[3]
     with pytest.raises(UsageError, match="optimizer"):
-        train(TrainConfig(out=str(adam), max_steps=6, **dict(kw, optimizer="muon")), resume=True)
+        train(TrainConfig(out=str(tmp_path / "part"), max_steps=6, **dict(kw, optimizer="adamw")), resume=True)
 
 
 def test_bad_optimizer_is_refused():
@@ -135,11 +136,14 @@ def test_bad_optimizer_is_refused():
         TrainConfig(optimizer="sgd").validate()
 
 
-def test_adamw_is_the_default_and_a_run_from_before_the_option_resumes_with_it(tmp_path):
-    assert TrainConfig().optimizer == "adamw"
+def test_muon_is_the_default_and_a_run_from_before_the_option_resumes_with_adamw(tmp_path):
+    assert TrainConfig().optimizer == "muon"
     kw = dict(SMALL, ckpt_every=0, lr_decay=0.0)
+    default = train(TrainConfig(out=str(tmp_path / "default"), max_steps=2, **kw))
+    recorded = json.loads((default / "config.json").read_text())["train"]
+    assert (recorded["optimizer"], recorded["weight_decay"]) == ("muon", 0.1)
     # a run written before --optimizer existed (no "optimizer" in its config.json) trained with AdamW,
-    # and resumes with it, bit-exactly
+    # and resumes with it under the default flags, bit-exactly
     full = train(TrainConfig(out=str(tmp_path / "full"), max_steps=4, optimizer="adamw", **kw))
     assert json.loads((full / "config.json").read_text())["train"]["weight_decay"] == 0.0
     old = tmp_path / "old"

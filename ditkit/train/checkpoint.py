@@ -3,7 +3,7 @@
     RUN/config.json                      resolved configuration (model, objective, training, data, version)
     RUN/checkpoints/step_0000500/
         model.safetensors  ema.safetensors   weights
-        optimizer.safetensors                AdamW moments, flattened
+        optimizer.safetensors                the optimiser's state (moments, momenta), flattened
         state.json                           step, epoch, data position, optimizer groups, ...
         rng.safetensors                      generator states for bit-exact resume
     RUN/checkpoints/latest.json          {"step": 500, "path": "step_0000500"}

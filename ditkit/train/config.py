@@ -17,7 +17,7 @@ DEFAULT_OBJECTIVE = "linear"
 # on MNIST, ~2.5 ms a step at batch 64 (drawn and weighed): benchmarks/stable_target.py)
 STABLE_TARGET_REFS = 1024
 # defaults that changed: what a run whose config.json lacks the field was trained with
-FORMER_DEFAULTS = {"stable_target": 0}
+FORMER_DEFAULTS = {"stable_target": 0, "optimizer": "adamw"}
 
 
 @dataclass
@@ -63,10 +63,10 @@ class TrainConfig:
     # "Batch size"), smaller for a run limited by time alone on a CPU too slow for that (loop.auto_batch_size)
     batch_size: Optional[int] = None
     lr: Optional[float] = None  # None = 2.8e-3 at batch 64, scaled by sqrt(batch / 64) (loop.lr_for_batch)
-    # "adamw", or "muon": Muon on the blocks' hidden matrices, AdamW on the rest (train.optim), at the same lr:
-    # measured better after 10 minutes (four runs of four), so `make demo` asks for it; the default stays
-    # AdamW (docs/BENCHMARKS.md, "Round 39" and "Round 40")
-    optimizer: str = "adamw"
+    # "muon": Muon on the blocks' hidden matrices, AdamW on the rest (train.optim), at the same lr; or "adamw".
+    # Muon with its weight decay measured better after 10 and 30 minutes (docs/BENCHMARKS.md, "Round 39" to
+    # "Round 41"): the default since round 41 (a run from before, with no "optimizer" recorded, used AdamW)
+    optimizer: str = "muon"
     # None = auto: the optimiser's own (optim.DEFAULT_WEIGHT_DECAY: 0 for AdamW, 0.1 for Muon, whose runs
     # without it drew worse digits the longer they trained: "Round 40")
     weight_decay: Optional[float] = None
