@@ -6,7 +6,9 @@ DITKIT := $(VENV)/bin/ditkit
 DEMO_RUN ?= runs/demo
 DEMO_MINUTES ?= 10
 # Muon trains the 10-minute demo better than AdamW (four runs of four, docs/BENCHMARKS.md "Round 39"), and
-# with its weight decay (--weight-decay auto: 0.1) 30 minutes read 1.09x and 1.01x the floor ("Round 40")
+# with its weight decay (--weight-decay auto: 0.1) five 30-minute runs read 0.79-1.10x the floor
+# ("Round 40", "Round 41"); ditkit train's default since round 41, named here so that
+# DEMO_OPTIMIZER=adamw can swap it
 DEMO_OPTIMIZER ?= muon
 
 .PHONY: install data demo test bench clean
