@@ -40,7 +40,8 @@ def main() -> None:
     for r in range(args.repeats):
         row = {}
         for batch in loop.AUTO_BATCHES:
-            s = loop.seconds_per_step(config["model"], objective, shape, batch, device, amp)
+            s = loop.seconds_per_step(config["model"], objective, shape, batch, device, amp,
+                                      optimizer=cfg.optimizer)
             row[batch] = dict(step_ms=round(1000 * s, 1), img_per_s=round(batch / s), steps=int(args.minutes * 60 / s))
         t0 = time.perf_counter()
         chosen = loop.auto_batch_size(cfg, config, device, 1, len(data))

@@ -11,9 +11,10 @@ swiglu, rope (LightningDiT's; `ditkit train --norm rmsnorm --qk-norm --mlp swigl
 
 The default recipe's step (DiT-T/4, linear interpolant, bf16 autocast where native) with fused AdamW
 (the default optimiser until round 41, kept so that readings of a host's speed compare across rounds;
-Muon's step runs ~8-10% slower: docs/BENCHMARKS.md, "Round 39") on random data: the network, loss and optimiser only, without the data pipeline, EMA or logging, which
-add a fixed cost per step (and so favour larger batches a little more than this shows). --profile then
-prints where 20 steps of each setting spend their time (torch.profiler, operators by self time).
+Muon's step runs ~8-10% slower: docs/BENCHMARKS.md, "Round 39") on random data: the network, loss and
+optimiser only, without the data pipeline, EMA or logging, which add a fixed cost per step (and so favour
+larger batches a little more than this shows). --profile then prints where 20 steps of each setting spend
+their time (torch.profiler, operators by self time).
 """
 
 from __future__ import annotations

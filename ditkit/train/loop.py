@@ -505,7 +505,7 @@ def _probe_step(net, objective, shape: tuple, batch: int, num_classes: int, devi
 
 def seconds_per_step(model_config: dict[str, Any], objective, shape: tuple, batch: int, device: torch.device,
                      amp: bool, steps: int = PROBE_STEPS, warmup: int = PROBE_WARMUP,
-                     optimizer: str = "adamw") -> float:
+                     optimizer: str = TrainConfig.optimizer) -> float:
     """The measured time of one training step (forward, backward, the optimiser's step) at `batch` on a
     fresh copy of the model: the fastest of `steps` timed steps after `warmup` untimed ones."""
     model = build_model(model_config).to(device).train()

@@ -28,7 +28,7 @@ from ..errors import UsageError
 OPTIMIZERS = ("adamw", "muon")
 # --weight-decay auto (decoupled: each step scales the weights by 1 - lr * wd). Muon's 0.1 is Liu et al.
 # 2025's: without it a 30-minute run's samples got worse from ~10,000 steps on while its held-out loss still
-# fell (3.70x the FID floor under make demo's setting; two runs with it 1.09x and 1.01x); after 10 minutes
+# fell (3.70x the FID floor under make demo's setting; five runs with it 0.79-1.10x); after 10 minutes
 # both read alike (docs/BENCHMARKS.md, "Round 40"). AdamW's 0: DiT's and SiT's recipe (round 13's 0.03 was
 # no better).
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.0, "muon": 0.1}
