@@ -4,7 +4,7 @@ of the default recipe? It pairs each batch's noise with its images by the assign
 squared distance. This measures how much shorter the pairs get on MNIST batches (pixels in [-1, 1]), per class
 (the coupling that keeps each class's noise distribution exact) and over the whole batch.
 
-    python benchmarks/ot_coupling_check.py [--batches 64,256] [--rounds 20]
+    python benchmarks/probes/ot_coupling_check.py [--batches 64,256] [--rounds 20]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """How well a run's own conditional denoisers read real digits: the implicit classifier behind
 `ditkit sample/eval --reject` (ditkit/samplers/implicit.py), level by level and summed.
 
-    python benchmarks/implicit_classifier.py --ckpt runs/exp/base30_s0 --num 500
+    python benchmarks/probes/implicit_classifier.py --ckpt runs/exp/base30_s0 --num 500
 
 For each of `--num` MNIST training digits (never the test digits, FID's reference), the denoising error of
 every class at each noise level of `implicit.SIGMAS`, with one noise draw per level shared by the classes;

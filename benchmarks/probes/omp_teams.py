@@ -3,7 +3,7 @@ worker thread only ("thread-only"), or on a worker thread of a process whose mai
 the model ("both": two OpenMP teams, as a server that loaded its model on one thread and sampled on
 another had). Prints p50 and p10 latency and the process's CPU use in cores.
 
-    python benchmarks/omp_teams.py main|thread-only|both [--ckpt RUN]
+    python benchmarks/probes/omp_teams.py main|thread-only|both [--ckpt RUN]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Where a set of samples' FID comes from: the whole FID, then each class's Fréchet distance to the test
 digits of that class, and the mean term of each (|mu_samples - mu_test|^2 in the classifier's features).
 
-    python benchmarks/fid_by_class.py A.npz B.npz ... [--real]
+    python benchmarks/probes/fid_by_class.py A.npz B.npz ... [--real]
 
 Each .npz is `ditkit sample --out X.npz` (images and labels). --real adds a row for real training digits
 drawn in the first file's class counts: the floor of each column at these counts. Per-class distances on

@@ -1,7 +1,7 @@
 """Ways to compile the training step, against the one `ditkit train` uses.
 
-    python benchmarks/train_compile_variants.py [--variants default,regional,autotune] [--rounds 12]
-    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/train_compile_variants.py --variants regional
+    python benchmarks/probes/train_compile_variants.py [--variants default,regional,autotune] [--rounds 12]
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/probes/train_compile_variants.py --variants regional
 
 The recipe's step (DiT-T/4, batch 64, bf16 autocast, the linear interpolant's loss) with fused AdamW (the
 default optimiser until round 41) through `ditkit.train.loop._probe_step`, the function a run compiles with:

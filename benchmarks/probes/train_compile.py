@@ -3,8 +3,8 @@ wired into `ditkit train`, which compiles by `--compile auto` since round 6; `tr
 compares ways to compile it). The recipe's shape then: DiT-T/4, batch 32, bf16 autocast, AdamW, the linear
 interpolant's loss, gradient clipping; a fixed batch, so only the arithmetic is timed.
 
-    python benchmarks/train_compile.py eager
-    python benchmarks/train_compile.py compile
+    python benchmarks/probes/train_compile.py eager
+    python benchmarks/probes/train_compile.py compile
 """
 
 from __future__ import annotations

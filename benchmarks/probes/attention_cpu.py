@@ -1,6 +1,6 @@
 """Attention at DiT-T/4's shape on the CPU: PyTorch's SDPA against attention written out, in fp32 and bf16.
 
-    python benchmarks/attention_cpu.py [--batches 2,32,64,128] [--rounds 80]
+    python benchmarks/probes/attention_cpu.py [--batches 2,32,64,128] [--rounds 80]
 
 One attention call of DiT-T/4 (4 heads of 32 channels, 49 tokens), forward alone (inference) and forward
 plus backward (training), median milliseconds a call:

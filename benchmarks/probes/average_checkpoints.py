@@ -1,7 +1,7 @@
 """A run folder whose weights are the mean of some checkpoints' EMA (or raw) weights of another run: a
 longer average than the EMA, evaluated like any run (`ditkit eval --ckpt OUT`).
 
-    python benchmarks/average_checkpoints.py --run runs/qvm/ag30 --steps 25500,27200,28900,28974 --out /tmp/avg4
+    python benchmarks/probes/average_checkpoints.py --run runs/qvm/ag30 --steps 25500,27200,28900,28974 --out /tmp/avg4
 """
 
 from __future__ import annotations

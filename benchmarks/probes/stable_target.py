@@ -8,7 +8,7 @@ deviation from it of the plain target and of the stable target (own image + M re
 the whole set, of the row's class; `objectives.base.stable_target_x0`), and the per-step cost of drawing
 and weighing the references at the training batch size.
 
-    python benchmarks/stable_target.py [--refs 256,1024,4096] [--rows 256] [--times 0.3,0.5,...] [--batch 64]
+    python benchmarks/probes/stable_target.py [--refs 256,1024,4096] [--rows 256] [--times 0.3,0.5,...] [--batch 64]
 """
 
 from __future__ import annotations

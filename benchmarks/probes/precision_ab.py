@@ -1,6 +1,6 @@
 """Training steps per second, fp32 against bf16 autocast, alternated in fresh processes.
 
-    python benchmarks/precision_ab.py [--rounds 2] [--steps 400] [--batch-size 32]
+    python benchmarks/probes/precision_ab.py [--rounds 2] [--steps 400] [--batch-size 32]
 
 Each round trains the default recipe for `--steps` steps in each precision (no lr decay, no
 checkpoints or grids) and times steps 100..steps from metrics.jsonl, so start-up is not counted.

@@ -1,7 +1,7 @@
 """Which images should rejection redraw? Offline, from one pool of drawn images and the model's own
 class evidence (`ditkit.samplers.implicit`), the FID and class accuracy of several acceptance rules.
 
-    python benchmarks/reject_policies.py --ckpt runs/a --pool 5000 --num 3000 \\
+    python benchmarks/probes/reject_policies.py --ckpt runs/a --pool 5000 --num 3000 \\
         --rules m0,m0.04,m0.08,m0.12,q0.95,m0.08+q0.95 --out docs/bench/reject_policies.jsonl
 
 The pool is `--pool` images drawn as `ditkit eval` draws them (labels in the training mix, fixed seeds;

@@ -1,6 +1,6 @@
 """What a training run's periodic sample grid costs, drawn in fp32 and in bf16.
 
-    python benchmarks/train_grid.py --ckpt runs/demo [--rounds 5]
+    python benchmarks/probes/train_grid.py --ckpt runs/demo [--rounds 5]
 
 A run draws a 10x10 grid of its EMA every `--sample-every` steps (1,000 by default) with the run's
 `--sample-sampler` and `--sample-steps` (Heun, 10 steps: 19 network evaluations, guided: a batch of 200).

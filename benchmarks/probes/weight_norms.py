@@ -3,7 +3,7 @@
 blocks), of the blocks' adaLN modulations, and of the class-label table. Round 40 of docs/BENCHMARKS.md
 reads Muon's runs with and without weight decay on it.
 
-    python benchmarks/weight_norms.py RUN_OR_CHECKPOINT [...] [--weights ema|model]
+    python benchmarks/probes/weight_norms.py RUN_OR_CHECKPOINT [...] [--weights ema|model]
 
 A run folder reads its latest checkpoint; give checkpoint folders (RUN/checkpoints/step_*) for a run's
 course.

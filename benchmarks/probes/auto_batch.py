@@ -2,7 +2,7 @@
 same measurement `ditkit train` makes), the steps each buys in a time budget, and the batch auto takes.
 Repeats the measurement to show how much it varies (a host's speed drifts by the hour).
 
-    python benchmarks/auto_batch.py --minutes 10 --repeats 3
+    python benchmarks/probes/auto_batch.py --minutes 10 --repeats 3
 
 The quality side (which batch is better at a given number of steps) is measured with `ditkit train` and
 `ditkit eval`: docs/BENCHMARKS.md, round 29.

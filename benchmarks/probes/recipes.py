@@ -1,9 +1,9 @@
 """Quality per CPU-minute: train one recipe for a budget, then measure its guided samples.
 
-    python benchmarks/recipes.py --name probe --max-steps 5000 -- --objective linear --batch-size 32
-    python benchmarks/recipes.py --name demo --max-minutes 10 --scales 1.5,2,3
-    python benchmarks/recipes.py --name demo --eval-only --scales "" --ag-scales 1.75,2,2.25
-    python benchmarks/recipes.py --name ag10 --max-minutes 10 --scales "" --ag-scales 2 --reject 0.08 \
+    python benchmarks/probes/recipes.py --name probe --max-steps 5000 -- --objective linear --batch-size 32
+    python benchmarks/probes/recipes.py --name demo --max-minutes 10 --scales 1.5,2,3
+    python benchmarks/probes/recipes.py --name demo --eval-only --scales "" --ag-scales 1.75,2,2.25
+    python benchmarks/probes/recipes.py --name ag10 --max-minutes 10 --scales "" --ag-scales 2 --reject 0.08 \
         --num 3000 --seeds 0,1
 
 Everything after `--` goes to `ditkit train` unchanged. The EMA weights of the final checkpoint draw

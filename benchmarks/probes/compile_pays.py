@@ -3,7 +3,7 @@ with --compile and one with --no-compile, the same seed and step count; prints e
 last logged elapsed time and its median img/s over the second half. Point TORCHINDUCTOR_CACHE_DIR at an
 empty folder to price a first compilation (what a fresh machine pays).
 
-    python benchmarks/compile_pays.py --steps 400 --seed 0 --out runs/compile_pays
+    python benchmarks/probes/compile_pays.py --steps 400 --seed 0 --out runs/compile_pays
 """
 
 from __future__ import annotations

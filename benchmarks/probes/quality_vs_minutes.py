@@ -1,8 +1,8 @@
 """Quality against training CPU-minutes: the checkpoints of one or more runs nearest to given minute
-marks, each measured like benchmarks/recipes.py (a balanced set of labels, fixed seeds, EMA weights).
+marks, each measured like benchmarks/probes/recipes.py (a balanced set of labels, fixed seeds, EMA weights).
 
     ditkit train --out runs/qvm/linear --max-minutes 30 --ckpt-every 1800 --sample-every 0
-    python benchmarks/quality_vs_minutes.py --runs runs/qvm/linear runs/qvm/ddpm --minutes 5,10,20,30 \\
+    python benchmarks/probes/quality_vs_minutes.py --runs runs/qvm/linear runs/qvm/ddpm --minutes 5,10,20,30 \\
         --scales 1.75 --out docs/bench/quality_vs_minutes.json --plot docs/bench/quality_vs_minutes.png
 
 A checkpoint's minute mark is the training time (metrics.jsonl `elapsed_s`) at its step. Note that

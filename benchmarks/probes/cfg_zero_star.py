@@ -8,7 +8,7 @@ at x = x_t / alpha in sigma-space is (x_t - D) / t, proportional to u = alpha x 
 path), and t cancels in s*, so the wrapper works on u and maps back: D = alpha x - u. A zero velocity is
 D = alpha x. Only the linear path: on the others the velocity is not proportional to u.
 
-    python benchmarks/cfg_zero_star.py --ckpt RUN_COPY [--zero-steps K] -- --cfg-scale 1.25 --num 3000 --compile
+    python benchmarks/probes/cfg_zero_star.py --ckpt RUN_COPY [--zero-steps K] -- --cfg-scale 1.25 --num 3000 --compile
 
 (Evaluate a copy of the run: the result file is named by the usual settings and would replace the plain
 CFG one.)

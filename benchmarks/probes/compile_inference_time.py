@@ -2,7 +2,7 @@
 DiT-T/4 with random weights (the timing does not depend on them), 2 threads. Point TORCHINDUCTOR_CACHE_DIR
 at an empty folder to price a first compilation.
 
-    python benchmarks/compile_inference_time.py --batches 16,4,16,4 --iters 100
+    python benchmarks/probes/compile_inference_time.py --batches 16,4,16,4 --iters 100
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Eager against compiled inference (`--compile`), interleaved in one process so that both see the
 same machine state: latency of one guided image at batch 1, and throughput at a larger batch.
 
-    python benchmarks/compile_ab.py --ckpt runs/recipes/r4_ag_10min [--rounds 12] [--precision fp32]
+    python benchmarks/probes/compile_ab.py --ckpt runs/recipes/r4_ag_10min [--rounds 12] [--precision fp32]
 """
 
 from __future__ import annotations

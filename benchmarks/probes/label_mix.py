@@ -10,8 +10,8 @@ With --ckpt it reads a generator's own images the same way, paired: one pool of 
 (e.g. 400 of each digit), then --draws subsets of --num of them, balanced or in the training mix, so the
 two mixes differ in nothing but their counts.
 
-    python benchmarks/label_mix.py --num 3000 --draws 10
-    python benchmarks/label_mix.py --ckpt runs/exp/base30_s0 --pool 4000 --num 3000 --draws 20 \
+    python benchmarks/probes/label_mix.py --num 3000 --draws 10
+    python benchmarks/probes/label_mix.py --ckpt runs/exp/base30_s0 --pool 4000 --num 3000 --draws 20 \
         --cfg-scale 1.05 --reject 0.08
 """
 

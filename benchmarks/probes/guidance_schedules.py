@@ -1,7 +1,7 @@
 """Guidance along the noise levels: where classifier-free guidance acts, and what that does to FID and
 class accuracy (ditkit's MNIST classifier), on one run, with the same seeds and labels for every row.
 
-    python benchmarks/guidance_schedules.py --ckpt runs/exp/base --rows constant:1.35,ramp:1.5,low1:1.6,high1:1.5,rampdown:1.35
+    python benchmarks/probes/guidance_schedules.py --ckpt runs/exp/base --rows constant:1.35,ramp:1.5,low1:1.6,high1:1.5,rampdown:1.35
 
 Row kinds (S the scale; t = sigma / (1 + sigma) on the linear path):
   constant, ramp  - the library's schedules (`--cfg-schedule`): S everywhere; 1 + 2 (S - 1) / (1 + sigma)
