@@ -133,13 +133,17 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> np.ndarray:
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar timesteps (B,) -> (B, D): sinusoidal features (as in the Transformer / DDPM) then an MLP."""
+    """Scalar timesteps (B,) -> (B, D): sinusoidal features (as in the Transformer / DDPM) then an MLP.
 
-    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0):
+    Frequencies max_period^(-i / (half - freq_shift)), i < half = freq_dim / 2: freq_shift 0 is
+    facebookresearch/DiT's, 1 diffusers' DiT's (`Timesteps(downscale_freq_shift=1)`); the features are
+    [cos, sin] in both."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, max_period: float = 10000.0, freq_shift: int = 0):
         super().__init__()
         self.freq_dim = freq_dim
         half = freq_dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / (half - freq_shift))
         self.register_buffer("freqs", freqs, persistent=False)
         self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
