@@ -1,0 +1,143 @@
+"""Cost levers beside INT8: Δ-caching of the back blocks at sampling (samplers.cache) and best-of-N with a
+verifier (bestof)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from ditkit.condition import Condition
+from ditkit.errors import UsageError
+from ditkit.models import build_model, model_config
+from ditkit.samplers.cache import DeltaCache, check_cache_interval, front_blocks
+
+
+def random_net(depth: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    net = build_model(model_config("DiT-T/4", depth=depth, hidden_size=64, num_heads=2))
+    with torch.no_grad():
+        for p in net.parameters():
+            if p.ndim >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    return net.eval().requires_grad_(False)
+
+
+def inputs(batch: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 1, 28, 28, generator=g)
+    t = torch.rand(batch, generator=g)
+    return x, t, Condition.from_labels(torch.arange(batch) % 10, 10)
+
+
+# ---- Δ-caching ----------------------------------------------------------------------------------
+def test_a_full_evaluation_is_the_network_itself():
+    net = random_net()
+    x, t, cond = inputs()
+    cached = DeltaCache(net, interval=2)
+    assert torch.equal(cached(x, t, cond), net(x, t, cond))
+    assert (cached.full, cached.cached) == (1, 0)
+
+
+def test_a_cached_evaluation_runs_the_front_blocks_and_adds_the_kept_delta():
+    net = random_net(depth=4)
+    assert front_blocks(4) == 1 and front_blocks(12) == 3 and front_blocks(28) == 7
+    cached = DeltaCache(net, interval=2)
+    x, t, cond = inputs()
+    full = cached(x, t, cond)
+    # the same input again: front + Δ(same input) is the full trunk up to rounding
+    again = cached(x, t, cond)
+    assert cached.cached == 1 and torch.allclose(again, full, atol=1e-5)
+    # a new input: block 1 sees it, blocks 2-4 contribute the Δ of the previous input
+    x2, t2, _ = inputs(seed=2)
+    full_net = net(x2, t2, cond)
+    cached(x2, t2, cond)  # full (third call)
+    reuse = cached(x, t, cond)  # cached: Δ from (x2, t2)
+    mods = net.modulations(t, cond)
+    h = net.x_embedder(x) + net.pos_embed
+    h = net.blocks[0](h, mod=mods[0])
+    h2 = net.x_embedder(x2) + net.pos_embed
+    h2 = net.blocks[0](h2, mod=net.modulations(t2, cond)[0])
+    delta = cached._delta[4]
+    hand = net.final_layer(h + delta, mod=mods[-1])
+    from ditkit.models.layers import unpatchify
+    assert torch.allclose(reuse, unpatchify(hand, 4, 1, 28, 28), atol=1e-6)
+    assert not torch.allclose(reuse, full_net, atol=1e-3)
+    assert delta.shape == h2.shape == (4, 49, 64)
+
+
+def test_every_kth_evaluation_is_full_per_batch_size():
+    net = random_net(depth=2)
+    cached = DeltaCache(net, interval=3)
+    for _ in range(7):
+        cached(*inputs(batch=4))
+    assert (cached.full, cached.cached) == (3, 4)
+    cached(*inputs(batch=8))  # a guided call of 2B: its own entry, computed in full
+    assert cached.full == 4
+
+
+def test_bad_intervals_and_networks_get_one_clear_error():
+    net = random_net(depth=2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(UsageError, match="--cache-interval"):
+            check_cache_interval(net, bad)
+    check_cache_interval(nn.Linear(2, 2), 1)  # off: any network
+    with pytest.raises(UsageError, match="needs a DiT-style trunk"):
+        check_cache_interval(nn.Linear(2, 2), 2)
+    with pytest.raises(UsageError, match="needs a DiT-style trunk"):
+        DeltaCache(random_net(depth=1), 2)
+
+
+# ---- best-of-N ----------------------------------------------------------------------------------
+class _Model:
+    """What the verifiers read of a LoadedModel."""
+    num_classes = 10
+    image_shape = (1, 28, 28)
+
+
+def test_best_of_keeps_the_candidate_the_classifier_reads_as_the_asked_digit():
+    from ditkit.bestof import best_of_batch, candidate_seeds
+    from ditkit.data.mnist import load_mnist
+
+    images, digits = load_mnist("test")
+    asked = [3, 7, 1]
+    wrong = [int(np.flatnonzero(digits == (a + 5) % 10)[0]) for a in asked]
+    right = [int(np.flatnonzero(digits == a)[0]) for a in asked]
+    pick = {}  # seed -> test-set index: the images' own draws are other digits, one later candidate is right
+    cands = candidate_seeds([11, 12, 13], 3)
+    for k, seeds in enumerate(cands):
+        for i, s in enumerate(seeds):
+            pick[s] = right[i] if k == (i % 2) + 1 else wrong[i]
+
+    def draw(labels, seeds):
+        x = torch.from_numpy(images[[pick[s] for s in seeds]]).float() / 127.5 - 1
+        return x.unsqueeze(1)
+
+    stats = {}
+    out = best_of_batch(_Model(), asked, [11, 12, 13], 3, "classifier", draw, stats)
+    expect = torch.from_numpy(images[right]).float().unsqueeze(1) / 127.5 - 1
+    assert torch.equal(out, expect)
+    assert stats == {"candidates": 9, "verifier_nfe": 0}
+    # best-of-1 is the plain draw, and candidate 0's seeds are the images' own
+    assert cands[0] == [11, 12, 13] and len({*cands[1], *cands[2]}) == 6
+    assert torch.equal(best_of_batch(_Model(), asked, [11, 12, 13], 1, "classifier", draw), draw(asked, [11, 12, 13]))
+
+
+def test_best_of_bad_input_gets_one_clear_error():
+    from ditkit.bestof import check_best_of
+
+    for bad in (0, -2, 2.5):
+        with pytest.raises(UsageError, match="--best-of"):
+            check_best_of(_Model(), bad, "implicit")
+    with pytest.raises(UsageError, match="--verifier 'clip': allowed implicit, classifier"):
+        check_best_of(_Model(), 4, "clip")
+    m = _Model()
+    m.num_classes = 0
+    with pytest.raises(UsageError, match="unconditional"):
+        check_best_of(m, 4, "implicit")
+    m = _Model()
+    m.image_shape = (3, 32, 32)
+    with pytest.raises(UsageError, match="--verifier implicit"):
+        check_best_of(m, 4, "classifier")
+    check_best_of(m, 4, "implicit")
