@@ -1,0 +1,161 @@
+"""MM-DiT: the two-stream joint-attention network keeps DiT's contract and reads its text condition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ditkit.condition import Condition, TextNull
+from ditkit.errors import UsageError
+from ditkit.models.mmdit import MMDiT, MMDiTConfig, joint_attention, model_config
+
+D_TXT = 384
+
+
+def tiny(**kw) -> MMDiT:
+    torch.manual_seed(0)
+    return MMDiT(MMDiTConfig(depth=2, hidden_size=32, num_heads=2, patch_size=7, **kw))
+
+
+def text_cond(B: int = 3, L: int = 8, real=(5, 3, 8), seed: int = 1) -> Condition:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(B, L, D_TXT, generator=g)
+    mask = torch.arange(L)[None] < torch.tensor(real[:B])[:, None]
+    tokens = tokens * mask[..., None]
+    null = TextNull(torch.randn(2, D_TXT, generator=g), torch.ones(2, dtype=torch.bool), torch.randn(D_TXT, generator=g))
+    return Condition.from_text(tokens, mask, torch.randn(B, D_TXT, generator=g), null)
+
+
+def perturb(net: MMDiT, std: float = 0.05) -> MMDiT:
+    """Open the zero-initialised gates and output (as training would)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return net
+
+
+def test_fresh_network_outputs_zero_and_has_the_shape_of_x():
+    net = tiny()
+    x = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        out = net(x, torch.rand(3), text_cond())
+    assert out.shape == x.shape and float(out.abs().max()) == 0.0  # adaLN-Zero and a zero output layer
+
+
+def test_text_padding_is_masked_out_of_the_joint_attention():
+    net = perturb(tiny()).eval()
+    x, t, cond = torch.randn(3, 1, 28, 28), torch.rand(3), text_cond()
+    ref = net(x, t, cond)
+    # whatever the padding holds, and however much of it there is, the image does not change
+    junk = cond.tokens + torch.randn_like(cond.tokens) * (~cond.mask)[..., None]
+    longer = torch.cat([cond.tokens, torch.randn(3, 4, D_TXT)], 1)
+    longer_mask = torch.cat([cond.mask, torch.zeros(3, 4, dtype=torch.bool)], 1)
+    for tokens, mask in ((junk, cond.mask), (longer, longer_mask)):
+        other = Condition.from_text(tokens, mask, cond.pooled, cond.text_null)
+        torch.testing.assert_close(net(x, t, other), ref, atol=1e-5, rtol=1e-5)
+    # but the real tokens, and the pooled vector, do change it
+    for other in (Condition.from_text(cond.tokens * 1.5, cond.mask, cond.pooled, cond.text_null),
+                  Condition.from_text(cond.tokens, cond.mask, cond.pooled.flip(1), cond.text_null)):
+        assert float((net(x, t, other) - ref).abs().max()) > 1e-4
+
+
+def test_joint_attention_is_sdpa_with_a_key_mask_and_bf16_is_close():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g) for _ in range(3))
+    key_mask = torch.ones(2, 9, dtype=torch.bool)
+    key_mask[0, 2:4] = False
+    cap: list = []
+    out = joint_attention(q, k, v, key_mask, cap)
+    bias = torch.zeros(2, 1, 1, 9).masked_fill(~key_mask[:, None, None], -torch.inf)
+    ref = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5 + bias, -1) @ v
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert float(cap[0][0, :, :, 2:4].abs().max()) == 0.0 and torch.allclose(cap[0].sum(-1), torch.ones(2, 3, 9))
+    low = joint_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_mask)
+    torch.testing.assert_close(low.float(), ref, atol=0.05, rtol=0.05)
+
+
+def test_each_modality_has_its_own_weights_and_the_last_block_is_context_pre_only():
+    net = tiny()
+    b0, b1 = net.blocks
+    for name in ("qkv", "q_norm", "k_norm", "proj", "mlp", "adaLN_modulation"):
+        assert getattr(b0.text, name) is not getattr(b0.image, name)
+    assert not hasattr(b1.text, "mlp") and not hasattr(b1.text, "proj") and hasattr(b1.image, "mlp")
+    assert b1.text.adaLN_modulation[-1].out_features == 2 * 32  # shift, scale only
+    assert net.context_embedder.in_features == D_TXT and net.context_embedder.out_features == 32
+
+
+def test_an_image_does_not_depend_on_its_batch():
+    net = perturb(tiny()).eval()
+    cond = text_cond()
+    x, t = torch.randn(3, 1, 28, 28), torch.rand(3)
+    with torch.no_grad():
+        full = net(x, t, cond)
+        for i in range(3):
+            one = net(x[i:i + 1], t[i:i + 1], cond.index(slice(i, i + 1)))
+            assert torch.equal(one, full[i:i + 1])
+
+
+def test_guidance_null_is_the_empty_prompt_and_training_reaches_the_text_stream():
+    net = perturb(tiny())
+    cond = text_cond()
+    null = cond.null()
+    assert torch.equal(null.tokens[:, :2], cond.text_null.tokens.expand(3, -1, -1))
+    assert null.mask.sum(1).tolist() == [2, 2, 2]
+    x = torch.randn(3, 1, 28, 28)
+    both = Condition.cat(cond, null)
+    out = net(torch.cat([x, x]), torch.full((6,), 0.5), both)
+    assert out.shape == (6, 1, 28, 28) and float((out[:3] - out[3:]).abs().max()) > 1e-4
+    loss = F.mse_loss(net(x, torch.rand(3), cond), x)
+    loss.backward()
+    for p in (net.context_embedder.weight, net.pooled_embedder[0].weight, net.blocks[0].text.qkv.weight,
+              net.blocks[0].text.mlp.fc1.weight, net.blocks[1].text.qkv.weight):
+        assert p.grad is not None and float(p.grad.abs().max()) > 0
+
+
+def test_hidden_at_and_bf16_autocast():
+    net = perturb(tiny())
+    x, t, cond = torch.randn(3, 1, 28, 28), torch.rand(3), text_cond()
+    out, hidden = net(x, t, cond, hidden_at=1)
+    assert hidden.shape == (3, 16, 32) and torch.equal(out, net(x, t, cond))
+    with pytest.raises(UsageError, match="hidden_at 3"):
+        net(x, t, cond, hidden_at=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = net(x, t, cond)
+    torch.testing.assert_close(low.float(), out, atol=0.1, rtol=0.1)
+
+
+def test_attention_maps_show_where_each_word_is_read():
+    net = perturb(tiny()).eval()
+    x, t, cond = torch.randn(3, 1, 28, 28), torch.rand(3), text_cond()
+    maps = net.attention_maps(x, t, cond)
+    assert maps.shape == (3, 2, 8, 4, 4)
+    # per patch and block, the real words' shares sum to 1; padding words read nothing
+    torch.testing.assert_close(maps.sum(2), torch.ones(3, 2, 4, 4), atol=1e-5, rtol=1e-5)
+    assert float(maps[1, :, 3:].abs().max()) == 0.0
+    assert all(b.capture is None for b in net.blocks)
+
+
+def test_needs_a_text_condition_and_bad_configs_are_refused():
+    net = tiny()
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(UsageError, match="text model"):
+        net(x, torch.rand(2), Condition.from_labels(torch.tensor([1, 2]), 10))
+    with pytest.raises(UsageError, match="expected"):
+        net(x, torch.rand(2), text_cond())  # 3 prompts for 2 images
+    with pytest.raises(UsageError, match="num_classes=10"):
+        MMDiTConfig(num_classes=10).validate()
+    with pytest.raises(UsageError, match="divisible by num_heads"):
+        MMDiTConfig(hidden_size=30, num_heads=4).validate()
+    with pytest.raises(UsageError, match="unknown MM-DiT config keys"):
+        MMDiTConfig.from_dict({"depth": 2, "rope": True})
+    with pytest.raises(UsageError, match="unknown model"):
+        model_config("MMDiT-XL/9")
+
+
+@pytest.mark.parametrize("name, depth, width, patch", [("MMDiT-T/4", 4, 128, 4), ("MMDiT-B/2", 12, 768, 2)])
+def test_presets(name, depth, width, patch):
+    c = model_config(name)
+    assert (c.depth, c.hidden_size, c.patch_size, c.num_classes, c.text_dim) == (depth, width, patch, 0, D_TXT)
+    assert MMDiTConfig.from_dict(c.to_dict()) == c
