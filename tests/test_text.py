@@ -122,3 +122,19 @@ def test_load_text_encoder_shares_one_encoder_per_spec(monkeypatch):
     assert built == [TextSpec(max_tokens=12), TextSpec(max_tokens=13)]
     with pytest.raises(UsageError, match="text.encoder"):
         load_text_encoder({"encoder": "clip"})
+
+
+def test_caption_table_encodes_each_distinct_caption_once_and_reads_back_from_disk(enc, tmp_path, monkeypatch):
+    from ditkit.text.table import CaptionTable
+    caps = ["a bold 7", "two", "a bold 7", "a thin zero, slanted left", "two"]
+    table = CaptionTable.build(caps, enc, cache_dir=tmp_path)
+    assert len(table) == 5 and len(table.texts) == 3 and [table.caption(i) for i in range(5)] == caps
+    cond = table.condition(torch.tensor([0, 3]))
+    ref = enc.encode(["a bold 7", "a thin zero, slanted left"])
+    L = cond.tokens.shape[1]  # trimmed to the longest caption
+    assert L == int(ref["mask"].sum(1).max())
+    assert torch.equal(cond.tokens, ref["tokens"][:, :L]) and torch.equal(cond.mask, ref["mask"][:, :L])
+    assert torch.equal(cond.pooled, ref["pooled"]) and torch.equal(cond.null().pooled[0], enc.null().pooled)
+    monkeypatch.setattr(enc, "_run", lambda p: (_ for _ in ()).throw(AssertionError("encoded again")))
+    again = CaptionTable.build(caps, enc, cache_dir=tmp_path)  # from the disk cache
+    assert torch.equal(again.tokens, table.tokens) and again.texts == table.texts
