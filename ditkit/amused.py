@@ -66,7 +66,6 @@ def check_model_dir(model_dir: str | Path) -> Path:
 def load_amused(model_dir: str | Path, device: str = "cpu") -> Any:
     """diffusers' AmusedPipeline from a local folder (no network), on `device`, with its progress bar off."""
     root = check_model_dir(model_dir)
-    import torch
     from diffusers import AmusedPipeline
     from diffusers.utils import logging as dlogging
 
