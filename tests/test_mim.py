@@ -1,0 +1,134 @@
+"""The masked image model: the maskgit sampler (schedule, commitment, seeds, guidance), the mim network,
+the masked objective with its tokenizer, and the model trained and sampled end to end through ditkit's
+trainer and `generate`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from ditkit.condition import Condition
+from ditkit.errors import DitkitError, UsageError
+from ditkit.models.mim import MaskedTokenTransformer, MIMConfig
+from ditkit.samplers.maskgit import guided_logits, mask_schedule, sample_maskgit
+from ditkit.utils import ImageRNG
+
+K = 16  # codebook of the toy networks
+
+
+def toy_net(seed: int = 0, num_classes: int = 10) -> MaskedTokenTransformer:
+    """A small mim network with weights large enough that its logits differ by token, class and position."""
+    torch.manual_seed(seed)
+    net = MaskedTokenTransformer(MIMConfig(codebook_size=K, depth=2, hidden_size=32, num_heads=2,
+                                           num_classes=num_classes))
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return net.eval().requires_grad_(False)
+
+
+def run_sampler(net, labels, seeds, steps=12, scale=2.0, **options):
+    states = []
+    cond = Condition.from_labels(torch.tensor(labels), net.config.num_classes)
+    tokens = sample_maskgit(guided_logits(net, cond, scale), len(seeds), 49, steps, mask_id=K, rng=ImageRNG(seeds),
+                            callback=lambda s: states.append({k: v.clone() if torch.is_tensor(v) else v
+                                                              for k, v in s.items()}), **options)
+    return tokens, states
+
+
+# ---- the maskgit sampler -----------------------------------------------------------------------------
+
+
+def test_schedule_is_the_cosine_one_and_commits_every_token():
+    plan = mask_schedule(49, 12)
+    assert plan[-1] == 0 and all(a > b for a, b in zip([49] + plan, plan))
+    assert plan == [min(math.floor(49 * math.cos(math.pi / 2 * t / 12)), 49 - t) for t in range(1, 13)]
+    assert mask_schedule(49, 1) == [0]
+    assert mask_schedule(49, 49) == list(range(48, -1, -1))  # one token a step
+
+
+@pytest.mark.parametrize("steps", [0, -1, 50])
+def test_steps_out_of_range_are_refused(steps):
+    with pytest.raises(UsageError, match=f"--steps {steps}: the maskgit sampler needs 1 to 49 steps"):
+        mask_schedule(49, steps)
+
+
+def test_each_step_commits_the_planned_count_and_never_remasks():
+    net = toy_net()
+    tokens, states = run_sampler(net, [3, 5], [11, 12], steps=8)
+    plan = mask_schedule(49, 8)
+    before = [49] + plan
+    for i, s in enumerate(states):
+        assert s["committed"].sum(1).tolist() == [before[i] - plan[i]] * 2
+        assert s["masked"].sum(1).tolist() == [plan[i]] * 2
+        assert bool(((s["tokens"] == K) == s["masked"]).all())
+        if i:  # every token committed before stays, with its value
+            prev = states[i - 1]["tokens"]
+            kept = prev != K
+            assert torch.equal(s["tokens"][kept], prev[kept])
+    assert int((tokens == K).sum()) == 0 and int(tokens.max()) < K
+    assert torch.equal(tokens, states[-1]["tokens"])
+
+
+def test_an_image_depends_only_on_its_seed_not_its_batch():
+    net = toy_net()
+    together, _ = run_sampler(net, [1, 2, 7], [101, 102, 103])
+    for b, (label, seed) in enumerate([(1, 101), (2, 102), (7, 103)]):
+        alone, _ = run_sampler(net, [label], [seed])
+        assert torch.equal(alone[0], together[b])
+    other, _ = run_sampler(net, [1], [999])
+    assert not torch.equal(other[0], together[0])  # another seed, another image
+
+
+def test_guidance_at_scale_one_is_the_unguided_model():
+    net = toy_net()
+    cond = Condition.from_labels(torch.tensor([4, 6]), 10)
+    tokens = torch.randint(0, K + 1, (2, 49), generator=torch.Generator().manual_seed(0))
+    plain = net(tokens, cond)
+    assert torch.equal(guided_logits(net, cond, 1.0)(tokens), plain)
+    # per-image scales: the row at 1 runs through the guided formula l_u + 1 (l_c - l_u) = l_c
+    mixed = guided_logits(net, cond, torch.tensor([1.0, 3.0]))(tokens)
+    assert torch.allclose(mixed[0], plain[0], atol=1e-5)
+    null = net(tokens, cond.null())
+    assert torch.allclose(mixed[1], null[1] + 3 * (plain[1] - null[1]), atol=1e-5)
+    assert not torch.allclose(mixed[1], plain[1], atol=1e-3)
+
+
+def test_a_sure_model_is_decoded_exactly():
+    """Logits that put all their mass on token (position mod K): every sampler path returns that grid."""
+    target = torch.arange(49) % K
+
+    def logits_fn(tokens):
+        return torch.nn.functional.one_hot(target, K).float().expand(tokens.shape[0], -1, -1) * 50.0
+
+    for opts in ({}, {"temperature": 0.0, "choice_temperature": 0.0}, {"temperature": 3.0}):
+        out = sample_maskgit(logits_fn, 3, 49, 12, mask_id=K, rng=ImageRNG([1, 2, 3]), **opts)
+        assert torch.equal(out, target.expand(3, -1))
+
+
+def test_greedy_decoding_needs_no_randomness():
+    net = toy_net()
+    a, _ = run_sampler(net, [2], [1], temperature=0.0, choice_temperature=0.0)
+    b, _ = run_sampler(net, [2], [2], temperature=0.0, choice_temperature=0.0)
+    assert torch.equal(a, b)
+
+
+# ---- the network ---------------------------------------------------------------------------------
+
+
+def test_network_shapes_null_class_and_config_errors():
+    net = toy_net()
+    tokens = torch.full((2, 49), K)
+    assert net(tokens, Condition.from_labels(torch.tensor([0, 9]), 10)).shape == (2, 49, K)
+    uncond = toy_net(num_classes=0)
+    assert uncond(tokens, Condition.none(2)).shape == (2, 49, K)
+    with pytest.raises(UsageError, match="num_heads"):
+        MIMConfig(hidden_size=30, num_heads=4).validate()
+    with pytest.raises(UsageError, match="unknown field"):
+        MIMConfig.from_dict({"patch_size": 2})
+    # a fresh network is uniform over the codebook (zero-initialised head), whatever the input
+    fresh = MaskedTokenTransformer(MIMConfig(codebook_size=K, depth=1, hidden_size=32, num_heads=2)).eval()
+    assert torch.equal(fresh(tokens, Condition.from_labels(torch.tensor([0, 1]), 10)), torch.zeros(2, 49, K))
