@@ -77,7 +77,10 @@ def random_model(preset: str):
 
 def torchao_kernels(net, batch: int, repeats: int) -> dict:
     """torchao's int8 dynamic-activation int8-weight on the same linear maps, eager and compiled."""
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        raise SystemExit("--kernels: needs torchao (pip install torchao)") from None
 
     from ditkit.quantize import token_linears
 

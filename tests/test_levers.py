@@ -141,3 +141,37 @@ def test_best_of_bad_input_gets_one_clear_error():
     with pytest.raises(UsageError, match="--verifier implicit"):
         check_best_of(m, 4, "classifier")
     check_best_of(m, 4, "implicit")
+
+
+# ---- the memory-aware batch finder ----------------------------------------------------------------
+def test_parse_bytes_and_its_errors():
+    from ditkit.train.memory import parse_bytes
+
+    assert parse_bytes("4GiB") == 4 * 2**30 and parse_bytes("512 MB") == 512 * 10**6
+    assert parse_bytes("1.5g") == 1_500_000_000 and parse_bytes("2048") == 2048
+    for bad in ("lots", "4 GiBs", "-1GiB", "0", ""):
+        with pytest.raises(UsageError, match="--memory-budget"):
+            parse_bytes(bad)
+
+
+def test_memory_plan_fits_the_budget_and_refuses_one_too_small_for_an_image():
+    from ditkit.objectives import build_objective
+    from ditkit.train.memory import HEADROOM, largest_batch, memory_plan, saved_bytes
+
+    cfg = model_config("DiT-T/4", depth=2, hidden_size=64, num_heads=2).to_dict()
+    obj = build_objective({"name": "linear", "prediction": "velocity", "time_sampling": "logit-normal",
+                           "logit_mean": 0.0, "label_dropout": 0.1})
+    cpu = torch.device("cpu")
+    plan = memory_plan(cfg, obj, (1, 28, 28), "adamw", cpu, False, 2**30)
+    fixed, per, base = plan["fixed_bytes"], plan["per_image_bytes"], plan["base_bytes"]
+    n_params = sum(p.numel() for p in build_model(cfg).parameters())
+    n_tensors = len(list(build_model(cfg).parameters()))
+    # fp32 weights, gradients, EMA and AdamW's two moments; its step counter (a scalar) per tensor
+    assert 0 <= fixed - 4 * n_params * 5 <= 8 * n_tensors
+    # the activations are linear in the batch: the fit from batches 2 and 4 predicts batch 8
+    net = build_model(cfg).train()
+    assert abs(saved_bytes(net, obj, (1, 28, 28), 8, 10, cpu, False) - (base + 8 * per)) <= 0.02 * 8 * per
+    assert plan["max_batch"] == int((2**30 * (1 - HEADROOM) - fixed - base) // per)
+    assert largest_batch(int((fixed + base + 3.5 * per) / (1 - HEADROOM)), fixed, base, per) == 3
+    with pytest.raises(UsageError, match=r"--memory-budget .*too small for one image"):
+        memory_plan(cfg, obj, (1, 28, 28), "adamw", cpu, False, fixed)
