@@ -132,3 +132,87 @@ def test_network_shapes_null_class_and_config_errors():
     # a fresh network is uniform over the codebook (zero-initialised head), whatever the input
     fresh = MaskedTokenTransformer(MIMConfig(codebook_size=K, depth=1, hidden_size=32, num_heads=2)).eval()
     assert torch.equal(fresh(tokens, Condition.from_labels(torch.tensor([0, 1]), 10)), torch.zeros(2, 49, K))
+
+
+# ---- the masked objective and its tokenizer ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vq_run(tmp_path_factory) -> Path:
+    """A VQ-T/4 tokenizer with a 16-code book, trained for a few steps on 256 digits (seconds)."""
+    from ditkit.tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    out = tmp_path_factory.mktemp("runs") / "vq"
+    return train_tokenizer(TokenizerTrainConfig(out=str(out), codebook_size=K, max_steps=3, batch_size=32,
+                                                subset=256, eval_images=0, progress=False, log_every=0))
+
+
+def masked(vq_run, **kw):
+    from ditkit.objectives.masked import MaskedObjective
+
+    return MaskedObjective(tokenizer=str(vq_run), codebook_size=kw.pop("codebook_size", K), grid_size=7, **kw)
+
+
+def test_masking_follows_the_cosine_ratio(vq_run):
+    obj = masked(vq_run)
+    r = torch.tensor([0.0, 0.5, 0.999, 1 / 3])
+    scores = torch.rand(4, 49, generator=torch.Generator().manual_seed(0))
+    m = obj.mask_positions(r, scores)
+    assert m.sum(1).tolist() == [49, math.ceil(49 * math.cos(math.pi / 4)), 1, math.ceil(49 * math.cos(math.pi / 6))]
+    # the masked positions are each row's lowest scores
+    assert bool((scores[1][m[1]].max() < scores[1][~m[1]].min()))
+
+
+def test_loss_is_cross_entropy_on_the_masked_tokens_only(vq_run):
+    from ditkit.data import load_dataset
+
+    obj = masked(vq_run, label_smoothing=0.0, label_dropout=0.0)
+    obj.attach(None, "cpu")
+    x, y = load_dataset("mnist").batch(torch.arange(8))
+    cond = Condition.from_labels(y, 10)
+    net = toy_net().train().requires_grad_(True)
+    noise = obj.sample_noise(8, (1, 28, 28), torch.Generator().manual_seed(3))
+    loss = obj.loss(net, x, cond, noise=noise)
+    loss.backward()
+    assert math.isfinite(float(loss.detach())) and net.token_embed.weight.grad is not None
+    # the same number by hand: codes, mask, logits, mean cross-entropy over the masked positions
+    codes = obj.encode(x)
+    m = obj.mask_positions(noise["r"], noise["scores"])
+    logits = net(torch.where(m, torch.full_like(codes, K), codes), cond)
+    ref = torch.nn.functional.cross_entropy(logits[m], codes[m])
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+
+
+def test_sample_batch_decodes_images_and_counts_one_call_a_step(vq_run):
+    from types import SimpleNamespace
+
+    from ditkit.settings import SamplingSettings
+
+    obj = masked(vq_run)
+    obj.attach(None, "cpu")
+    model = SimpleNamespace(net=toy_net(), device=torch.device("cpu"))
+    cond = Condition.from_labels(torch.tensor([1, 2]), 10)
+    stats, frames = {}, []
+    settings = SamplingSettings(sampler="maskgit", steps=5, cfg_scale=2.0)
+    x = obj.sample_batch(model, cond, [5, 6], settings, callback=frames.append, stats=stats)
+    assert x.shape == (2, 1, 28, 28) and float(x.abs().max()) <= 1
+    assert stats["nfe"] == 5 and [f["i"] for f in frames] == list(range(5))
+    assert frames[0]["x"].shape == (2, 1, 28, 28) and frames[-1]["sigma"] == 0.0
+    one = obj.sample_batch(model, cond.index([1]), [6], settings)
+    assert torch.equal(one[0], x[1])  # the decoder runs image by image: batch-independent pixels too
+    with pytest.raises(UsageError, match="--spacing"):
+        obj.sample_batch(model, cond, [5, 6], settings.replace(spacing="karras"))
+    with pytest.raises(UsageError, match="unknown option"):
+        obj.sample_batch(model, cond, [5, 6], settings.replace(options={"eta": 1.0}))
+
+
+def test_tokenizer_mismatches_are_clear_errors(vq_run, tmp_path):
+    with pytest.raises(UsageError, match="a codebook of 16 codes, but the masked model was trained on 32"):
+        masked(vq_run, codebook_size=32).attach(None, "cpu")
+    not_vq = tmp_path / "dit_run"
+    not_vq.mkdir()
+    (not_vq / "config.json").write_text(json.dumps({"family": "dit", "model": {}, "objective": {"name": "linear"}}))
+    with pytest.raises(UsageError, match="a 'dit' run, not a tokenizer"):
+        masked(not_vq).attach(None, "cpu")
+    with pytest.raises(DitkitError, match="not found"):
+        masked(tmp_path / "nowhere").attach(None, "cpu")
