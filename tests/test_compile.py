@@ -158,7 +158,7 @@ def test_compile_auto_decides_by_run_length_and_falls_back_to_eager(tmp_path, mo
     """The default (--compile auto): a short run trains eagerly; a long one compiles, and where the
     model fails to compile it trains eagerly instead, with the same losses as an eager run, and records
     that. A run keeps its compilation on resume."""
-    import ditkit.train.loop as loop
+    import ditkit.train.resolve as resolve
     from ditkit.train.config import TrainConfig
     from ditkit.train.loop import train
 
@@ -177,14 +177,14 @@ def test_compile_auto_decides_by_run_length_and_falls_back_to_eager(tmp_path, mo
             return run
         return real_compile(fn, **k)
 
-    monkeypatch.setattr(loop, "AUTO_COMPILE_MIN_STEPS", 2)
+    monkeypatch.setattr(resolve, "AUTO_COMPILE_MIN_STEPS", 2)
     # a long run on an AVX2-only CPU trains eagerly (compiling was measured not to pay there), with AVX-512 it compiles
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert "AVX2" in loop.compile_pays_here()
+    assert "AVX2" in resolve.compile_pays_here()
     avx2 = train(TrainConfig(out=str(tmp_path / "avx2"), **kw))
     assert json.loads((avx2 / "config.json").read_text())["compiled"] is False
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
-    assert loop.compile_pays_here() is None
+    assert resolve.compile_pays_here() is None
     monkeypatch.setattr(torch, "compile", compile_but_not_the_dit)
     fallback = train(TrainConfig(out=str(tmp_path / "fallback"), **kw))
     assert json.loads((fallback / "config.json").read_text())["compiled"] is False

@@ -18,9 +18,9 @@ import torch
 from ditkit.cli import main as cli_main
 from ditkit.errors import DitkitError, UsageError
 from ditkit.sampling import generate, load_model
-from ditkit.train.checkpoint import latest_checkpoint, list_checkpoints, load_weights
+from ditkit.runs import latest_checkpoint, list_checkpoints, load_weights
 from ditkit.train.config import TrainConfig
-from ditkit.train import loop
+from ditkit.train import loop, resolve
 from ditkit.train.loop import lr_for_batch, train
 
 from conftest import SMALL_SHAPE, SMALL_SHAPE_ARGS
@@ -256,17 +256,17 @@ def test_lr_auto_scales_with_the_square_root_of_the_batch():
 ])
 def test_auto_batch_is_the_first_whose_measured_speed_buys_enough_steps(monkeypatch, step_s, want):
     asked = []
-    monkeypatch.setattr(loop, "seconds_per_step", lambda mcfg, obj, shape, batch, device, amp, **kw: asked.append(batch)
+    monkeypatch.setattr(resolve, "seconds_per_step", lambda mcfg, obj, shape, batch, device, amp, **kw: asked.append(batch)
                         or step_s(batch))
     cfg = TrainConfig(max_minutes=10)
     config = dict(model={}, objective=dict(name="linear", prediction="velocity"), data=dict(shape=[1, 28, 28]),
                   precision="fp32")
-    assert loop.auto_batch_size(cfg, config, torch.device("cpu"), 1, 50_000) == want
-    assert asked == [b for b in loop.AUTO_BATCHES if b >= want]  # measured until one sufficed
+    assert resolve.auto_batch_size(cfg, config, torch.device("cpu"), 1, 50_000) == want
+    assert asked == [b for b in resolve.AUTO_BATCHES if b >= want]  # measured until one sufficed
     # a run of a set length, or under DDP, takes 64 without measuring anything
     asked.clear()
     for c, ws in ((TrainConfig(max_minutes=10, max_steps=100), 1), (TrainConfig(epochs=1), 1), (cfg, 2)):
-        assert loop.auto_batch_size(c, config, torch.device("cpu"), ws, 50_000) == 64
+        assert resolve.auto_batch_size(c, config, torch.device("cpu"), ws, 50_000) == 64
     assert asked == []
 
 
@@ -276,7 +276,7 @@ def test_auto_batch_and_lr_are_recorded_and_kept_on_resume(tmp_path, monkeypatch
     def slow_measurement(mcfg, objective, shape, batch, device, amp, **kw):
         time.sleep(0.75)
         return 1.0  # 6 steps in the budget at every batch: the smaller is taken
-    monkeypatch.setattr(loop, "seconds_per_step", slow_measurement)
+    monkeypatch.setattr(resolve, "seconds_per_step", slow_measurement)
     small = {k: v for k, v in SMALL.items() if k != "batch_size"}
     budget_s = 6.0
     run = train(TrainConfig(out=str(tmp_path / "a"), max_minutes=budget_s / 60, ckpt_every=0, **small))
@@ -604,7 +604,7 @@ def test_rejection_redraws_what_the_model_reads_as_another_class(tiny_run, tmp_p
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(UsageError, match="--reject"):
             generate(m, reject=bad, **kw)
-    with pytest.raises(UsageError, match="reject_tries 1"):
+    with pytest.raises(UsageError, match="reject-tries 1"):
         generate(m, reject=0.0, reject_tries=1, **kw)
 
     class Unconditional:
