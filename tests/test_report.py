@@ -20,7 +20,7 @@ from ditkit.sampling import generate, load_model
 from ditkit.utils import image_seeds
 from ditkit.viz.attention import attention_for_image, attention_map, capture_attention, check_layer_head
 from ditkit.viz.embeddings import image_features
-from ditkit.viz.plots import plot_loss, read_metrics, read_metrics_checked
+from ditkit.viz.plots import plot_loss, read_metrics, read_metrics_checked, smooth
 from ditkit.viz.report import ReportOptions, build_report, read_eval_results
 from ditkit.viz.trajectory import record_trajectory, save_trajectory
 
@@ -125,15 +125,15 @@ def test_trajectory_ends_on_the_generated_image(model):
 
 
 def test_save_trajectory_png_and_gif(model, tmp_path):
-    png = save_trajectory(model, 2, 0, "dpm++2m", 4, 1.0, tmp_path / "t.png")
+    png = save_trajectory(model, 2, 0, tmp_path / "t.png", sampler="dpm++2m", steps=4)
     assert Image.open(png).size[0] > 200
-    gif = save_trajectory(model, 2, 0, "euler", 4, 1.0, tmp_path / "t.gif")
+    gif = save_trajectory(model, 2, 0, tmp_path / "t.gif", sampler="euler", steps=4)
     with Image.open(gif) as im:
         assert im.n_frames == 5  # every step, then the output
     with pytest.raises(UsageError, match=r"\.png .* or \.gif"):
-        save_trajectory(model, 2, 0, "dpm++2m", 4, 1.0, tmp_path / "t.jpg")
+        save_trajectory(model, 2, 0, tmp_path / "t.jpg", sampler="dpm++2m", steps=4)
     with pytest.raises(UsageError, match="class ids must be in 0..9"):
-        save_trajectory(model, 12, 0, "dpm++2m", 4, 1.0, tmp_path / "t2.png")
+        save_trajectory(model, 12, 0, tmp_path / "t2.png", sampler="dpm++2m", steps=4)
 
 
 def test_image_features_leave_no_hooks(model):
@@ -174,6 +174,25 @@ def test_metrics_and_eval_read_tolerantly(run_copy):
                                            "sampler_options": {"s_noise": 1.03}, "fid": 7.8}))
     res, _ = read_eval_results(run_copy)
     assert next(r for r in res if r["file"] == "eval/c.json")["setting"] == "dpm++2m-sde, 20 steps, cfg 1.25, karras grid, raw weights, compiled, s_noise=1.03"
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_smoothed_loss_follows_a_falling_curve(log):
+    """The smoothed curve of a falling, noisy loss lies on the curve, not above it: an average's lag
+    put the old smoothing above the raw loss at almost every point of a 10-minute run."""
+    rng = np.random.default_rng(0)
+    step = np.arange(50, 7050, 50, dtype=float)  # a 7,000-step run logged every 50 steps
+    true = 0.05 + 0.5 * np.exp(-step / 1500)
+    raw = true * (1 + 0.05 * rng.standard_normal(len(step)))
+    s = smooth(raw, step, log=log)
+    above = (s > raw).mean()
+    assert 0.35 < above < 0.65, f"smoothed above the raw loss at {above:.0%} of the points"
+    assert abs(np.median(s / true - 1)) < 0.01  # no systematic offset from the underlying curve
+    assert np.abs(s - true).mean() < 0.6 * np.abs(raw - true).mean()  # and it does smooth
+    # exact on a straight line and on an exponential decay (in log space), ends included
+    line = 3.0 - 0.001 * step
+    assert np.allclose(smooth(line, step), line)
+    assert np.allclose(smooth(np.exp(-step / 900), step, log=True), np.exp(-step / 900))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +261,9 @@ def test_report_cli_on_broken_runs(run_copy, tmp_path, capsys):
     # bad flags: exit code 2
     assert main(["report", str(run_copy), "--image", "5", "--num-per-ckpt", "3"]) == 2
     assert "--image 5" in capsys.readouterr().err
+    # a device that does not exist: refused before anything is sampled or written, not a two-figure report
+    assert main(["report", str(run_copy), "--device", "bogus"]) == 2
+    assert "--device 'bogus'" in capsys.readouterr().err and not (run_copy / "report.html").exists()
 
     # a layer that does not exist: the report still builds, and says what exists
     assert main(["report", str(run_copy), "--layer", "9", "--max-checkpoints", "1", *LIGHT]) == 0

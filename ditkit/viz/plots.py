@@ -34,13 +34,53 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return out
 
 
-def smooth(values: np.ndarray, weight: float = 0.9) -> np.ndarray:
-    """Bias-corrected exponential moving average (TensorBoard's smoothing)."""
-    out, acc = np.empty(len(values)), 0.0
-    for i, v in enumerate(values):
-        acc = weight * acc + (1 - weight) * v
-        out[i] = acc / (1 - weight ** (i + 1))
-    return out
+def smooth(values: np.ndarray, x: Optional[np.ndarray] = None, half_window: Optional[int] = None,
+           log: bool = False) -> np.ndarray:
+    """A smoothed copy of `values` (N,) that follows the data: at each point, the value of a straight line
+    fitted by least squares to the points within `half_window` on either side (a local linear fit, LOESS
+    of degree 1 with a flat kernel; Cleveland 1979). A centred window has no lag: an exponential moving
+    average of a falling loss lies above it all along (by its lag times the slope), while a local line is
+    exact on any linear stretch; at the ends the window is cut short and the line still fits, so the first
+    and last points are not pulled toward the middle. `x`: the points' positions (default 0..N-1);
+    `half_window`: default 2.5% of the points (at least 2); `log`: fit log(values), for positive curves
+    drawn on a log scale (exact on an exponential decay)."""
+    y = np.asarray(values, dtype=np.float64)
+    n = len(y)
+    if n < 3:
+        return y.copy()
+    if log:
+        if np.any(y <= 0):
+            raise ValueError("smooth(log=True) needs positive values")
+        y = np.log(y)
+    x = np.arange(n, dtype=np.float64) if x is None else np.asarray(x, dtype=np.float64)
+    span = x[-1] - x[0]
+    x = (x - x[0]) / span if span > 0 else np.zeros(n)  # on [0, 1]: the window sums below stay well scaled
+    h = max(2, round(0.025 * n)) if half_window is None else int(half_window)
+    lo = np.clip(np.arange(n) - h, 0, n)
+    hi = np.clip(np.arange(n) + h + 1, 0, n)
+
+    def window_sum(v: np.ndarray) -> np.ndarray:  # sum of v over [lo, hi) for every point, from a prefix sum
+        c = np.concatenate([[0.0], np.cumsum(v)])
+        return c[hi] - c[lo]
+
+    # least squares y ~ a + b (x - x_i) over the window of point i, in centred coordinates
+    s0 = (hi - lo).astype(np.float64)
+    s1, s2 = window_sum(x), window_sum(x * x)
+    sy, sxy = window_sum(y), window_sum(x * y)
+    mx, my = s1 / s0, sy / s0
+    var = s2 / s0 - mx * mx
+    cov = sxy / s0 - mx * my
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = np.where(var > 1e-12, cov / np.where(var > 1e-12, var, 1.0), 0.0)
+    out = my + slope * (x - mx)
+    return np.exp(out) if log else out
+
+
+def tail_mean(values: np.ndarray, frac: float = 0.05) -> tuple[int, float]:
+    """(k, mean of the last k values): the end of a curve with its noise averaged out, k = 5% of the points
+    (at least 1, at most 50)."""
+    k = int(min(50, max(1, round(frac * len(values)))))
+    return k, float(np.mean(np.asarray(values, dtype=np.float64)[-k:]))
 
 
 def plot_loss(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional[Path]:
@@ -57,7 +97,7 @@ def plot_loss(run_dir: str | Path, out: Optional[str | Path] = None) -> Optional
     loss = np.array([r.get("loss_avg", r["loss"]) for r in recs])
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
     ax.plot(step, loss, alpha=0.35, lw=1, label="loss")
-    ax.plot(step, smooth(loss), lw=2, label="smoothed")
+    ax.plot(step, smooth(loss, step, log=bool(np.all(loss > 0))), lw=2, label="smoothed")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
@@ -108,9 +148,6 @@ def _series(recs: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _save(fig, out: Path) -> Path:
-    import io
-
-
     return save_figure(fig, out)
 
 
@@ -132,7 +169,7 @@ def plot_curves(recs: list[dict], out: str | Path) -> tuple[Optional[Path], list
         step, val = _series(recs, key)
         ax.plot(step, val, alpha=0.35, lw=1, label="raw")
         if key != "lr" and len(val) > 2:
-            ax.plot(step, smooth(val), lw=2, label="smoothed")
+            ax.plot(step, smooth(val, step, log=bool(log and np.all(val > 0))), lw=2, label="smoothed")
             ax.legend(fontsize=7)
         if log and np.all(val > 0):
             from matplotlib.ticker import FormatStrFormatter

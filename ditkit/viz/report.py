@@ -27,8 +27,8 @@ import numpy as np
 
 from ..errors import DitkitError, UsageError
 from ..evaluate import image_settings
-from ..train.checkpoint import list_checkpoints
-from ..utils import atomic_write_bytes, image_seeds
+from ..runs import list_checkpoints
+from ..utils import atomic_write_bytes, image_seeds, pick_device
 from .plots import save_figure
 from .attention import DEFAULT_ATTN_SIGMA
 
@@ -85,6 +85,7 @@ class ReportOptions:
             raise UsageError(f"--tsne-points {self.tsne_points}: must be >= 5")
         if self.weights not in ("ema", "model"):
             raise UsageError(f"--weights {self.weights!r}: allowed ema, model")
+        pick_device(self.device)  # a device this machine lacks: refused now, not as a note per checkpoint
         return self
 
 
@@ -318,196 +319,306 @@ def build_report(run: str | os.PathLike, out: Optional[str | os.PathLike] = None
     config.json, metrics.jsonl, checkpoints/); every other gap becomes a note in the page and in
     `Report.notes`. `log` receives one line per finished section (progress).
     """
-    opts = (options or ReportOptions()).validate()
-    log = log or (lambda s: None)
-    run = Path(run)
-    if not run.exists():
-        raise DitkitError(f"{run}: no such folder (give a run folder made by `ditkit train`)")
-    if not run.is_dir():
-        raise DitkitError(f"{run}: not a folder (give a run folder made by `ditkit train`)")
-    has = {name: (run / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoints", "samples", "eval")}
-    if not (has["config.json"] or has["metrics.jsonl"] or has["checkpoints"]):
-        listing = sorted(p.name for p in run.iterdir())[:12]
-        raise DitkitError(f"{run}: not a ditkit run folder: none of config.json, metrics.jsonl, checkpoints/ is there "
-                          f"(it holds: {', '.join(listing) if listing else 'nothing'})")
-    out = Path(out) if out is not None else run / "report.html"
-    if out.suffix.lower() not in (".html", ".htm"):
-        raise UsageError(f"--out {out}: the report file must end in .html")
-    files = out.parent / REPORT_FILES
-    files.mkdir(parents=True, exist_ok=True)
-    for stale in FIGURES:  # a figure this build cannot make must not linger from an earlier build
-        (files / f"{stale}.png").unlink(missing_ok=True)
-    rep = Report(out)
-    notes = rep.notes
-    page = _Page(out.parent)
-    t_section = [time.perf_counter()]
+    b = _Build.open(Path(run), out, (options or ReportOptions()).validate(), log or (lambda s: None))
+    _read_config(b)
+    for name, section in (("curves", _curves), ("samples", _samples), ("trajectory", _trajectory),
+                          ("attention", _attention), ("tsne", _tsne), ("eval", _evaluations)):
+        section(b)
+        b.done(name)
+    _write_page(b)
+    b.done("page")
+    timing = ", ".join(f"{k} {v:.1f} s" for k, v in b.rep.seconds.items())
+    b.page.add(f'<p class="sub" style="margin-top:30px">Built in {b.rep.total_seconds:.1f} s ({html.escape(timing)}).</p>')
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+           f"<title>ditkit report: {html.escape(b.run.resolve().name)}</title>"
+           '<meta name="viewport" content="width=device-width, initial-scale=1">'
+           f"<style>{_CSS}</style></head><body><main>\n" + "\n".join(b.page.parts) + "\n</main></body></html>\n")
+    atomic_write_bytes(b.rep.path, doc.encode("utf-8"))
+    return b.rep
 
-    def done(section: str) -> None:
+
+@dataclass
+class _Build:
+    """One report being built: what the run holds, what each section made, and the page so far."""
+
+    run: Path
+    opts: ReportOptions
+    files: Path  # report_files/
+    rep: Report
+    page: _Page
+    has: dict[str, bool]  # which of config.json, metrics.jsonl, checkpoints/, samples/, eval/ exist
+    log: Callable[[str], None]
+    cfg: dict[str, Any] = field(default_factory=dict)
+    recs: list[dict] = field(default_factory=list)
+    ckpts: list[Path] = field(default_factory=list)
+    model: Any = None  # the newest loadable checkpoint (ditkit.runs.LoadedModel): the later sections' model
+    rows: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (step, uint8 (N, H, W, C)) per checkpoint
+    labels: list[int] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    cfg_scale: float = 1.0
+    evals: list[dict] = field(default_factory=list)
+    captions: dict[str, str] = field(default_factory=dict)  # a section's caption, or why it is empty
+    t_section: float = field(default_factory=time.perf_counter)
+
+    @property
+    def notes(self) -> list[str]:
+        return self.rep.notes
+
+    @classmethod
+    def open(cls, run: Path, out, opts: ReportOptions, log: Callable[[str], None]) -> "_Build":
+        """Check that `run` is a run folder and `out` an .html file; clear the figures of an earlier build."""
+        if not run.exists():
+            raise DitkitError(f"{run}: no such folder (give a run folder made by `ditkit train`)")
+        if not run.is_dir():
+            raise DitkitError(f"{run}: not a folder (give a run folder made by `ditkit train`)")
+        has = {name: (run / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoints", "samples", "eval")}
+        if not (has["config.json"] or has["metrics.jsonl"] or has["checkpoints"]):
+            listing = sorted(p.name for p in run.iterdir())[:12]
+            raise DitkitError(f"{run}: not a ditkit run folder: none of config.json, metrics.jsonl, checkpoints/ is "
+                              f"there (it holds: {', '.join(listing) if listing else 'nothing'})")
+        out = Path(out) if out is not None else run / "report.html"
+        if out.suffix.lower() not in (".html", ".htm"):
+            raise UsageError(f"--out {out}: the report file must end in .html")
+        files = out.parent / REPORT_FILES
+        files.mkdir(parents=True, exist_ok=True)
+        for stale in FIGURES:  # a figure this build cannot make must not linger from an earlier build
+            (files / f"{stale}.png").unlink(missing_ok=True)
+        return cls(run, opts, files, Report(out), _Page(out.parent), has, log)
+
+    def done(self, section: str) -> None:
         now = time.perf_counter()
-        rep.seconds[section] = now - t_section[0]
-        t_section[0] = now
-        log(f"{section}: {rep.seconds[section]:.1f} s")
+        self.rep.seconds[section] = now - self.t_section
+        self.t_section = now
+        self.log(f"{section}: {self.rep.seconds[section]:.1f} s")
 
-    # -- config ---------------------------------------------------------------------------------
-    cfg: dict[str, Any] = {}
-    if has["config.json"]:
-        try:
-            cfg = json.loads((run / "config.json").read_text())
-            if not isinstance(cfg, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            notes.append(f"config.json is unreadable ({str(e)[:100]}): the model cannot be rebuilt, so samples, "
-                         "trajectory, attention maps and t-SNE are skipped")
-            cfg = {}
-    else:
-        notes.append("config.json is missing: the model cannot be rebuilt, so samples, trajectory, attention maps "
-                     "and t-SNE are skipped")
+    @property
+    def family(self) -> str:
+        """The run's model family (config.json "family"; runs from before families were DiTs)."""
+        family = self.cfg.get("family", "dit")
+        return family if isinstance(family, str) else "?"
 
-    # -- metrics --------------------------------------------------------------------------------
-    from .plots import plot_curves, plot_eval, read_metrics_checked, smooth
 
-    recs, bad_lines = read_metrics_checked(run)
-    if not has["metrics.jsonl"]:
-        notes.append("metrics.jsonl is missing: no training curves")
+# ---------------------------------------------------------------------------------------------
+# Sections: each reads what it needs from the run, makes its figure, or says why not.
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_config(b: _Build) -> None:
+    if not b.has["config.json"]:
+        b.notes.append("config.json is missing: the model cannot be rebuilt, so samples, trajectory, attention maps "
+                       "and t-SNE are skipped")
+        return
+    try:
+        cfg = json.loads((b.run / "config.json").read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+        b.cfg = cfg
+    except (OSError, ValueError) as e:
+        b.notes.append(f"config.json is unreadable ({str(e)[:100]}): the model cannot be rebuilt, so samples, "
+                       "trajectory, attention maps and t-SNE are skipped")
+
+
+def _curves(b: _Build) -> None:
+    """Training curves from metrics.jsonl."""
+    from .plots import plot_curves, read_metrics_checked
+
+    b.recs, bad_lines = read_metrics_checked(b.run)
+    if not b.has["metrics.jsonl"]:
+        b.notes.append("metrics.jsonl is missing: no training curves")
     elif bad_lines:
-        notes.append(f"metrics.jsonl: {bad_lines} unreadable line(s) skipped (a run killed mid-write?); "
-                     f"{len(recs)} records used")
-    elif not recs:
-        notes.append("metrics.jsonl is empty: no training curves (the run logged nothing yet)")
-    curves_png, curve_missing = plot_curves(recs, files / "curves.png") if recs else (None, [])
+        b.notes.append(f"metrics.jsonl: {bad_lines} unreadable line(s) skipped (a run killed mid-write?); "
+                       f"{len(b.recs)} records used")
+    elif not b.recs:
+        b.notes.append("metrics.jsonl is empty: no training curves (the run logged nothing yet)")
+    curves_png, curve_missing = plot_curves(b.recs, b.files / "curves.png") if b.recs else (None, [])
     if curves_png:
-        rep.figures["curves"] = curves_png
+        b.rep.figures["curves"] = curves_png
         if curve_missing:
-            notes.append(f"metrics.jsonl has no {', '.join(curve_missing)}: those curves are left out")
-    done("curves")
+            b.notes.append(f"metrics.jsonl has no {', '.join(curve_missing)}: those curves are left out")
 
-    # -- checkpoints: a grid of EMA samples, one row per checkpoint -----------------------------
-    ckpts = list_checkpoints(run)
-    if has["checkpoints"] and not ckpts:
-        notes.append("checkpoints/ holds no complete checkpoint (a folder with state.json): no samples, trajectory, "
-                     "attention maps or t-SNE")
-    elif not has["checkpoints"]:
-        notes.append("the run has no checkpoints/ folder yet: no samples, trajectory, attention maps or t-SNE")
-    chosen = _choose(ckpts, opts.max_checkpoints) if cfg else []
-    if len(chosen) < len(ckpts) and cfg:
-        notes.append(f"{len(ckpts)} checkpoints: the sample grid shows {len(chosen)} of them, evenly spaced "
-                     f"(raise --max-checkpoints to see more)")
-    model, rows, labels, seeds, cfg_scale = None, [], [], [], 1.0
-    if chosen:
-        from ..sampling import generate, load_model, parse_labels, validate_sampling
 
-        for ck in chosen:
-            try:
-                m = load_model(ck, weights=opts.weights, device=opts.device)
-            except DitkitError as e:
-                notes.append(f"checkpoint {ck.name}: cannot be loaded ({e}); its row is left out")
-                continue
-            if not labels:
-                cfg_scale = _cfg_scale(m, cfg, opts)
-                validate_sampling(m, opts.sampler, opts.steps, cfg_scale)  # a bad flag: stop here
-                labels = parse_labels(None, opts.num_per_ckpt, m.num_classes)
-                seeds = image_seeds(opts.seed, opts.num_per_ckpt)
-            res = generate(m, num=opts.num_per_ckpt, labels=labels if m.num_classes else None, seed=opts.seed,
-                           batch_size=opts.num_per_ckpt,
-                           sampler=opts.sampler, steps=opts.steps, cfg_scale=cfg_scale)
-            rows.append((m.step, res["images"]))
-            model = m  # the newest loaded checkpoint serves the sections below
-        if rows:
-            class_names = model.class_names if model.num_classes else []
-            rep.figures["samples"] = _plot_checkpoint_rows(rows, labels, class_names, files / "samples.png")
-    done("samples")
+def _samples(b: _Build) -> None:
+    """A grid of samples, one row per checkpoint (fixed seeds and labels); the newest loadable checkpoint
+    becomes `b.model` for the sections after it."""
+    b.ckpts = list_checkpoints(b.run)
+    if b.has["checkpoints"] and not b.ckpts:
+        b.notes.append("checkpoints/ holds no complete checkpoint (a folder with state.json): no samples, trajectory, "
+                       "attention maps or t-SNE")
+    elif not b.has["checkpoints"]:
+        b.notes.append("the run has no checkpoints/ folder yet: no samples, trajectory, attention maps or t-SNE")
+    chosen = _choose(b.ckpts, b.opts.max_checkpoints) if b.cfg else []
+    if len(chosen) < len(b.ckpts) and b.cfg:
+        b.notes.append(f"{len(b.ckpts)} checkpoints: the sample grid shows {len(chosen)} of them, evenly spaced "
+                       f"(raise --max-checkpoints to see more)")
+    if not chosen:
+        return
+    from ..sampling import generate, load_model, parse_labels, validate_sampling
 
-    # -- trajectory ---------------------------------------------------------------------------
-    if model is not None:
-        from .trajectory import plot_trajectory, record_trajectory
-
-        traj = None
+    opts = b.opts
+    for ck in chosen:
         try:
-            traj = record_trajectory(model, [labels[opts.image]], [seeds[opts.image]], sampler=opts.sampler,
-                                     steps=opts.steps, cfg_scale=cfg_scale, at=opts.traj_steps)
-        except UsageError as e:
-            notes.append(f"trajectory skipped: {e}")
-        if traj is not None:
-            rep.figures["trajectory"] = plot_trajectory(traj, files / "trajectory.png",
-                                                        model.class_names if model.num_classes else None)
-    done("trajectory")
-
-    # -- attention ----------------------------------------------------------------------------
-    attn_note = None
-    if model is not None:
-        from .attention import (attention_for_image, check_layer_head, default_query, describe_attention,
-                                plot_attention, plot_attention_layers)
-
-        depth = len(model.net.blocks)
-        layer = depth - 1 if opts.layer is None else opts.layer
-        try:
-            check_layer_head(model.net, layer, opts.head)
-            image = rows[-1][1][opts.image]
-            res_a = attention_for_image(model, image, labels[opts.image], sigma=opts.attn_sigma, seed=opts.seed)
-            query = default_query(res_a.image, res_a.grid) if opts.query is None else opts.query
-            if not 0 <= query < res_a.grid ** 2:
-                raise DitkitError(f"query patch {query} does not exist: the image has {res_a.grid ** 2} patches "
-                                  f"(0-{res_a.grid ** 2 - 1}, row-major on a {res_a.grid}x{res_a.grid} grid)")
-            rep.figures["attention"] = plot_attention(res_a, layer, opts.head, query, files / "attention.png")
-            rep.figures["attention_layers"] = plot_attention_layers(res_a, query, files / "attention_layers.png")
-            attn_note = (f"image {opts.image} of the step-{model.step} row (label "
-                         f"{model.class_names[labels[opts.image]] if model.num_classes else '-'}), noised to "
-                         f"sigma={opts.attn_sigma:g}; layer {layer}, head {opts.head}; query patch {query}. "
-                         f"The model has {describe_attention(model.net)}. Top row: where the query patch (cyan) attends; "
-                         "bottom row: the mean over all queries. Each map has its own colour scale; its peak is written "
-                         f"below it (a uniform map peaks at 1/{res_a.grid ** 2} = {1 / res_a.grid ** 2:.2f}).")
+            m = load_model(ck, weights=opts.weights, device=opts.device)
         except DitkitError as e:
-            notes.append(f"attention maps skipped: {e}")
-            attn_note = f"Skipped: {e}"
-    done("attention")
+            b.notes.append(f"checkpoint {ck.name}: cannot be loaded ({e}); its row is left out")
+            continue
+        if not b.labels:
+            b.cfg_scale = _cfg_scale(m, b.cfg, opts)
+            validate_sampling(m, sampler=opts.sampler, steps=opts.steps, cfg_scale=b.cfg_scale)  # a bad flag: stop here
+            b.labels = parse_labels(None, opts.num_per_ckpt, m.num_classes)
+            b.seeds = image_seeds(opts.seed, opts.num_per_ckpt)
+        res = generate(m, num=opts.num_per_ckpt, labels=b.labels if m.num_classes else None, seed=opts.seed,
+                       batch_size=opts.num_per_ckpt, sampler=opts.sampler, steps=opts.steps, cfg_scale=b.cfg_scale)
+        b.rows.append((m.step, res["images"]))
+        b.model = m  # the newest loaded checkpoint serves the sections below
+    if b.rows:
+        class_names = b.model.class_names if b.model.num_classes else []
+        b.rep.figures["samples"] = _plot_checkpoint_rows(b.rows, b.labels, class_names, b.files / "samples.png")
 
-    # -- t-SNE --------------------------------------------------------------------------------
-    tsne_note = None
-    if model is not None and opts.tsne:
-        from .embeddings import image_features, plot_tsne, tsne_2d
 
-        imgs, labs, source = _tsne_source(model, cfg, opts.tsne_points, opts.seed, opts)
-        feats = image_features(model, imgs, opts.tsne_features, sigma=opts.attn_sigma, seed=opts.seed)
-        pts = tsne_2d(feats, seed=opts.seed)
-        what = ("pooled final features (tokens before final_layer)" if opts.tsne_features == "final"
-                else "patch embeddings (x_embedder output)")
-        rep.figures["tsne"] = plot_tsne(pts, labs, files / "tsne.png", title=f"t-SNE of {what}, step {model.step}",
-                                        class_names=model.class_names or None)
-        tsne_note = (f"{source}. Features: {what}, with the null condition at sigma={opts.attn_sigma:g}, "
-                     f"so clusters come from the pixels, not from the label embedding.")
-    elif model is not None:
-        tsne_note = "Skipped (--no-tsne)."
-    done("tsne")
+def _trajectory(b: _Build) -> None:
+    """x_t and the predicted x0 along the sampler's steps, for one image of the newest row."""
+    if b.model is None:
+        return
+    from .trajectory import plot_trajectory, record_trajectory
 
-    # -- evaluation results ---------------------------------------------------------------------
-    evals, eval_notes = read_eval_results(run)
-    notes.extend(eval_notes)
-    if evals:
-        p = plot_eval(evals, files / "eval.png")
+    opts = b.opts
+    try:
+        traj = record_trajectory(b.model, [b.labels[opts.image]], [b.seeds[opts.image]], sampler=opts.sampler,
+                                 steps=opts.steps, cfg_scale=b.cfg_scale, at=opts.traj_steps)
+    except UsageError as e:
+        b.notes.append(f"trajectory skipped: {e}")
+        return
+    b.rep.figures["trajectory"] = plot_trajectory(traj, b.files / "trajectory.png",
+                                                  b.model.class_names if b.model.num_classes else None)
+
+
+def _not_for_this_model(b: _Build, what: str) -> Optional[str]:
+    """Why `what` (a figure of a DiT's internals: attention maps, features) does not apply to the run's
+    model, or None when it does."""
+    if b.family != "dit" or not hasattr(b.model.net, "blocks"):
+        return (f"{what} do not apply to this model (family {b.family!r}): they read a Diffusion Transformer's "
+                "blocks and tokens")
+    return None
+
+
+def _attention(b: _Build) -> None:
+    """Where one query patch attends, in the chosen layer and head, then in every layer and head."""
+    if b.model is None:
+        return
+    why_not = _not_for_this_model(b, "Attention maps")
+    if why_not:
+        b.captions["attention"] = why_not
+        return
+    from .attention import (attention_for_image, check_layer_head, default_query, describe_attention,
+                            plot_attention, plot_attention_layers)
+
+    opts, model = b.opts, b.model
+    layer = len(model.net.blocks) - 1 if opts.layer is None else opts.layer
+    try:
+        check_layer_head(model.net, layer, opts.head)
+        res_a = attention_for_image(model, b.rows[-1][1][opts.image], b.labels[opts.image], sigma=opts.attn_sigma,
+                                    seed=opts.seed)
+        query = default_query(res_a.image, res_a.grid) if opts.query is None else opts.query
+        if not 0 <= query < res_a.grid ** 2:
+            raise DitkitError(f"query patch {query} does not exist: the image has {res_a.grid ** 2} patches "
+                              f"(0-{res_a.grid ** 2 - 1}, row-major on a {res_a.grid}x{res_a.grid} grid)")
+    except DitkitError as e:
+        b.notes.append(f"attention maps skipped: {e}")
+        b.captions["attention"] = f"Skipped: {e}"
+        return
+    b.rep.figures["attention"] = plot_attention(res_a, layer, opts.head, query, b.files / "attention.png")
+    b.rep.figures["attention_layers"] = plot_attention_layers(res_a, query, b.files / "attention_layers.png")
+    label = model.class_names[b.labels[opts.image]] if model.num_classes else "-"
+    b.captions["attention"] = (
+        f"image {opts.image} of the step-{model.step} row (label {label}), noised to sigma={opts.attn_sigma:g}; "
+        f"layer {layer}, head {opts.head}; query patch {query}. The model has {describe_attention(model.net)}. "
+        "Top row: where the query patch (cyan) attends; bottom row: the mean over all queries. Each map has its "
+        f"own colour scale; its peak is written below it (a uniform map peaks at 1/{res_a.grid ** 2} = "
+        f"{1 / res_a.grid ** 2:.2f}).")
+
+
+def _tsne(b: _Build) -> None:
+    """A t-SNE of the network's features of held-out (or generated) images, coloured by label."""
+    if b.model is None:
+        return
+    if not b.opts.tsne:
+        b.captions["tsne"] = "Skipped (--no-tsne)."
+        return
+    why_not = _not_for_this_model(b, "Feature t-SNE plots")
+    if why_not:
+        b.captions["tsne"] = why_not
+        return
+    from .embeddings import image_features, plot_tsne, tsne_2d
+
+    opts, model = b.opts, b.model
+    imgs, labs, source = _tsne_source(model, b.cfg, opts.tsne_points, opts.seed, opts)
+    feats = image_features(model, imgs, opts.tsne_features, sigma=opts.attn_sigma, seed=opts.seed)
+    pts = tsne_2d(feats, seed=opts.seed)
+    what = ("pooled final features (tokens before final_layer)" if opts.tsne_features == "final"
+            else "patch embeddings (x_embedder output)")
+    b.rep.figures["tsne"] = plot_tsne(pts, labs, b.files / "tsne.png", title=f"t-SNE of {what}, step {model.step}",
+                                      class_names=model.class_names or None)
+    b.captions["tsne"] = (f"{source}. Features: {what}, with the null condition at sigma={opts.attn_sigma:g}, "
+                          f"so clusters come from the pixels, not from the label embedding.")
+
+
+def _evaluations(b: _Build) -> None:
+    """FID and class accuracy across checkpoints, from RUN/eval/*.json."""
+    from .plots import plot_eval
+
+    b.evals, eval_notes = read_eval_results(b.run)
+    b.notes.extend(eval_notes)
+    if b.evals:
+        p = plot_eval(b.evals, b.files / "eval.png")
         if p:
-            rep.figures["eval"] = p
-    done("eval")
+            b.rep.figures["eval"] = p
 
-    # -- benchmark plots ------------------------------------------------------------------------
+
+def _bench_plots(b: _Build) -> list[tuple[Path, str]]:
+    """(figure, caption) of the repository's sampler benchmark plot (copied: the page stays whole when the
+    run folder moves) and of RUN/bench/*.png."""
     bench: list[tuple[Path, str]] = []
     repo_plot = _repo_root() / BENCH_PLOT
     if repo_plot.exists():
-        dst = files / "bench_samplers_fid_vs_nfe.png"
-        shutil.copyfile(repo_plot, dst)  # a copy: the page stays whole when the run folder moves
+        dst = b.files / "bench_samplers_fid_vs_nfe.png"
+        shutil.copyfile(repo_plot, dst)
         bench.append((dst, f"sampler benchmark (repository {BENCH_PLOT.as_posix()})"))
-    for p in sorted((run / "bench").glob("*.png")) if (run / "bench").is_dir() else []:
-        bench.append((p, f"{p.relative_to(run).as_posix()}"))
+    for p in sorted((b.run / "bench").glob("*.png")) if (b.run / "bench").is_dir() else []:
+        bench.append((p, f"{p.relative_to(b.run).as_posix()}"))
+    return bench
 
-    # -- the page -------------------------------------------------------------------------------
-    name = cfg.get("model_name") or (cfg.get("model") or {}).get("name") or "unknown model"
-    obj = cfg.get("objective") or {}
-    data = cfg.get("data") or {}
-    last = recs[-1] if recs else {}
-    ckpt_steps = [_step_of(c.name) for c in ckpts]
+
+# ---------------------------------------------------------------------------------------------
+# The page: key figures, then one part per section.
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_page(b: _Build) -> None:
+    name = b.cfg.get("model_name") or (b.cfg.get("model") or {}).get("name") or "unknown model"
+    b.page.add(f"<h1>ditkit report: {html.escape(b.run.resolve().name)}</h1>")
+    b.page.p(f"{b.run} · {name} · built {time.strftime('%Y-%m-%d %H:%M')}", "sub")
+    b.page.add(_cards(_key_figures(b, str(name))))
+    if b.notes:
+        b.page.h2("What this run holds, and what it does not", "notes")
+        b.page.add('<ul class="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in b.notes) + "</ul>")
+    for part in (_page_curves, _page_samples, _page_eval, _page_trajectory, _page_attention, _page_tsne,
+                 _page_bench, _page_config):
+        part(b)
+
+
+def _key_figures(b: _Build, name: str) -> list[tuple[str, str]]:
+    """The cards at the top: (what, value)."""
+    from .plots import tail_mean
+
+    obj, data = b.cfg.get("objective") or {}, b.cfg.get("data") or {}
+    last = b.recs[-1] if b.recs else {}
+    ckpt_steps = [_step_of(c.name) for c in b.ckpts]
     trained = max([s for s in ckpt_steps if s is not None] + ([int(last["step"])] if last else []), default=None)
-    cards: list[tuple[str, str]] = [("model", str(name))]
-    if model is not None:
-        cards.append(("parameters", f"{sum(p.numel() for p in model.net.parameters()) / 1e6:.2f} M"))
+    cards: list[tuple[str, str]] = [("model", name)]
+    if b.family != "dit":
+        cards.append(("family", b.family))
+    if b.model is not None:
+        cards.append(("parameters", f"{sum(p.numel() for p in b.model.net.parameters()) / 1e6:.2f} M"))
     if obj:
         cards.append(("objective", f"{obj.get('name', '?')} / {obj.get('prediction', '?')}"
                                    + (" / mean-centred" if obj.get("data_mean") is not None else "")))
@@ -519,125 +630,130 @@ def build_report(run: str | os.PathLike, out: Optional[str | os.PathLike] = None
         cards.append(("epochs", f"{last['epoch']:.2f}"))
     if isinstance(last.get("elapsed_s"), (int, float)):
         cards.append(("training time", _fmt_seconds(float(last["elapsed_s"]))))
-    losses = [r.get("loss_avg", r.get("loss")) for r in recs]
+    losses = [r.get("loss_avg", r.get("loss")) for r in b.recs]
     losses = [v for v in losses if isinstance(v, (int, float)) and np.isfinite(v)]
     if losses:
-        cards.append(("final loss (smoothed)", f"{smooth(np.asarray(losses, dtype=float))[-1]:.4f}"))
-    ips = [r["img_per_s"] for r in recs if isinstance(r.get("img_per_s"), (int, float))]
+        n, value = tail_mean(np.asarray(losses, dtype=float))
+        cards.append((f"final loss (mean of the last {n} logged)", f"{value:.4f}"))
+    ips = [r["img_per_s"] for r in b.recs if isinstance(r.get("img_per_s"), (int, float))]
     if ips:
         cards.append(("median img/s", f"{np.median(ips):.0f}"))
-    cards.append(("checkpoints", str(len(ckpts))))
-    fids = [e for e in evals if e["fid"] is not None]
+    cards.append(("checkpoints", str(len(b.ckpts))))
+    fids = [e for e in b.evals if e["fid"] is not None]
     if fids:
         best = min(fids, key=lambda e: e["fid"])
         cards.append((f"best FID (step {best['step']}, {best['setting']})", f"{best['fid']:.2f}"))
+    return cards
 
-    page.add(f"<h1>ditkit report: {html.escape(run.resolve().name)}</h1>")
-    page.p(f"{run} · {name} · built {time.strftime('%Y-%m-%d %H:%M')}", "sub")
-    page.add(_cards(cards))
-    if notes:
-        page.h2("What this run holds, and what it does not", "notes")
-        page.add('<ul class="notes">' + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>")
 
-    page.h2("Training curves", "curves")
-    if "curves" in rep.figures:
-        page.figure(rep.figures["curves"], "Loss, gradient norm (before clipping), learning rate and throughput "
-                    "against step; faint: as logged, bold: exponential moving average (bias-corrected).", "training curves")
+def _page_curves(b: _Build) -> None:
+    b.page.h2("Training curves", "curves")
+    if "curves" in b.rep.figures:
+        b.page.figure(b.rep.figures["curves"], "Loss, gradient norm (before clipping), learning rate and throughput "
+                      "against step; faint: as logged, bold: smoothed by a local linear fit over a centred window "
+                      "(it follows the data, without an average's lag).", "training curves")
     else:
-        page.missing("No metrics logged (metrics.jsonl missing or empty).")
+        b.page.missing("No metrics logged (metrics.jsonl missing or empty).")
 
-    page.h2("Samples across checkpoints", "samples")
-    if "samples" in rep.figures:
-        page.figure(rep.figures["samples"], f"{opts.weights.upper()} weights of each checkpoint (rows, oldest on top); "
-                    f"the same seed and label in each column, so rows compare. {opts.sampler}, {opts.steps} steps, "
-                    f"guidance scale {cfg_scale:g}.", "samples of every checkpoint")
+
+def _page_samples(b: _Build) -> None:
+    opts = b.opts
+    b.page.h2("Samples across checkpoints", "samples")
+    if "samples" in b.rep.figures:
+        b.page.figure(b.rep.figures["samples"], f"{opts.weights.upper()} weights of each checkpoint (rows, oldest on "
+                      f"top); the same seed and label in each column, so rows compare. {opts.sampler}, {opts.steps} "
+                      f"steps, guidance scale {b.cfg_scale:g}.", "samples of every checkpoint")
     else:
-        page.missing("No samples: " + ("no loadable checkpoint." if cfg else "config.json is missing or unreadable."))
-    grids = sorted((run / "samples").glob("step_*.png")) if has["samples"] else []
+        b.page.missing("No samples: " + ("no loadable checkpoint." if b.cfg else "config.json is missing or unreadable."))
+    grids = sorted((b.run / "samples").glob("step_*.png")) if b.has["samples"] else []
     if grids:
-        page.add("<p>Grids saved during training (newest last):</p>")
+        b.page.add("<p>Grids saved during training (newest last):</p>")
         for g in grids[-4:]:
-            page.figure(g, f"{g.name} (training-time sampler settings)", g.name, cls="thumb")
+            b.page.figure(g, f"{g.name} (training-time sampler settings)", g.name, cls="thumb")
 
-    page.h2("Evaluation across checkpoints", "eval")
-    if "eval" in rep.figures:
-        page.figure(rep.figures["eval"], "FID with its confidence interval and class accuracy, per sampling setting.",
-                    "FID and class accuracy against step")
+
+def _eval_row(step: Optional[int], e: dict, gone: bool = False) -> str:
+    has_ci = e["fid_lo"] is not None and e["fid_hi"] is not None
+    fid = "-" if e["fid"] is None else f"{e['fid']:.2f}" + (f" [{e['fid_lo']:.2f}, {e['fid_hi']:.2f}]" if has_ci else "")
+    acc = "-" if e["acc"] is None else f"{100 * e['acc']:.1f} %"
+    source = html.escape(e["file"]) + (" (checkpoint no longer on disk)" if gone else "")
+    return f"<tr><td>{step}</td><td>{html.escape(e['setting'])}</td><td>{fid}</td><td>{acc}</td><td>{source}</td></tr>"
+
+
+def _page_eval(b: _Build) -> None:
+    b.page.h2("Evaluation across checkpoints", "eval")
+    if "eval" in b.rep.figures:
+        b.page.figure(b.rep.figures["eval"], "FID with its confidence interval and class accuracy, per sampling "
+                      "setting.", "FID and class accuracy against step")
     by_step: dict[int, list[dict]] = {}
-    for e in evals:
+    for e in b.evals:
         by_step.setdefault(e["step"], []).append(e)
     rows_html = []
-    for ck in ckpts:
+    for ck in b.ckpts:
         st = _step_of(ck.name)
         if st in by_step:
-            for e in by_step[st]:
-                has_ci = e["fid_lo"] is not None and e["fid_hi"] is not None
-                fid = "-" if e["fid"] is None else f"{e['fid']:.2f}" + (
-                    f" [{e['fid_lo']:.2f}, {e['fid_hi']:.2f}]" if has_ci else "")
-                acc = "-" if e["acc"] is None else f"{100 * e['acc']:.1f} %"
-                rows_html.append(f"<tr><td>{st}</td><td>{html.escape(e['setting'])}</td><td>{fid}</td><td>{acc}</td>"
-                                 f"<td>{html.escape(e['file'])}</td></tr>")
+            rows_html += [_eval_row(st, e) for e in by_step[st]]
         else:
             cmd = EVAL_HINT.format(ckpt=shlex.quote(str(ck)))
             rows_html.append(f'<tr><td>{st}</td><td colspan="4" class="missing">not evaluated: '
                              f"<code>{html.escape(cmd)}</code></td></tr>")
-    for st in sorted(set(by_step) - set(ckpt_steps)):  # results of checkpoints since deleted
-        for e in by_step[st]:
-            rows_html.append(f"<tr><td>{st}</td><td>{html.escape(e['setting'])}</td><td>"
-                             f"{'-' if e['fid'] is None else format(e['fid'], '.2f')}</td><td>"
-                             f"{'-' if e['acc'] is None else format(100 * e['acc'], '.1f') + ' %'}</td>"
-                             f"<td>{html.escape(e['file'])} (checkpoint no longer on disk)</td></tr>")
+    for st in sorted(set(by_step) - {_step_of(c.name) for c in b.ckpts}):  # results of checkpoints since deleted
+        rows_html += [_eval_row(st, e, gone=True) for e in by_step[st]]
     if rows_html:
-        page.add("<table><tr><th>step</th><th>setting</th><th>FID [95% CI]</th><th>class accuracy</th><th>source</th></tr>"
-                 + "".join(rows_html) + "</table>")
-    if not evals:
-        example = EVAL_HINT.format(ckpt=shlex.quote(str(ckpts[-1] if ckpts else run / "checkpoints" / "step_X")))
-        page.add(f'<p class="missing">No evaluation results in {html.escape(str(run / "eval"))}. '
-                 f"Produce them per checkpoint with <code>{html.escape(example)}</code>, then rebuild the report.</p>")
+        b.page.add("<table><tr><th>step</th><th>setting</th><th>FID [95% CI]</th><th>class accuracy</th>"
+                   "<th>source</th></tr>" + "".join(rows_html) + "</table>")
+    if not b.evals:
+        example = EVAL_HINT.format(ckpt=shlex.quote(str(b.ckpts[-1] if b.ckpts else b.run / "checkpoints" / "step_X")))
+        b.page.add(f'<p class="missing">No evaluation results in {html.escape(str(b.run / "eval"))}. '
+                   f"Produce them per checkpoint with <code>{html.escape(example)}</code>, then rebuild the report.</p>")
 
-    page.h2("Denoising trajectory", "trajectory")
-    if "trajectory" in rep.figures:
-        page.figure(rep.figures["trajectory"], f"Image {opts.image} of the newest row (step {model.step}): the noisy "
-                    "state x_t and the model's predicted clean image x0 at the chosen sampler steps, then the output. "
-                    "`ditkit sample --trajectory FILE.png|FILE.gif` writes the same for any seed and label.",
-                    "denoising trajectory")
+
+def _page_trajectory(b: _Build) -> None:
+    b.page.h2("Denoising trajectory", "trajectory")
+    if "trajectory" in b.rep.figures:
+        b.page.figure(b.rep.figures["trajectory"], f"Image {b.opts.image} of the newest row (step {b.model.step}): "
+                      "the noisy state x_t and the model's predicted clean image x0 at the chosen sampler steps, then "
+                      "the output. `ditkit sample --trajectory FILE.png|FILE.gif` writes the same for any seed and "
+                      "label.", "denoising trajectory")
     else:
-        page.missing("No trajectory: no loadable checkpoint.")
+        b.page.missing("No trajectory: no loadable checkpoint.")
 
-    page.h2("Attention maps", "attention")
-    if "attention" in rep.figures:
-        page.figure(rep.figures["attention"], attn_note or "", "attention maps of the chosen layer")
-        page.figure(rep.figures["attention_layers"], "Every layer (rows) and head (columns, then the head mean), for the "
-                    "same query patch: how the attention pattern changes with depth.", "attention by layer and head")
+
+def _page_attention(b: _Build) -> None:
+    b.page.h2("Attention maps", "attention")
+    caption = b.captions.get("attention")
+    if "attention" in b.rep.figures:
+        b.page.figure(b.rep.figures["attention"], caption or "", "attention maps of the chosen layer")
+        b.page.figure(b.rep.figures["attention_layers"], "Every layer (rows) and head (columns, then the head mean), "
+                      "for the same query patch: how the attention pattern changes with depth.",
+                      "attention by layer and head")
     else:
-        page.missing(attn_note or "No attention maps: no loadable checkpoint.")
+        b.page.missing(caption or "No attention maps: no loadable checkpoint.")
 
-    page.h2("Feature t-SNE", "tsne")
-    if "tsne" in rep.figures:
-        page.figure(rep.figures["tsne"], tsne_note or "", "t-SNE of features")
+
+def _page_tsne(b: _Build) -> None:
+    b.page.h2("Feature t-SNE", "tsne")
+    caption = b.captions.get("tsne")
+    if "tsne" in b.rep.figures:
+        b.page.figure(b.rep.figures["tsne"], caption or "", "t-SNE of features")
     else:
-        page.missing(tsne_note or "No t-SNE: no loadable checkpoint.")
+        b.page.missing(caption or "No t-SNE: no loadable checkpoint.")
 
-    page.h2("Sampler benchmark", "bench")
-    if bench:
-        for p, cap in bench:
-            page.figure(p, cap, cap)
+
+def _page_bench(b: _Build) -> None:
+    b.page.h2("Sampler benchmark", "bench")
+    bench = _bench_plots(b)
+    for p, cap in bench:
+        b.page.figure(p, cap, cap)
+    if not bench:
+        b.page.missing(f"No sampler benchmark plot ({BENCH_PLOT.as_posix()} in the repository, or "
+                       f"{b.run / 'bench'}/*.png).")
+
+
+def _page_config(b: _Build) -> None:
+    b.page.h2("Configuration", "config")
+    if b.cfg:
+        b.page.add(f"<details><summary>config.json</summary><pre>"
+                   f"{html.escape(json.dumps(b.cfg, indent=2, sort_keys=True))}</pre></details>")
     else:
-        page.missing(f"No sampler benchmark plot ({BENCH_PLOT.as_posix()} in the repository, or {run / 'bench'}/*.png).")
-
-    page.h2("Configuration", "config")
-    if cfg:
-        page.add(f"<details><summary>config.json</summary><pre>{html.escape(json.dumps(cfg, indent=2, sort_keys=True))}"
-                 "</pre></details>")
-    else:
-        page.missing("config.json is missing or unreadable.")
-    done("page")
-    timing = ", ".join(f"{k} {v:.1f} s" for k, v in rep.seconds.items())
-    page.add(f'<p class="sub" style="margin-top:30px">Built in {rep.total_seconds:.1f} s ({html.escape(timing)}).</p>')
-
-    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-           f"<title>ditkit report: {html.escape(run.resolve().name)}</title>"
-           '<meta name="viewport" content="width=device-width, initial-scale=1">'
-           f"<style>{_CSS}</style></head><body><main>\n" + "\n".join(page.parts) + "\n</main></body></html>\n")
-    atomic_write_bytes(out, doc.encode("utf-8"))
-    return rep
+        b.page.missing("config.json is missing or unreadable.")
