@@ -52,7 +52,7 @@ def main() -> int:
         else:
             train_run(run, args.steps, args.checkpoints, args.threads)
         prep_s = time.perf_counter() - t0
-        from ditkit.train.checkpoint import list_checkpoints
+        from ditkit.runs import list_checkpoints
 
         n_ckpt = len(list_checkpoints(run))
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))

@@ -88,7 +88,7 @@ def main() -> None:
         import shutil
         from pathlib import Path
 
-        from ditkit.train.checkpoint import _save_tensors, latest_checkpoint
+        from ditkit.runs import _save_tensors, latest_checkpoint
         out = Path(train_args[train_args.index("--out") + 1])
         for g, m in extras.items():
             dst = Path(f"{out}_ema{g:g}")

@@ -5,71 +5,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .cli_args import (Parser, add_compile_flag, add_precision_flag, add_sampling_flags, finite_float, guidance_interval,
+                       nonneg_int, or_auto, positive_int, sampling_settings_from_args, seed_int)
 from .errors import DitkitError, UsageError
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but errors name the subcommand and never print a traceback (exit code 2)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _positive_int(name: str):
-    def parse(v: str) -> int:
-        try:
-            x = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
-        if x < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {x}")
-        return x
-    return parse
-
-
-def _nonneg_int(name: str):
-    def parse(v: str) -> int:
-        try:
-            x = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
-        if x < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {x}")
-        return x
-    return parse
-
-
-def _or_auto(parse):
-    """`parse`, or None for the word auto (the setting chosen when the run starts)."""
-    def parse_or_auto(v: str):
-        if v == "auto":
-            return None
-        try:
-            return parse(v)
-        except argparse.ArgumentTypeError as e:
-            raise argparse.ArgumentTypeError(f"{e}; or give auto") from None
-    return parse_or_auto
-
-
-def _float(name: str, lo: Optional[float] = None, lo_open: bool = False):
-    def parse(v: str) -> float:
-        try:
-            x = float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {v!r}") from None
-        if not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number, got {v!r}")
-        if lo is not None and (x < lo or (lo_open and x == lo)):
-            raise argparse.ArgumentTypeError(f"{name} must be {'>' if lo_open else '>='} {lo}, got {x}")
-        return x
-    return parse
+# the shared parser and argument types (kept under these names for the subcommand modules that use them)
+_Parser = Parser
+_positive_int = positive_int
+_nonneg_int = nonneg_int
+_or_auto = or_auto
+_float = finite_float
+_add_precision_flag = add_precision_flag
+_add_compile_flag = add_compile_flag
+_guidance_interval = guidance_interval
 
 
 # -----------------------------------------------------------------------------------------------
@@ -223,124 +177,38 @@ def _cmd_train(args) -> int:
 # -----------------------------------------------------------------------------------------------
 # ditkit sample
 # -----------------------------------------------------------------------------------------------
-def _sampler_option(v: str) -> tuple[str, object]:
-    """--sampler-option KEY=VALUE: a number when it reads as one (s_churn=10), else the text (diffusion=sigma)."""
-    key, eq, value = v.partition("=")
-    if not eq or not key.strip() or not value.strip():
-        raise argparse.ArgumentTypeError(f"--sampler-option {v!r}: give KEY=VALUE, e.g. s_churn=10")
-    try:
-        return key.strip(), float(value)
-    except ValueError:
-        return key.strip(), value.strip()
-
-
-def _guidance_interval(v: str) -> tuple[float, float]:
-    """--guidance-interval LO,HI: the noise levels (sigma) where guidance acts; HI may be inf."""
-    from .samplers.guidance import parse_interval
-
-    try:
-        return parse_interval(v)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _add_sampler_option_flag(p) -> None:
-    p.add_argument("--sampler-option", type=_sampler_option, action="append", default=[], metavar="KEY=VALUE",
-                   help="a sampler option, repeatable: heun s_churn=10 s_tmin=0.05 s_tmax=50 (EDM's stochastic "
-                        "Heun), ddim eta=0.5, dpm++2m-sde s_noise=1, euler-maruyama diffusion=sigma; "
-                        "unknown ones are refused with the sampler's list")
-
-
-def _add_sampling_flags(p, *, default_num: int) -> None:
-    from .sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
-    from .samplers import SAMPLERS
-
-    p.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a checkpoint folder")
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS))
-    p.add_argument("--steps", type=_positive_int("--steps"), default=DEFAULT_STEPS)
-    p.add_argument("--spacing", help="sigma grid: ddpm: trailing|leading|uniform|karras|logsnr; "
-                                     "interpolants: uniform|karras|logsnr (default: the objective's)")
-    _add_sampler_option_flag(p)
-    _add_guidance_flags(p)
-    p.add_argument("--labels", default="all",
-                   help="a class id (3), a list (0,1,2), 'all' (balanced) or 'prior' (the training data's class mix)")
-    p.add_argument("--num", type=_positive_int("--num"), default=default_num)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=100)
+def add_model_flags(p) -> None:
+    """Which model to load and how: `ditkit sample` and `ditkit eval`."""
     p.add_argument("--weights", default="ema", choices=["ema", "model"])
-    p.add_argument("--device", default="auto")
-    _add_precision_flag(p)
-    _add_compile_flag(p)
-
-
-def _add_precision_flag(p, *, auto: bool = False) -> None:
-    """--precision; with `auto` (the server), "auto" is offered and is the default."""
-    from .sampling import PRECISIONS
-
-    p.add_argument("--precision", default="auto" if auto else "fp32",
-                   choices=(["auto"] if auto else []) + list(PRECISIONS),
-                   help="the network's arithmetic: bf16 is ~1.6x faster in large batches on CPUs with bf16 "
-                        "matrix units, ~2x slower for one image; its images differ slightly from fp32's"
-                        + ("; auto (default) = bf16 where native and --max-batch-size > 1, else fp32" if auto else ""))
-
-
-def _add_compile_flag(p) -> None:
-    p.add_argument("--compile", action="store_true",
-                   help="run the network through torch.compile (needs a C++ compiler): 10-25%% faster on the "
-                        "CPU after ~25 s of compilation; its images differ slightly from eager ones")
-
-
-def _add_guidance_flags(p) -> None:
-    """Classifier-free guidance (its scale and schedule) and autoguidance: `ditkit sample` and `ditkit eval`."""
-    from .samplers.guidance import SCHEDULES
-
-    p.add_argument("--cfg-scale", type=_float("--cfg-scale", 0), default=1.0, help="classifier-free guidance (1 = off)")
-    p.add_argument("--cfg-schedule", default="constant", choices=list(SCHEDULES),
-                   help="the guidance scale S along the noise levels: constant, or ramp: 1 + 2 (S - 1) / (1 + sigma), "
-                        "no guidance at pure noise, 2S - 1 at the data (measured: no clear gain over constant)")
-    _add_autoguidance_flags(p)
-    p.add_argument("--guidance-interval", type=_guidance_interval, default=None, metavar="LO,HI",
-                   help="guide (classifier-free and autoguidance) only at noise levels sigma in [LO, HI], the "
-                        "model's own prediction elsewhere (Kynkaanniemi et al. 2024), e.g. 0.6,inf; the "
-                        "interpolants' sigma is t / (1 - t) (default: every step)")
-    from .samplers.implicit import SIGMAS
-    from .sampling import REJECT_TRIES
-
-    p.add_argument("--reject", type=_float("--reject", 0), default=None, metavar="M",
-                   help=f"draw an image again (new seed, up to {REJECT_TRIES} draws) unless the model's own conditional "
-                        "denoisers explain it best by its asked class, by a margin M in [0, 1) (0.08: the asked "
-                        "class's error 8%% below every other's; measured best with --cfg-scale 1.05, and after "
-                        "10 minutes' training with --sampler dpm++2m --autoguidance 2); costs "
-                        f"{len(SIGMAS)} network evaluations per class per verdict (off by default)")
-
-
-def _add_autoguidance_flags(p) -> None:
-    p.add_argument("--autoguidance", type=_float("--autoguidance", 0), default=1.0,
-                   help="autoguidance scale (Karras et al. 2024), 1 = off: extrapolate away from a weak model, "
-                        "by default the run's own early EMA (RUN/guide)")
-    p.add_argument("--guide", help="the weak model for --autoguidance: a run or checkpoint folder "
-                                   "(default: the run's RUN/guide)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add_precision_flag(p)
+    add_compile_flag(p)
 
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw images from a trained run",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    _add_sampling_flags(p, default_num=100)
+    p.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a checkpoint folder")
     p.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (images, labels); repeatable",
                    action="append")
-    p.add_argument("--nrow", type=_positive_int("--nrow"), help="images per grid row")
+    p.add_argument("--labels", default="all",
+                   help="a class id (3), a list (0,1,2), 'all' (balanced) or 'prior' (the training data's class mix)")
+    p.add_argument("--num", type=positive_int("--num"), default=100)
+    p.add_argument("--seed", type=seed_int(), default=0)
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=100)
+    p.add_argument("--nrow", type=positive_int("--nrow"), help="images per grid row")
     p.add_argument("--trajectory", help="also write the denoising trajectory of the first image "
                                         "(x_t and predicted x0 at chosen steps) as FILE.png (strip) or FILE.gif")
+    add_sampling_flags(p)
+    add_model_flags(p)
     p.set_defaults(func=_cmd_sample)
 
 
 def _cmd_sample(args) -> int:
-    import numpy as np
     from tqdm import tqdm
 
-    from .sampling import generate, load_model
-    from .utils import atomic_write_bytes
-    from .viz.grids import save_grid
+    from .runs import load_model
+    from .sampling import generate
 
     for out in args.out:
         if Path(out).suffix.lower() not in (".png", ".npz"):
@@ -349,35 +217,41 @@ def _cmd_sample(args) -> int:
         raise UsageError(f"--trajectory {args.trajectory}: the file must end in .png or .gif")
     model = load_model(args.ckpt, weights=args.weights, device=args.device, guide=args.guide,
                        precision=args.precision, compile=args.compile)
+    settings = sampling_settings_from_args(args, model)
     with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
-        res = generate(model, num=args.num, labels=args.labels, seed=args.seed, batch_size=args.batch_size,
-                       sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, spacing=args.spacing,
-                       sampler_options=dict(args.sampler_option), cfg_schedule=args.cfg_schedule,
-                       autoguidance=args.autoguidance, guidance_interval=args.guidance_interval,
-                       progress=bar.update, reject=args.reject)
+        res = generate(model, settings, num=args.num, labels=args.labels, seed=args.seed,
+                       batch_size=args.batch_size, progress=bar.update)
     for out in args.out:
-        if out.lower().endswith(".npz"):
-            import io
-            buf = io.BytesIO()
-            np.savez(buf, images=res["images"], labels=res["labels"])
-            atomic_write_bytes(out, buf.getvalue())
-        else:
-            nrow = args.nrow or (min(model.num_classes, 10) if model.num_classes and args.labels == "all" else None)
-            save_grid(res["images"], out, nrow=nrow)
+        _write_samples(res, out, model, args)
         print(f"wrote {out}")
     if args.trajectory:
         from .viz.trajectory import save_trajectory
 
         first = int(res["labels"][0]) if model.num_classes else None
-        save_trajectory(model, first, args.seed, args.sampler, args.steps, args.cfg_scale, args.trajectory,
-                        cfg_schedule=args.cfg_schedule, autoguidance=args.autoguidance,
-                        guidance_interval=args.guidance_interval, spacing=args.spacing,
-                        sampler_options=dict(args.sampler_option) or None)
+        save_trajectory(model, first, args.seed, args.trajectory, settings)
         print(f"wrote {args.trajectory}")
     redrawn = f", {res['redraws']} redrawn ({res['rejected_kept']} still rejected at the last draw, kept)" \
-        if args.reject is not None else ""
-    print(f"{args.num} images, {res['nfe']} NFE per image{redrawn}, {res['seconds']:.2f} s")
+        if settings.reject is not None else ""
+    print(f"{args.num} images ({settings.describe()}), {res['nfe']} NFE per image{redrawn}, {res['seconds']:.2f} s")
     return 0
+
+
+def _write_samples(res: dict, out: str, model, args) -> None:
+    """`out` as a .npz (images, labels) or a .png grid, written atomically."""
+    import io
+
+    import numpy as np
+
+    from .utils import atomic_write_bytes
+    from .viz.grids import save_grid
+
+    if out.lower().endswith(".npz"):
+        buf = io.BytesIO()
+        np.savez(buf, images=res["images"], labels=res["labels"])
+        atomic_write_bytes(out, buf.getvalue())
+    else:
+        nrow = args.nrow or (min(model.num_classes, 10) if model.num_classes and args.labels == "all" else None)
+        save_grid(res["images"], out, nrow=nrow)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -411,6 +285,8 @@ _COMMAND_MODULES = ("ditkit.eval.cli", "ditkit.viz.cli", "ditkit.serve.cli")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not hasattr(args, "func"):  # a command group given without its subcommand
+        parser.error(f"{args.command}: give a subcommand (see `ditkit {args.command} --help`)")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -22,6 +22,11 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
     p = Path(path)
     if not p.exists():
         raise DitkitError(f"--samples {p}: no such file")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # an .npz is a zip archive; anything else is refused before numpy reads it
+        raise DitkitError(f"--samples {p}: not an .npz archive (write one with `ditkit sample --out FILE.npz` "
+                          "or numpy.savez(FILE, images=uint8 array, labels=int array))")
     try:
         with np.load(p, allow_pickle=False) as z:
             if "images" not in z:
@@ -29,7 +34,8 @@ def load_samples(path: str | Path) -> tuple[np.ndarray, Optional[np.ndarray]]:
             images = z["images"]
             labels = z["labels"] if "labels" in z else None
     except (ValueError, OSError) as e:
-        raise DitkitError(f"--samples {p}: not a readable .npz ({e})") from None
+        why = "it holds Python objects, which ditkit never unpickles" if "pickle" in str(e) else str(e)
+        raise DitkitError(f"--samples {p}: not a readable .npz of arrays ({why})") from None
     return images, labels
 
 
@@ -77,86 +83,73 @@ def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def evaluate_model(model, *, num: int = 10000, sampler: Optional[str] = None, steps: int = 20,
-                   cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250,
-                   labels: str | Sequence[int] | None = "prior", spacing: Optional[str] = None,
-                   autoguidance: float = 1.0, sampler_options: Optional[dict[str, Any]] = None,
-                   cfg_schedule: str = "constant", reject: Optional[float] = None, progress=None,
-                   n_boot: Optional[int] = None, guidance_interval: Optional[tuple[float, float]] = None
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Sample `num` images from a loaded model (`sampling.load_model`) and evaluate them.
+def evaluate_model(model, settings=None, *, num: int = 10000, seed: int = 0, batch_size: int = 250,
+                   labels: str | Sequence[int] | None = "prior", progress=None, n_boot: Optional[int] = None,
+                   **changes: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Sample `num` images from a loaded model (`runs.load_model`) with `settings` (a SamplingSettings;
+    `changes` override its fields) and evaluate them.
 
     Returns (result, samples): the result as `evaluate_checkpoint` keeps it (JSON-ready: settings, class
     accuracy, FID with its interval, floor and ratio) and `sampling.generate`'s dict with the images, for
-    the benchmarks that also draw a grid. sampler: `ditkit sample`'s default when None. labels:
-    `sampling.parse_labels`'s spec; 'prior' (the default) draws the training data's class mix, in exact
-    counts (`sampling.stratified_labels`). n_boot: FID's bootstrap draws (None: the metrics' default)."""
+    the benchmarks that also draw a grid. labels: `sampling.parse_labels`'s spec; 'prior' (the default) draws
+    the training data's class mix, in exact counts (`sampling.stratified_labels`). n_boot: FID's bootstrap
+    draws (None: the metrics' default)."""
     from .eval.metrics import evaluate_images
-    from .sampling import DEFAULT_SAMPLER, generate
+    from .sampling import generate, settings_of
 
-    sampler = sampler or DEFAULT_SAMPLER
+    st = settings_of(settings, **changes)
     if model.config.get("data", {}).get("shape", [1, 28, 28]) != [1, 28, 28]:
         raise DitkitError("ditkit eval measures MNIST-shaped models (1x28x28); this run's data is "
                           f"{model.config['data']['shape']}")
     t0 = time.perf_counter()
-    res = generate(model, num=num, labels=labels, seed=seed, batch_size=batch_size, sampler=sampler, steps=steps,
-                   cfg_scale=cfg_scale, spacing=spacing, autoguidance=autoguidance, progress=progress,
-                   sampler_options=sampler_options or None, cfg_schedule=cfg_schedule, reject=reject,
-                   guidance_interval=guidance_interval)
+    res = generate(model, st, num=num, labels=labels, seed=seed, batch_size=batch_size, progress=progress)
     sample_s = time.perf_counter() - t0
     ev = evaluate_images(res["images"], res["labels"] if model.num_classes else None,
                          **({} if n_boot is None else dict(n_boot=n_boot)))
-    out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=sampler, steps=steps,
-               nfe=res["nfe"], cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, spacing=spacing, seed=seed,
-               sampler_options=sampler_options or {},
+    out = dict(checkpoint=str(model.checkpoint), checkpoint_step=model.step, sampler=st.sampler, steps=st.steps,
+               nfe=res["nfe"], cfg_scale=st.cfg_scale, cfg_schedule=st.cfg_schedule, spacing=st.spacing, seed=seed,
+               sampler_options=dict(st.options),
                labels_spec="all" if labels is None else labels if isinstance(labels, str) else "custom",
-               sample_seconds=sample_s, **ev)
-    if autoguidance != 1:
-        from .train.checkpoint import GUIDE_DIR
+               sample_seconds=sample_s, settings=st.to_dict(), **ev)
+    if st.autoguidance != 1:
+        from .runs import GUIDE_DIR
 
         def same(a, b) -> bool:
             return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
         g = model.guide
         run = None if model.run_dir is None else Path(model.run_dir)
-        out.update(autoguidance=autoguidance, guide=str(g.checkpoint), guide_step=g.step,
+        out.update(autoguidance=st.autoguidance, guide=str(g.checkpoint), guide_step=g.step,
                    guide_own=same(g.checkpoint, run and run / GUIDE_DIR),
                    guide_run=None if same(g.run_dir, run) or g.run_dir is None else Path(g.run_dir).name)
-    if guidance_interval is not None and (cfg_scale != 1 or autoguidance != 1):
-        out.update(guidance_interval=[float(v) for v in guidance_interval])
-    if reject is not None:
-        out.update(reject=reject, redraws=res["redraws"], rejected_kept=res["rejected_kept"])
+    if st.guidance_interval is not None and (st.cfg_scale != 1 or st.autoguidance != 1):
+        out.update(guidance_interval=[float(v) for v in st.guidance_interval])
+    if st.reject is not None:
+        out.update(reject=st.reject, redraws=res["redraws"], rejected_kept=res["rejected_kept"])
     # the report reads these two keys as dicts
     out["fid"] = dict(value=ev["fid"], ci_low=ev["fid_ci"][0], ci_high=ev["fid_ci"][1], n=ev["n"])
     return out, res
 
 
-def evaluate_checkpoint(ckpt: str | Path, *, num: int = 10000, sampler: Optional[str] = None,
-                        steps: int = 20,
-                        cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 250,
-                        labels: str | Sequence[int] | None = "prior",
-                        spacing: Optional[str] = None, weights: str = "ema", device: str = "auto",
-                        write: bool = True, progress=None, autoguidance: float = 1.0,
-                        guide: Optional[str | Path] = None, precision: str = "fp32", compile: bool = False,
-                        sampler_options: Optional[dict[str, Any]] = None, cfg_schedule: str = "constant",
-                        reject: Optional[float] = None,
-                        guidance_interval: Optional[tuple[float, float]] = None) -> dict[str, Any]:
+def evaluate_checkpoint(ckpt: str | Path, settings=None, *, num: int = 10000, seed: int = 0, batch_size: int = 250,
+                        labels: str | Sequence[int] | None = "prior", weights: str = "ema", device: str = "auto",
+                        write: bool = True, progress=None, guide: Optional[str | Path] = None,
+                        precision: str = "fp32", compile: bool = False, **changes: Any) -> dict[str, Any]:
     """Load a run or checkpoint, then `evaluate_model`; with `write`, keep the result as
     RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_balanced][_ramp][_ag<w>][_gi<lo>-<hi>][_reject<m>][_<spacing>][_raw][_seed<s>][_bf16]
     [_compiled][_<option><value>...]_n<num>.json for the report: every setting that changes the images
     names its own file."""
-    from .sampling import load_model
+    from .runs import load_model
+    from .sampling import settings_of
 
+    st = settings_of(settings, **changes)
     model = load_model(ckpt, weights=weights, device=device, guide=guide, precision=precision, compile=compile)
-    out, _ = evaluate_model(model, num=num, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                            batch_size=batch_size, labels=labels, spacing=spacing, autoguidance=autoguidance,
-                            sampler_options=sampler_options, cfg_schedule=cfg_schedule, reject=reject,
-                            progress=progress, guidance_interval=guidance_interval)
+    out, _ = evaluate_model(model, st, num=num, seed=seed, batch_size=batch_size, labels=labels, progress=progress)
     out.update(weights=weights, precision=precision, compiled=compile)
     if write and model.run_dir is not None:
         tags = [tag for tag, _ in image_settings(out)]
-        name = (f"step_{model.step:07d}_{out['sampler']}_{steps}_cfg{cfg_scale:g}{''.join('_' + t for t in tags)}"
-                f"_n{num}.json")
+        name = (f"step_{model.step:07d}_{out['sampler']}_{st.steps}_cfg{st.cfg_scale:g}"
+                f"{''.join('_' + t for t in tags)}_n{num}.json")
         atomic_write_json(Path(model.run_dir) / "eval" / name, out)
     return out
 

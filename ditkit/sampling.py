@@ -6,173 +6,29 @@ loop's grids, FID and the benchmarks alike (EDM2's `generate_images()` habit).
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 
 from .condition import Condition
 from .errors import DitkitError, UsageError
-from .models import DiTConfig, build_model
-from .objectives import build_objective
+from .runs import PRECISIONS, LoadedModel, compile_model, load_model  # noqa: F401  (the API's names)
 from .samplers import autoguided, count_calls, get_sampler, guided
-from .samplers.guidance import check_interval, check_schedule
 from .samplers.implicit import class_errors, relative_margin
-from .train.checkpoint import guide_checkpoint, load_weights, read_state, resolve_checkpoint
-from .utils import ImageRNG, compile_failed, image_seeds, pick_device
+from .settings import DEFAULT_SAMPLER, DEFAULT_STEPS, REJECT_TRIES, SAMPLER_SPACING, SamplingSettings  # noqa: F401
+from .utils import ImageRNG, image_seeds
 
-DEFAULT_SAMPLER = "dpm++2m-sde"  # measured: unguided FID 15 vs 35 for the ODE form at 20 NFE (docs/BENCHMARKS.md)
-DEFAULT_STEPS = 20
-# Euler and Heun run on the Karras grid by default (EDM, Alg. 1-2); the other samplers on the objective's.
-SAMPLER_SPACING = {"euler": "karras", "heun": "karras"}
+SettingsLike = Optional[SamplingSettings]
 
 
-@dataclass
-class LoadedModel:
-    """A trained network with its objective and resolved config, ready to sample."""
-
-    net: nn.Module
-    objective: Any
-    config: dict[str, Any]
-    run_dir: Optional[Path] = None
-    checkpoint: Optional[Path] = None
-    step: int = 0
-    guide: Optional["LoadedModel"] = None  # the weak model for autoguidance (the run's own by default)
-
-    @property
-    def model_config(self) -> DiTConfig:
-        return self.net.config
-
-    @property
-    def num_classes(self) -> int:
-        return self.net.config.num_classes
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        c = self.net.config
-        return (c.in_channels, c.input_size, c.input_size)
-
-    @property
-    def class_counts(self) -> Optional[list[int]]:
-        """How many training images each class had (the run's label prior), or None if the run did not record it."""
-        counts = self.config.get("data", {}).get("class_counts")
-        return [int(c) for c in counts] if counts else None
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.config.get("data", {}).get("class_names") or [str(i) for i in range(self.num_classes)])
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
-    @property
-    def precision(self) -> str:
-        return "bf16" if next(self.net.parameters()).dtype == torch.bfloat16 else "fp32"
-
-    @property
-    def compiled(self) -> bool:
-        return bool(getattr(self.net, "compiled", False))
-
-
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    try:
-        cfg = json.loads((Path(run_dir) / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise DitkitError(f"{run_dir}/config.json: unreadable ({e})") from None
-    if cfg.get("family") not in (None, "dit"):
-        raise DitkitError(f"{run_dir}: a {cfg.get('family')!r} model; this command needs a DiT run "
-                          "(a class- or un-conditional image diffusion model)")
-    return cfg
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def load_model(ckpt: str | Path, *, weights: str = "ema", device: str = "auto",
-               guide: str | Path | None = None, precision: str = "fp32", compile: bool = False) -> LoadedModel:
-    """Load a run folder (its latest checkpoint) or one checkpoint folder; EMA weights by default.
-
-    guide: the weak model for autoguidance: a run or checkpoint folder (e.g. an early checkpoint of the
-    same run, or a smaller model of the same data); None = the run's own `guide/` when it has one.
-    precision: the network's weights and arithmetic, "fp32" or "bf16" (the sampler's state stays fp32).
-    bf16 doubles batched throughput on CPUs with bf16 matrix units but is slower for one image; each
-    precision keeps "one seed, one image" bit for bit, but the two give (slightly) different images.
-    compile: run the network through `torch.compile` (see `DiT.compile_for_inference`): 10-25% faster
-    on the CPU, after ~25 s of compilation here, done now; its images are its own, like a precision's.
-    The weak model of autoguidance stays eager.
-    """
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision {precision!r}: allowed {', '.join(PRECISIONS)}")
-    run_dir, ck = resolve_checkpoint(ckpt)
-    main = _load_one(run_dir, ck, weights, device, precision)
-    if guide is not None:
-        g_run, g_ck = resolve_checkpoint(guide)
-        main.guide = _load_one(g_run, g_ck, "ema", device, precision)
-        _check_guide(main, main.guide, str(guide))
-    elif (own := guide_checkpoint(run_dir)) is not None and int(read_state(own).get("step", 0)) < main.step:
-        main.guide = _load_one(run_dir, own, "ema", device, precision)  # only an earlier guide is weaker
-    if compile:
-        compile_model(main)
-    return main
-
-
-def compile_model(model: LoadedModel) -> None:
-    """Compile the model's network for inference now, so that the first request does not pay for it;
-    a clear error if this machine cannot compile."""
-    net = model.net
-    if not hasattr(net, "compile_for_inference"):
-        raise UsageError(f"--compile: {type(net).__name__} networks have no compiled inference path")
-    try:
-        net.compile_for_inference()
-    except UsageError:
-        raise
-    except Exception as e:  # inductor: no C++ compiler, an unsupported platform, ...
-        raise compile_failed(e, "run without --compile") from None
-
-
-def _load_one(run_dir: Path, ck: Path, weights: str, device: str, precision: str = "fp32") -> LoadedModel:
-    cfg = read_run_config(run_dir)
-    try:
-        net = build_model(cfg["model"])
-        objective = build_objective(cfg["objective"])
-    except KeyError as e:
-        raise DitkitError(f"{run_dir}/config.json: missing key {e}") from None
-    try:
-        net.load_state_dict(load_weights(ck, weights))
-    except RuntimeError as e:
-        raise DitkitError(f"checkpoint {ck}: weights do not match the model in config.json ({str(e)[:200]})") from None
-    dev = pick_device(device)
-    net.to(dev, PRECISIONS[precision]).eval().requires_grad_(False)
-    return LoadedModel(net, objective, cfg, run_dir, ck, int(read_state(ck).get("step", 0)))
-
-
-def _check_guide(model: LoadedModel, guide: LoadedModel, where: str) -> None:
-    """A weak model must draw the same kind of images, under the same conditions and noise levels."""
-    problems = []
-    if guide.image_shape != model.image_shape:
-        problems.append(f"images {guide.image_shape} vs {model.image_shape}")
-    if guide.num_classes != model.num_classes:
-        problems.append(f"{guide.num_classes} classes vs {model.num_classes}")
-    go, mo = guide.objective.config(), model.objective.config()
-    if go["name"] != mo["name"]:
-        problems.append(f"objective {go['name']!r} vs {mo['name']!r}")
-    if problems:
-        raise UsageError(f"--guide {where}: not a weak version of this model ({'; '.join(problems)})")
-
-
-def _weak_model(model: LoadedModel) -> LoadedModel:
-    """The model's weak model for autoguidance; a UsageError saying how to get one otherwise."""
-    if model.guide is None:
-        where = f" ({model.run_dir}/guide is missing)" if model.run_dir is not None else ""
-        raise UsageError(f"--autoguidance: this model has no weak model to guide with{where}; train with "
-                         "--guide-at > 0 (the default keeps one), or pass --guide RUN_OR_CHECKPOINT")
-    return model.guide
+def settings_of(settings: SettingsLike = None, **changes: Any) -> SamplingSettings:
+    """`settings` (default: the untuned defaults) with `changes` (any SamplingSettings field) applied."""
+    base = settings if settings is not None else SamplingSettings()
+    if not isinstance(base, SamplingSettings):
+        raise UsageError(f"settings must be a SamplingSettings, got {type(base).__name__}")
+    return base.replace(**changes) if changes else base
 
 
 def stratified_labels(counts: Sequence[int], num: int) -> list[int]:
@@ -229,67 +85,65 @@ def parse_labels(spec: str | Sequence[int] | None, num: int, num_classes: int,
     return [vals[i % len(vals)] for i in range(num)]
 
 
-def validate_sampling(model: LoadedModel, sampler: str, steps: int, cfg_scale, autoguidance=1.0,
-                      cfg_schedule: str = "constant", guidance_interval=None) -> None:
-    spec = get_sampler(sampler)
-    check_schedule(cfg_schedule)
-    check_interval(guidance_interval)
-    obj = model.objective
-    limit = getattr(obj, "num_timesteps", None)
-    if steps < 1 or (limit is not None and steps > limit):
-        raise UsageError(f"--steps {steps}: must be between 1 and {limit or 'any'}"
-                         + (f" (the model's {limit} training steps)" if limit else ""))
-    scales = np.atleast_1d(np.asarray(cfg_scale, dtype=np.float64))
-    if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-        raise UsageError(f"--cfg-scale {cfg_scale}: must be a finite number >= 0 (1 = no guidance)")
-    if np.any(scales != 1) and model.num_classes == 0:
-        raise UsageError("--cfg-scale: this model is unconditional; guidance needs a class model (use 1)")
-    ag = np.atleast_1d(np.asarray(autoguidance, dtype=np.float64))
-    if not np.all(np.isfinite(ag)) or np.any(ag < 0):
-        raise UsageError(f"--autoguidance {autoguidance}: must be a finite number >= 0 (1 = off)")
-    if np.any(ag != 1):
-        _weak_model(model)
-    if spec.needs_path and getattr(obj, "path", None) is None:
-        raise UsageError(f"--sampler {sampler}: needs a continuous-time objective (linear, gvp, vp); "
-                         f"this model's objective is {obj.config()['name']!r}")
+def validate_sampling(model: LoadedModel, settings: SettingsLike = None, **changes: Any) -> SamplingSettings:
+    """The settings, checked against the model (see `SamplingSettings.validate`)."""
+    return settings_of(settings, **changes).validate(model)
+
+
+def make_condition(model: LoadedModel, labels: Sequence[int], prompts: Optional[Sequence[str]],
+                   device: torch.device) -> Condition:
+    """The condition of a batch: prompts for a text model (through its frozen encoder), class labels for a
+    class model, nothing for an unconditional one."""
+    if prompts is not None:
+        if model.text_encoder is None:
+            raise UsageError("--prompt: this model takes class labels, not text; use --labels")
+        return model.text_encoder.condition(list(prompts), device)
+    if model.text_encoder is not None:
+        raise UsageError("this model draws from text prompts; give --prompt (or prompts=[...])")
+    if model.num_classes > 0:
+        return Condition.from_labels(torch.tensor(list(labels), dtype=torch.long, device=device), model.num_classes)
+    return Condition.none(len(labels))
 
 
 @torch.no_grad()
-def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int], *, sampler: str = DEFAULT_SAMPLER,
-                 steps: int = DEFAULT_STEPS, cfg_scale: float | Sequence[float] = 1.0, spacing: Optional[str] = None,
-                 guidance_interval: Optional[tuple[float, float]] = None, sampler_options: Optional[dict] = None,
-                 callback: Optional[Callable[[dict], None]] = None, stats: Optional[dict] = None,
-                 autoguidance: float | Sequence[float] = 1.0, cfg_schedule: str = "constant") -> torch.Tensor:
-    """One batch: image b is fully determined by (labels[b], seeds[b], settings). Returns float (B,C,H,W) in [-1,1].
-
-    cfg_scale: classifier-free guidance; cfg_schedule: "constant" or "ramp" (the scale along the noise
-    levels: samplers.guidance.SCHEDULES); autoguidance: the scale w of autoguidance by `model.guide`
-    (Karras et al. 2024); each a float or one value per image, 1 = off."""
-    spec = get_sampler(sampler)
+def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int], settings: SettingsLike = None, *,
+                 prompts: Optional[Sequence[str]] = None, callback: Optional[Callable[[dict], None]] = None,
+                 stats: Optional[dict] = None, **changes: Any) -> torch.Tensor:
+    """One batch: image b is fully determined by (labels[b] or prompts[b], seeds[b], settings). Returns float
+    (B, C, H, W) in [-1, 1]. `changes` override fields of `settings` (e.g. cfg_scale as one value per image);
+    the settings are not validated here (`generate` and the server do that once per request)."""
+    st = settings_of(settings, **changes)
     dev = model.device
-    B = len(seeds)
+    cond = make_condition(model, labels, prompts, dev)
+    if hasattr(model.objective, "sample_batch"):  # a family with its own sampling (discrete tokens)
+        return model.objective.sample_batch(model, cond, seeds, st, callback=callback, stats=stats)
+    spec = get_sampler(st.sampler)
     rng = ImageRNG(seeds, dev)
     noise = rng.randn(model.image_shape)
-    if model.num_classes > 0:
-        cond = Condition.from_labels(torch.tensor(list(labels), dtype=torch.long, device=dev), model.num_classes)
-    else:
-        cond = Condition.none(B)
     denoiser = model.objective.denoiser(model.net)
-    scale = torch.as_tensor(cfg_scale, dtype=torch.float32)
-    if model.num_classes > 0 and bool((scale != 1).any()):
-        denoiser = guided(denoiser, scale.to(dev) if scale.ndim else float(scale), interval=guidance_interval,
-                          schedule=cfg_schedule)
-    ag = torch.as_tensor(autoguidance, dtype=torch.float32)
+    scale = torch.as_tensor(st.cfg_scale, dtype=torch.float32)
+    if (model.num_classes > 0 or prompts is not None) and bool((scale != 1).any()):
+        denoiser = guided(denoiser, scale.to(dev) if scale.ndim else float(scale), interval=st.guidance_interval,
+                          schedule=st.cfg_schedule)
+    ag = torch.as_tensor(st.autoguidance, dtype=torch.float32)
     if bool((ag != 1).any()):
         weak = _weak_model(model)
         denoiser = autoguided(denoiser, weak.objective.denoiser(weak.net), ag.to(dev) if ag.ndim else float(ag),
-                              interval=guidance_interval)
+                              interval=st.guidance_interval)
     counted = count_calls(denoiser)
-    sigmas = model.objective.sigma_grid(steps, spacing or SAMPLER_SPACING.get(sampler, model.objective.default_spacing))
-    x = spec.fn(counted, noise, sigmas, cond=cond, rng=rng, callback=callback, **(sampler_options or {}))
+    sigmas = model.objective.sigma_grid(st.steps, st.spacing or SAMPLER_SPACING.get(st.sampler,
+                                                                                  model.objective.default_spacing))
+    x = spec.fn(counted, noise, sigmas, cond=cond, rng=rng, callback=callback, **dict(st.options))
     if stats is not None:
         stats["nfe"] = counted.calls
     return x.clamp(-1, 1)
+
+
+def _weak_model(model: LoadedModel) -> LoadedModel:
+    """The model's weak model for autoguidance (SamplingSettings.validate has checked that it has one)."""
+    if model.guide is None:
+        raise UsageError("--autoguidance: this model has no weak model to guide with; pass --guide RUN")
+    return model.guide
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -299,20 +153,15 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 # the stream of an image's seed that feeds its implicit-classifier noise (attempts use streams 1, 2, ...)
 IMPLICIT_STREAM = 1 << 20
-REJECT_TRIES = 4  # draws of an image in all under --reject
 
 
-def check_reject(model: LoadedModel, reject: Optional[float], tries: int) -> None:
-    if reject is None:
-        return
-    if not (np.isfinite(reject) and 0 <= reject < 1):
-        raise UsageError(f"--reject {reject}: must be a number in [0, 1) (the asked class's denoising error "
-                         "must lie this fraction below every other class's; 0 = the asked class is the best)")
-    if model.num_classes < 2:
-        raise UsageError("--reject: this model is unconditional; rejection by the model's own class evidence "
-                         "needs a class model")
-    if tries < 2:
-        raise UsageError(f"reject_tries {tries}: must be >= 2 (the first draw and at least one redraw)")
+def check_reject(model: LoadedModel, reject: Optional[float], tries: int = REJECT_TRIES) -> None:
+    """`reject` and `tries` checked, and against the model's classes (as `SamplingSettings.validate` does)."""
+    from .settings import SettingsError
+
+    SamplingSettings(reject=reject, reject_tries=tries).check()
+    if reject is not None and model.num_classes < 2:
+        raise SettingsError("reject", "this model is unconditional; rejection by the model's own class evidence needs a class model", reject)
 
 
 def implicit_errors(model: LoadedModel, x: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
@@ -329,63 +178,88 @@ def implicit_margins(model: LoadedModel, x: torch.Tensor, labels: Sequence[int],
 
 
 def _redraw_rejected(model: LoadedModel, x: torch.Tensor, labels: Sequence[int], seeds: Sequence[int],
-                     reject: float, tries: int, kw: dict) -> tuple[torch.Tensor, int, int]:
-    """Redraw, with a new seed each time, every image whose implicit margin is not below -reject, up to
-    `tries` draws in all; an image still rejected after its last draw is kept. Returns (x, redraws, kept)."""
+                     settings: SamplingSettings) -> tuple[torch.Tensor, int, int]:
+    """Redraw, with a new seed each time, every image whose implicit margin is not below -settings.reject, up to
+    `settings.reject_tries` draws in all; an image still rejected after its last draw is kept.
+    Returns (x, redraws, kept)."""
+    reject = settings.reject
     bad = implicit_margins(model, x, labels, seeds) >= -reject
     redraws = 0
-    for attempt in range(1, tries):
+    for attempt in range(1, settings.reject_tries):
         idx = bad.nonzero().flatten().tolist()
         if not idx:
             break
         labs = [labels[i] for i in idx]
         new_seeds = [image_seeds(seeds[i], 1, start=attempt)[0] for i in idx]
-        xn = sample_batch(model, labs, new_seeds, **kw)
+        xn = sample_batch(model, labs, new_seeds, settings)
         x[idx] = xn
         bad[idx] = implicit_margins(model, xn, labs, new_seeds) >= -reject
         redraws += len(idx)
     return x, redraws, int(bad.sum())
 
 
-def generate(model: LoadedModel, *, num: int, labels: str | Sequence[int] | None = None, seed: int = 0,
+def _parse_prompts(prompts: Optional[Sequence[str]], num: int) -> Optional[list[str]]:
+    """Prompts cycled to `num` images, or None; a UsageError for an empty list or a non-text entry."""
+    if prompts is None:
+        return None
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if not prompts:
+        raise UsageError("--prompt: give at least one prompt")
+    for p in prompts:
+        if not isinstance(p, str):
+            raise UsageError(f"--prompt {p!r}: prompts must be text")
+    return [prompts[i % len(prompts)] for i in range(num)]
+
+
+def generate(model: LoadedModel, settings: SettingsLike = None, *, num: int,
+             labels: str | Sequence[int] | None = None, prompts: Optional[Sequence[str]] = None, seed: int = 0,
              batch_size: int = 100, progress: Optional[Callable[[int], None]] = None,
-             reject: Optional[float] = None, reject_tries: int = REJECT_TRIES, **kw) -> dict[str, Any]:
-    """Generate `num` images. Image i depends only on (seed, i, label i, settings), never on batch size.
-    labels: see `parse_labels` (None: balanced).
+             **changes: Any) -> dict[str, Any]:
+    """Generate `num` images. Image i depends only on (seed, i, label or prompt i, settings), never on batch size.
 
-    reject: None (off) or a margin m in [0, 1): an image the model itself does not read as its asked class,
-    by at least m (`samplers.implicit`), is drawn again with a new seed, up to `reject_tries` draws in all.
-    Each verdict costs len(implicit.SIGMAS) x num_classes network evaluations.
+    settings: how to draw (`SamplingSettings`; default: the untuned defaults); `changes` override any of its
+    fields (e.g. `steps=50, cfg_scale=1.5`). labels: see `parse_labels` (None: balanced); prompts: text for a
+    text model, cycled to `num`.
 
-    Returns {"images": uint8 (N,H,W,C), "labels": int64 (N,), "seeds": list, "nfe": int, "seconds": float},
-    with rejection also "redraws" (images drawn again, in all) and "rejected_kept" (still rejected at the
-    last draw). "seeds" are the first draws' seeds: a redraw's seed is derived from its image's seed and
-    the attempt (`image_seeds(seed_i, 1, start=attempt)`), so an image still depends on nothing else.
+    With `settings.reject` (a margin m in [0, 1)), an image the model itself does not read as its asked class
+    by at least m (`samplers.implicit`) is drawn again with a new seed, up to `settings.reject_tries` draws in
+    all; each verdict costs len(implicit.SIGMAS) x num_classes network evaluations.
+
+    Returns {"images": uint8 (N,H,W,C), "labels": int64 (N,), "seeds": list, "nfe": int, "seconds": float,
+    "settings": the SamplingSettings used}, with rejection also "redraws" (images drawn again, in all) and
+    "rejected_kept" (still rejected at the last draw). "seeds" are the first draws' seeds: a redraw's seed is
+    derived from its image's seed and the attempt (`image_seeds(seed_i, 1, start=attempt)`).
     """
-    if num < 1:
-        raise UsageError(f"--num {num}: must be >= 1")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size {batch_size}: must be >= 1")
-    validate_sampling(model, kw.get("sampler", DEFAULT_SAMPLER), kw.get("steps", DEFAULT_STEPS), kw.get("cfg_scale", 1.0),
-                      kw.get("autoguidance", 1.0), kw.get("cfg_schedule", "constant"), kw.get("guidance_interval"))
-    check_reject(model, reject, reject_tries)
-    labs = parse_labels(labels, num, model.num_classes, model.class_counts)
+    if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+        raise UsageError(f"--num {num}: must be an integer >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"--batch-size {batch_size}: must be an integer >= 1")
+    st = settings_of(settings, **changes).validate(model)
+    prompt_list = _parse_prompts(prompts, num)
+    if st.reject is not None and prompt_list is not None:
+        raise UsageError("--reject: rejection reads the model's class evidence; it does not apply to prompts")
+    labs = parse_labels(labels, num, model.num_classes, model.class_counts) if prompt_list is None else [-1] * num
     seeds = image_seeds(seed, num)
     out, nfe, t0 = [], 0, time.perf_counter()
     redraws = kept = 0
     for start in range(0, num, batch_size):
         stats: dict = {}
         b_labels, b_seeds = labs[start:start + batch_size], seeds[start:start + batch_size]
-        x = sample_batch(model, b_labels, b_seeds, stats=stats, **kw)
-        nfe = stats["nfe"]
-        if reject is not None:
-            x, r, k = _redraw_rejected(model, x, b_labels, b_seeds, reject, reject_tries, kw)
+        b_prompts = None if prompt_list is None else prompt_list[start:start + batch_size]
+        x = sample_batch(model, b_labels, b_seeds, st, prompts=b_prompts, stats=stats)
+        nfe = stats.get("nfe", 0)
+        if st.reject is not None:
+            x, r, k = _redraw_rejected(model, x, b_labels, b_seeds, st)
             redraws, kept = redraws + r, kept + k
         out.append(to_uint8(x))
         if progress is not None:
             progress(len(b_seeds))
     res = {"images": np.concatenate(out), "labels": np.asarray(labs, dtype=np.int64), "seeds": seeds, "nfe": nfe,
-           "seconds": time.perf_counter() - t0}
-    if reject is not None:
+           "seconds": time.perf_counter() - t0, "settings": st}
+    if prompt_list is not None:
+        res["prompts"] = prompt_list
+    if st.reject is not None:
         res.update(redraws=redraws, rejected_kept=kept)
     return res

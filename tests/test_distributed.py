@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.distributed
 
-from ditkit.train.checkpoint import latest_checkpoint, load_weights
+from ditkit.runs import latest_checkpoint, load_weights
 from ditkit.train.distributed import DUMP_ENV, TIMEOUT_ENV, DistContext, state_digest
 
 from conftest import SMALL_SHAPE_ARGS

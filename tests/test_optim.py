@@ -11,7 +11,7 @@ import torch
 
 from ditkit.errors import UsageError
 from ditkit.models import build_model, model_config
-from ditkit.train.checkpoint import latest_checkpoint, load_weights
+from ditkit.runs import latest_checkpoint, load_weights
 from ditkit.train.config import TrainConfig
 from ditkit.train.loop import train
 from ditkit.train.optim import (DEFAULT_WEIGHT_DECAY, Muon, MuonAdamW, build_optimizer, muon_parameters,

@@ -6,9 +6,13 @@ import argparse
 import json
 import sys
 
+# below this many images FID's bias and spread swamp any difference between models (docs/BENCHMARKS.md)
+FID_MIN_MEANINGFUL_N = 1000
+
 
 def register(sub, parser_class) -> None:
-    from ..cli import _float, _positive_int
+    from ..cli import add_model_flags
+    from ..cli_args import add_sampling_flags, positive_int, seed_int
 
     p = sub.add_parser("eval", help="FID and class accuracy of a run or of an .npz of samples; "
                                     "'ditkit eval train-classifier' retrains the judge",
@@ -16,30 +20,26 @@ def register(sub, parser_class) -> None:
     p.add_argument("action", nargs="?", choices=["train-classifier"], help="retrain the MNIST classifier")
     p.add_argument("--ckpt", help="run folder or checkpoint folder to sample from")
     p.add_argument("--samples", help="an .npz with images (uint8) and optional labels")
-    from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS
-    from ..samplers import SAMPLERS
-
-    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=list(SAMPLERS))
-    p.add_argument("--steps", type=_positive_int("--steps"), default=DEFAULT_STEPS)
-    p.add_argument("--spacing")
-    from ..cli import _add_compile_flag, _add_guidance_flags, _add_precision_flag, _add_sampler_option_flag
-
-    _add_sampler_option_flag(p)
-    _add_guidance_flags(p)
-    _add_precision_flag(p)
-    _add_compile_flag(p)
     p.add_argument("--labels", default="prior",
                    help="'prior': the training data's class mix, as real digits have it (exact counts); "
                         "'all': balanced; or a class id (3) or list (0,1,2)")
-    p.add_argument("--num", type=_positive_int("--num"), default=10000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=_positive_int("--batch-size"), default=250)
-    p.add_argument("--weights", default="ema", choices=["ema", "model"])
-    p.add_argument("--device", default="auto")
+    p.add_argument("--num", type=positive_int("--num"), default=10000)
+    p.add_argument("--seed", type=seed_int(), default=0)
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=250)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--epochs", type=_positive_int("--epochs"), default=5, help="train-classifier: epochs")
+    p.add_argument("--epochs", type=positive_int("--epochs"), default=5, help="train-classifier: epochs")
     p.add_argument("--out", help="train-classifier: where to write the weights (.safetensors)")
+    add_sampling_flags(p)
+    add_model_flags(p)
     p.set_defaults(func=run)
+
+
+def small_n_warning(n: int) -> str | None:
+    """A warning line when `n` images are too few for FID to mean anything."""
+    if n >= FID_MIN_MEANINGFUL_N:
+        return None
+    return (f"warning: FID of only {n} images is dominated by its small-sample bias and spread; compare models "
+            f"at n >= {FID_MIN_MEANINGFUL_N} (3,000 or more for small differences)")
 
 
 def run(args) -> int:
@@ -64,14 +64,23 @@ def run(args) -> int:
     else:
         from tqdm import tqdm
 
+        from ..cli_args import sampling_settings_from_args
+        from ..runs import load_model
+
+        # load once to resolve the settings (the run's tuned one, the flags over it) before any sampling
+        model = load_model(args.ckpt, weights=args.weights, device=args.device, guide=args.guide,
+                           precision=args.precision, compile=False)
+        settings = sampling_settings_from_args(args, model)
+        del model
         with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
-            res = evaluate_checkpoint(args.ckpt, num=args.num, sampler=args.sampler, steps=args.steps,
-                                      cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size,
-                                      labels=args.labels,
-                                      spacing=args.spacing, weights=args.weights, device=args.device,
-                                      sampler_options=dict(args.sampler_option), cfg_schedule=args.cfg_schedule,
-                                      autoguidance=args.autoguidance, guide=args.guide, precision=args.precision,
-                                      compile=args.compile, progress=bar.update, reject=args.reject,
-                                      guidance_interval=args.guidance_interval)
+            res = evaluate_checkpoint(args.ckpt, settings, num=args.num, seed=args.seed, batch_size=args.batch_size,
+                                      labels=args.labels, weights=args.weights, device=args.device,
+                                      guide=args.guide, precision=args.precision, compile=args.compile,
+                                      progress=bar.update)
+    warning = small_n_warning(int(res["n"]))
+    if warning and not args.json:
+        print(warning, file=sys.stderr)
+    if warning:
+        res["warning"] = warning
     print(json.dumps(res, indent=2, default=str) if args.json else format_result(res))
     return 0

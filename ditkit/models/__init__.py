@@ -1,4 +1,5 @@
 from .dit import DiT, DiTConfig
-from .registry import PRESETS, build_model, model_config
+from .registry import FAMILY_MODULES, PRESETS, Family, build_model, families, get_family, model_config, preset_family
 
-__all__ = ["DiT", "DiTConfig", "PRESETS", "build_model", "model_config"]
+__all__ = ["DiT", "DiTConfig", "FAMILY_MODULES", "PRESETS", "Family", "build_model", "families", "get_family",
+           "model_config", "preset_family"]

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..condition import Condition
 from ..errors import UsageError
+from .registry import Family
 from .layers import (MLPS, NORMS, AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
                      invariant_rows, rope_2d, sincos_pos_embed_2d, unpatchify)
 
@@ -38,12 +39,17 @@ class DiTConfig:
     qk_norm: bool = False  # RMSNorm with a gain on each head's queries and keys
     mlp: str = "gelu"  # or "swiglu" (2/3 the hidden width: the same parameters)
     rope: bool = False  # 2-D rotary position angles in attention, on top of the absolute embedding
+    # diffusers' DiT's parts (ditkit.interop.diffusers), off by default:
+    time_freq_shift: int = 0  # timestep frequencies 10000^(-i/(128 - shift)): 0 facebookresearch/DiT's, 1 diffusers'
+    learn_sigma: bool = False  # the final layer also outputs a variance (2C channels; forward returns the first C)
 
     def validate(self) -> "DiTConfig":
         if self.input_size < 1 or self.input_size % self.patch_size:
             raise UsageError(f"image size {self.input_size} must be a positive multiple of the patch size {self.patch_size}")
-        if self.in_channels not in (1, 3):
-            raise UsageError(f"in_channels={self.in_channels}: allowed values are 1 and 3")
+        if self.in_channels not in (1, 3, 4):
+            raise UsageError(f"in_channels={self.in_channels}: allowed values are 1 and 3 (images), 4 (VAE latents)")
+        if self.time_freq_shift not in (0, 1):
+            raise UsageError(f"time_freq_shift={self.time_freq_shift}: allowed 0 (facebookresearch/DiT) and 1 (diffusers)")
         if self.hidden_size % self.num_heads:
             raise UsageError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if self.pos_embed == "sincos" and self.hidden_size % 4:
@@ -85,7 +91,7 @@ class DiT(nn.Module):
         self.grid = c.input_size // c.patch_size
         self.num_tokens = self.grid * self.grid
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.hidden_size)
-        self.t_embedder = TimestepEmbedder(c.hidden_size)
+        self.t_embedder = TimestepEmbedder(c.hidden_size, freq_shift=c.time_freq_shift)
         self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size) if c.num_classes > 0 else None
         pos = torch.from_numpy(sincos_pos_embed_2d(c.hidden_size, self.grid, self.grid)).float().unsqueeze(0)
         if c.pos_embed == "learned":
@@ -95,7 +101,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(
             AdaLNZeroBlock(c.hidden_size, c.num_heads, c.mlp_ratio, c.gelu_approximate, norm=c.norm, qk_norm=c.qk_norm,
                            mlp=c.mlp) for _ in range(c.depth))
-        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.in_channels, c.norm)
+        self.out_channels = 2 * c.in_channels if c.learn_sigma else c.in_channels
+        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, self.out_channels, c.norm)
         cos, sin = rope_2d(c.hidden_size // c.num_heads, self.grid) if c.rope else (None, None)
         self.register_buffer("rope_cos", cos, persistent=False)  # (N, head width), fixed; None without RoPE
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -185,7 +192,9 @@ class DiT(nn.Module):
                 hidden = tokens
         out = self.final_layer(tokens, mod=mods[-1])  # (B, N, P*P*C)
         cfg = self.config
-        out = unpatchify(out, cfg.patch_size, cfg.in_channels, cfg.input_size, cfg.input_size)
+        out = unpatchify(out, cfg.patch_size, self.out_channels, cfg.input_size, cfg.input_size)
+        if cfg.learn_sigma:  # the prediction; the variance channels (a DDPM's learned sigma) go unused
+            out = out[:, :cfg.in_channels]
         return out if hidden is None else (out, hidden)
 
     # -- compiled inference ------------------------------------------------------------------------
@@ -332,3 +341,20 @@ class ModulationCache:
             table = table[torch.tensor([where[k] for k in keys])]
         D = net.config.hidden_size
         return list(table.split([6 * D] * len(net.blocks) + [2 * D], dim=1))
+
+
+# depth, width, heads, patch: the tutorial's Tiny and the paper's S/B/L/XL shapes (Peebles & Xie, table 1).
+DIT_PRESETS: dict[str, dict[str, int]] = {
+    "DiT-T/2": dict(depth=4, hidden_size=128, num_heads=4, patch_size=2),
+    "DiT-T/4": dict(depth=4, hidden_size=128, num_heads=4, patch_size=4),
+    "DiT-T/7": dict(depth=4, hidden_size=128, num_heads=4, patch_size=7),
+    "DiT-S/2": dict(depth=12, hidden_size=384, num_heads=6, patch_size=2),
+    "DiT-S/4": dict(depth=12, hidden_size=384, num_heads=6, patch_size=4),
+    "DiT-B/2": dict(depth=12, hidden_size=768, num_heads=12, patch_size=2),
+    "DiT-B/4": dict(depth=12, hidden_size=768, num_heads=12, patch_size=4),
+    "DiT-L/2": dict(depth=24, hidden_size=1024, num_heads=16, patch_size=2),
+    "DiT-XL/2": dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2),
+}
+
+FAMILY = Family("dit", DiTConfig, DiT, DIT_PRESETS,
+                description="Diffusion Transformer with adaLN-Zero conditioning (Peebles & Xie 2023)")

@@ -37,6 +37,8 @@ class SamplerSpec:
     needs_path: integrates in time and needs `denoiser.path` (a continuous-time objective).
     nfe(steps): the exact number of denoiser calls for `steps` = len(sigmas) - 1 (None: not known in
       advance, e.g. the adaptive ODE solver, which reports it after the fact).
+    kind: "continuous" samplers consume `D(x, sigma, cond)`; "discrete" ones (maskgit) a token model's
+      logits; a model's objective says which kind it needs (`objective.kind`, "continuous" by default).
     """
 
     name: str
@@ -46,6 +48,7 @@ class SamplerSpec:
     nfe: Callable[[int], Optional[int]]
     description: str
     options: dict[str, Any] = field(default_factory=dict)  # option name -> default
+    kind: str = "continuous"  # "continuous": over the denoiser contract; "discrete": over token logits
 
     def __call__(self, denoiser: Denoiser, noise: torch.Tensor, sigmas: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.fn(denoiser, noise, sigmas, **kwargs)

@@ -70,20 +70,18 @@ def _u8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def record_trajectory(model, labels: Sequence[int], seeds: Sequence[int], *, sampler: str = "dpm++2m", steps: int = 20,
-                      cfg_scale: float = 1.0, every: Optional[int] = None,
-                      at: Optional[Sequence[int]] = None, cfg_schedule: str = "constant", autoguidance: float = 1.0,
-                      guidance_interval: Optional[tuple[float, float]] = None, spacing: Optional[str] = None,
-                      sampler_options: Optional[dict] = None) -> Trajectory:
-    """Sample B images (one per (label, image seed)) and keep x_t and predicted x0 at the chosen steps.
+def record_trajectory(model, labels: Sequence[int], seeds: Sequence[int], settings=None, *,
+                      every: Optional[int] = None, at: Optional[Sequence[int]] = None, **changes) -> Trajectory:
+    """Sample B images (one per (label, image seed)) with `settings` (a SamplingSettings, default the untuned
+    one; `changes` override its fields) and keep x_t and predicted x0 at the chosen steps.
 
     `seeds` are per-image seeds as `ditkit.utils.image_seeds` makes them, so image b is the same picture
     that `generate` draws for that seed, label and settings (its first draw, under rejection).
     """
     from ..sampling import sample_batch, validate_sampling
 
-    validate_sampling(model, sampler, steps, cfg_scale, autoguidance, cfg_schedule, guidance_interval)
-    chosen = set(pick_steps(steps, every, at))
+    st = validate_sampling(model, settings, **changes)
+    chosen = set(pick_steps(st.steps, every, at))
     xs, x0s, got_steps, sigmas = [], [], [], []
 
     def callback(d: dict) -> None:
@@ -95,13 +93,12 @@ def record_trajectory(model, labels: Sequence[int], seeds: Sequence[int], *, sam
             xs.append(_u8(d["x"] * _x_t_scale(model.objective, s)))
             x0s.append(_u8(d["denoised"]))
 
-    final = sample_batch(model, list(labels), list(seeds), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                         cfg_schedule=cfg_schedule, callback=callback, autoguidance=autoguidance,
-                         guidance_interval=guidance_interval, spacing=spacing, sampler_options=sampler_options)
+    final = sample_batch(model, list(labels), list(seeds), st, callback=callback)
     if not got_steps:  # a sampler that reports no steps: keep the final image only
-        return Trajectory([], [], np.zeros((0, *_u8(final).shape), np.uint8), np.zeros((0, *_u8(final).shape), np.uint8),
-                          _u8(final), list(labels), list(seeds), steps, sampler)
-    return Trajectory(got_steps, sigmas, np.stack(xs), np.stack(x0s), _u8(final), list(labels), list(seeds), steps, sampler)
+        empty = np.zeros((0, *_u8(final).shape), np.uint8)
+        return Trajectory([], [], empty, empty.copy(), _u8(final), list(labels), list(seeds), st.steps, st.sampler)
+    return Trajectory(got_steps, sigmas, np.stack(xs), np.stack(x0s), _u8(final), list(labels), list(seeds), st.steps,
+                      st.sampler)
 
 
 def plot_trajectory(traj: Trajectory, out: str | Path, class_names: Optional[Sequence[str]] = None) -> Path:
@@ -167,15 +164,15 @@ def trajectory_gif(traj: Trajectory, out: str | Path, scale: int = 6, frame_ms: 
     return out
 
 
-def save_trajectory(model, label: Optional[int], seed: int, sampler: str, steps: int, cfg_scale: float,
-                    path: str | Path, every: Optional[int] = None, cfg_schedule: str = "constant", **settings) -> Path:
+def save_trajectory(model, label: Optional[int], seed: int, path: str | Path, settings=None, *,
+                    every: Optional[int] = None, **changes) -> Path:
     """Write the trajectory of one image as a PNG strip (`.png`) or an animated GIF (`.gif`).
 
-    The image is image 0 of `ditkit sample --seed SEED --labels LABEL` (same per-image seed), so the
-    strip ends on the picture that command draws first. `label` None: class 0 (unconditional models
-    ignore it). `every`: record every k-th step (default: about 8 evenly spaced steps for a PNG,
-    every step for a GIF); the last step and the output are always shown. `settings`: the rest of
-    `record_trajectory`'s (autoguidance, guidance_interval, spacing, sampler_options).
+    The image is image 0 of `ditkit sample --seed SEED --labels LABEL` with the same settings (same per-image
+    seed), so the strip ends on the picture that command draws first. `label` None: class 0 (unconditional
+    models ignore it). `every`: record every k-th step (default: about 8 evenly spaced steps for a PNG,
+    every step for a GIF); the last step and the output are always shown. `settings`/`changes`: as for
+    `record_trajectory`.
     """
     from ..sampling import parse_labels
 
@@ -186,8 +183,7 @@ def save_trajectory(model, label: Optional[int], seed: int, sampler: str, steps:
     labels = parse_labels(None if label is None else [int(label)], 1, model.num_classes)
     if every is None and kind == ".gif":
         every = 1
-    traj = record_trajectory(model, labels, image_seeds(seed, 1), sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                             every=every, cfg_schedule=cfg_schedule, **settings)
+    traj = record_trajectory(model, labels, image_seeds(seed, 1), settings, every=every, **changes)
     if kind == ".gif":
         return trajectory_gif(traj, path)
     return plot_trajectory(traj, path, model.class_names if model.num_classes else None)
