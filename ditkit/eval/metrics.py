@@ -232,7 +232,7 @@ def real_data_floor(
     With `class_counts` (digits per class, summing to n) every set holds exactly that many digits of each
     class instead of a random mix: the FID of real digits with a generator's label mix. The mix alone
     moves FID a lot at small n (n = 3,000: random 3.2, balanced 2.6, the training mix in exact counts 1.8;
-    benchmarks/label_mix.py).
+    benchmarks/probes/label_mix.py).
     Returns dict(value, std, values, n, seed, draws, split, classifier_sha256[, class_counts]).
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:

@@ -236,7 +236,7 @@ def bf16_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     second product. PyTorch's CPU flash attention runs bf16 several times slower than fp32 (its backward
     ~14 against ~2.3 ms a call at DiT-T/4's shape, batch 64), and fp32 flash is itself slow on 49-token
     sequences: this takes ~1.7 against fp32 SDPA's ~3.3 ms forward and backward (Zen 5;
-    `benchmarks/attention_cpu.py`), and a compiled bf16 training step of DiT-T/4 ~20% less time."""
+    `benchmarks/probes/attention_cpu.py`), and a compiled bf16 training step of DiT-T/4 ~20% less time."""
     probs = torch.softmax((q @ k.transpose(-2, -1)).float() * scale, dim=-1).to(q.dtype)
     return probs @ v
 

@@ -14,7 +14,7 @@ from .optim import OPTIMIZERS
 DEFAULT_MODEL = "DiT-T/4"
 DEFAULT_OBJECTIVE = "linear"
 # --stable-target auto: reference images a step (1,024: ~100 of each digit; 40% of the target's noise left
-# on MNIST, ~2.5 ms a step at batch 64 (drawn and weighed): benchmarks/stable_target.py)
+# on MNIST, ~2.5 ms a step at batch 64 (drawn and weighed): benchmarks/probes/stable_target.py)
 STABLE_TARGET_REFS = 1024
 # defaults that changed: what a run whose config.json lacks the field was trained with
 FORMER_DEFAULTS = {"stable_target": 0, "optimizer": "adamw"}

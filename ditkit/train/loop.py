@@ -39,7 +39,7 @@ from .resolve import (AUTO_BATCH_MIN_STEPS, AUTO_BATCHES, AUTO_COMPILE_MIN_MINUT
 log = logging.getLogger(__name__)
 
 GRID_SEED = 1234
-_probe_step = probe_step  # the name benchmarks/train_compile_variants.py imports
+_probe_step = probe_step  # the name benchmarks/probes/train_compile_variants.py imports
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -351,7 +351,7 @@ def save_sample_grid(run_dir: Path, ema_model, objective, step: int, cfg: TrainC
     `precision`: a run that trains in bf16 draws from a bf16 copy of the EMA, as `ditkit sample
     --precision bf16` would. A time-limited run spends this time off its steps: on Zen 5 1.21 against
     3.15 s a grid of 19 NFE, a 10-minute run's ~9 grids 1.8% of its budget against 4.7%
-    (`benchmarks/train_grid.py`)."""
+    (`benchmarks/probes/train_grid.py`)."""
     from ..sampling import PRECISIONS, LoadedModel, generate
     from ..viz.grids import save_grid
 
