@@ -268,6 +268,7 @@ class LoadedModel:
     step: int = 0
     guide: Optional["LoadedModel"] = None  # the weak model for autoguidance (the run's own by default)
     text_encoder: Any = None  # the frozen prompt encoder of a text-conditioned run (config.json "text")
+    quantize: str = "none"  # "int8" where the network's token maps run in INT8 (ditkit.quantize)
 
     @property
     def family(self) -> str:
@@ -310,7 +311,8 @@ class LoadedModel:
 
 
 def load_model(ckpt: str | os.PathLike, *, weights: str = "ema", device: str = "auto",
-               guide: str | os.PathLike | None = None, precision: str = "fp32", compile: bool = False) -> LoadedModel:
+               guide: str | os.PathLike | None = None, precision: str = "fp32", compile: bool = False,
+               quantize: str = "none") -> LoadedModel:
     """Load a run folder (its latest checkpoint) or one checkpoint folder; EMA weights by default.
 
     guide: the weak model for autoguidance: a run or checkpoint folder (e.g. an early checkpoint of the
@@ -321,9 +323,16 @@ def load_model(ckpt: str | os.PathLike, *, weights: str = "ema", device: str = "
     compile: run the network through `torch.compile` (see `DiT.compile_for_inference`): 10-25% faster
     on the CPU, after ~25 s of compilation here, done now; its images are its own, like a precision's.
     The weak model of autoguidance stays eager.
+    quantize: "int8" runs the per-token linear maps (of the weak model's too) in INT8 (`ditkit.quantize`);
+    on a device or CPU without INT8 kernels the model stays fp32 and a warning says so.
     """
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision!r}: allowed {', '.join(PRECISIONS)}")
+    from .quantize import apply_quantize, check_quantize
+
+    if check_quantize(quantize) == "int8" and (compile or precision != "fp32"):
+        raise UsageError("--quantize int8: quantises the fp32 network for eager inference; drop "
+                         + ("--compile" if compile else f"--precision {precision}") + " (or --quantize)")
     run_dir, ck = resolve_checkpoint(ckpt)
     main = _load_one(run_dir, ck, weights, device, precision)
     if guide is not None:
@@ -332,6 +341,8 @@ def load_model(ckpt: str | os.PathLike, *, weights: str = "ema", device: str = "
         _check_guide(main, main.guide, str(guide))
     elif (own := guide_checkpoint(run_dir)) is not None and int(read_state(own).get("step", 0)) < main.step:
         main.guide = _load_one(run_dir, own, "ema", device, precision)  # only an earlier guide is weaker
+    for m in (main, main.guide) if main.guide is not None else (main,):
+        m.quantize = apply_quantize(m.net, quantize, m.device)
     if compile:
         compile_model(main)
     return main
