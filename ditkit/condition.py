@@ -1,4 +1,4 @@
-"""The condition a network sees (DESIGN.md contract 2), with an explicit null value.
+"""The condition a network sees (docs/DESIGN.md contract 2), with an explicit null value.
 
 Class models use `labels` (B,) int64 with `num_classes` as the null id (derived from the model config,
 never a magic constant). Text models (MM-DiT) use `tokens` (B, L, D) embeddings with a `mask` (B, L)

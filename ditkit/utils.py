@@ -13,7 +13,7 @@ import torch
 from .errors import DitkitError, UsageError
 
 # ---------------------------------------------------------------------------------------------
-# Randomness: one seed per image (DESIGN.md contract 3).
+# Randomness: one seed per image (docs/DESIGN.md contract 3).
 # ---------------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ Where the digits come from, in order of preference:
 
 The `.pkl.gz` is the classic 50k/10k/10k split stored as float32 `pixel / 256`. Its sha256 is
 checked before a single byte is unpickled, and the unpickler only knows the numpy globals that
-rebuild plain arrays, so a swapped file can never execute code (DESIGN.md, contract 4).
+rebuild plain arrays, so a swapped file can never execute code (docs/DESIGN.md, contract 4).
 train = 50k train + 10k valid (the canonical 60k training digits, in canonical order),
 test = the canonical 10k.
 

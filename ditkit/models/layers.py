@@ -19,7 +19,7 @@ import torch.nn.functional as F
 # threads, so a row's result changes in its last bits with the number of rows computed together: an
 # image's output would depend on the images beside it. Running a linear map on at least
 # `invariant_rows(K, N)` rows (zero rows are appended and dropped) makes each image's result independent
-# of its batch: the "one seed, one image" contract of DESIGN.md then holds bit for bit. How many rows
+# of its batch: the "one seed, one image" contract of docs/DESIGN.md then holds bit for bit. How many rows
 # that takes depends on the shape, the dtype and the thread count (measured here with 2 threads, fp32:
 # K = 512 -> 16 rows, K = 1536 -> 187, K = 4608 -> 572; bf16: K = 512 -> 128), so it is probed once per
 # (K, N, dtype, threads) on this machine, from MIN_GEMM_ROWS up in powers of two. Cost: nil at training

@@ -2,7 +2,7 @@
 
 x_t = alpha(t) x0 + s(t) eps on t in [0, 1] (t = 0 data, t = 1 noise), a network that predicts the
 velocity v = alpha'(t) x0 + s'(t) eps (or the noise, or the data), and a denoiser adapter so every
-sigma-space sampler runs on it unchanged: sigma = s/alpha, x = x_t / alpha (DESIGN.md contract 1).
+sigma-space sampler runs on it unchanged: sigma = s/alpha, x = x_t / alpha (docs/DESIGN.md contract 1).
 
 Paths:  linear  alpha = 1 - t,          s = t            (rectified flow)
         gvp     alpha = cos(pi t / 2),  s = sin(pi t / 2)  (generalised VP: alpha^2 + s^2 = 1)

@@ -1,4 +1,4 @@
-"""Samplers: pure functions with one signature, kept in one registry by name (DESIGN.md, "Sampler").
+"""Samplers: pure functions with one signature, kept in one registry by name (docs/DESIGN.md, "Sampler").
 
     fn(denoiser, noise, sigmas, *, cond, rng=None, callback=None, **options) -> x at sigma = 0
 

@@ -1,6 +1,6 @@
 """Samplers in sigma-space: x = x0 + sigma * eps, driven only by the denoiser D(x, sigma, cond) -> x0_hat.
 
-Every sampler here is a pure function with the shared signature (DESIGN.md, "Sampler"):
+Every sampler here is a pure function with the shared signature (docs/DESIGN.md, "Sampler"):
 
     fn(denoiser, noise, sigmas, *, cond, rng=None, callback=None, **options) -> x at sigma = 0
 

@@ -1,4 +1,4 @@
-"""Classifier-free guidance as a wrapper around any denoiser (Ho & Salimans 2022; DESIGN.md contract 2).
+"""Classifier-free guidance as a wrapper around any denoiser (Ho & Salimans 2022; docs/DESIGN.md contract 2).
 
     D_w(x, sigma, c) = D(x, sigma, null) + w (D(x, sigma, c) - D(x, sigma, null))
 
