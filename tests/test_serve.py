@@ -11,6 +11,8 @@ import asyncio
 import base64
 import io
 import json
+import logging
+import math
 import os
 import re
 import signal
@@ -234,6 +236,8 @@ def test_prompts():
     assert parse_prompt("cat", ["cat", "dog"]) == 0
     assert parse_prompt("1", ["cat", "dog"]) == 1
     assert parse_prompt("seven", ["cat", "dog"]) is None
+    for digit_like in ("²", "①", "٧", "7²"):  # str.isdigit() holds; int() refuses or reads another script
+        assert parse_prompt(digit_like, names) is None, digit_like
 
 
 BAD_BODIES = [
@@ -876,3 +880,322 @@ def test_openapi_fuzz_no_server_errors(model):
     assert not any(code >= 500 for seen in statuses.values() for code in seen), statuses
     generate = statuses["POST /v1/generate"]
     assert generate.get(200, 0) >= 10 and generate.get(422, 0) >= 10, statuses
+
+
+# -------------------------------------------------------------------------------------------------
+# Hostile clients: bodies, headers, addresses, keys, storms (issue 51)
+# -------------------------------------------------------------------------------------------------
+def nested(depth: int) -> bytes:
+    return b'{"labels": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+# (raw body, a `loc` the 422 must name)
+HOSTILE_BODIES = [
+    (b'{"prompt": "\\u00b2"}', ["body", "prompt"]),  # superscript two: isdigit() but not int()
+    (b'{"prompt": "\\u2460"}', ["body", "prompt"]),  # circled one
+    ('{"prompt": "①"}'.encode(), ["body", "prompt"]),
+    (b'{"prompt": "\\ud800"}', ["body", "prompt"]),  # a lone surrogate, echoed back as `input`
+    (b'{"labels": [1], "sampler": "\\udfff"}', ["body", "sampler"]),
+    (b'{"labels": [1], "\\ud800": 1}', ["body"]),  # a key pydantic cannot read as a string
+    (b'{"labels": [1], "colo\\u00fcr\\ud800x": 1}', ["body"]),
+    (b'{"labels": [1], "format": "\\ud800\\udc00\\ud800"}', ["body", "format"]),
+    (nested(500), ["body"]),
+    (nested(950), ["body"]),
+    (nested(30_000), ["body"]),  # past json's own recursion limit
+    (nested(65), ["body"]),
+    (b'{"labels": [1], "labels": [2]}', ["body", "labels"]),  # a duplicate key: not "last one wins"
+    (b'{"labels": [1], "seed": 1, "steps": 3, "seed": 2}', ["body", "seed"]),
+    (b'{"labels": [1], "x": {"a": 1, "a": 2}}', ["body", "a"]),
+    (b"\xff\xfe\x00", ["body"]),  # not UTF-8/16/32
+    (b"", ["body"]),
+]
+
+
+def test_hostile_bodies_are_422_never_500(model):
+    async def main():
+        app = create_app(model=model, settings=settings())
+        async with asgi_client(app) as c:
+            for raw, loc in HOSTILE_BODIES:
+                r = await c.post("/v1/generate", content=raw, headers={"content-type": "application/json"})
+                assert r.status_code == 422, (raw[:60], r.status_code, r.text[:300])
+                detail = json.loads(r.content.decode("utf-8"))["detail"]  # valid UTF-8 JSON
+                assert loc in [e["loc"] for e in detail], (raw[:60], detail)
+            r = await c.post("/v1/generate", content=b'{"labels": [1], "labels": [2]}',
+                             headers={"content-type": "application/json"})
+            assert "'labels' is given twice" in r.json()["detail"][0]["msg"]
+            r = await c.post("/v1/generate", content=nested(500), headers={"content-type": "application/json"})
+            assert "deeper than 64" in r.json()["detail"][0]["msg"]
+            r = await c.post("/v1/generate", content=b'{"labels": [1]}', headers={"content-type": "text/plain"})
+            assert r.status_code == 422 and "must be JSON" in r.json()["detail"][0]["msg"]
+            # the body is still read as JSON without a Content-Type, and with a +json one
+            for ctype in ({}, {"content-type": "application/vnd.api+json; charset=utf-8"}):
+                r = await c.post("/v1/generate", content=b'{"labels": [1], "steps": 2}', headers=ctype)
+                assert r.status_code == 200, (ctype, r.text)
+            text = (await c.get("/metrics")).text
+            assert not any(metric(text, "ditkit_http_requests_total", route="/v1/generate", method="POST",
+                                  code=str(code)) for code in range(500, 600))
+            spec = (await c.get("/openapi.json")).json()  # the schema still documents the body
+            op = spec["paths"]["/v1/generate"]["post"]
+            assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/GenerateRequest")
+            assert "422" in op["responses"]
+    asyncio.run(main())
+
+
+def test_forwarded_for_is_trusted_only_from_named_proxies(model):
+    """By default X-Forwarded-For is ignored (uvicorn would trust it from 127.0.0.1): varying it from one
+    address cannot buy a fresh rate-limit bucket per request. `--forwarded-allow-ips` names the proxies."""
+    async def main(allow: tuple[str, ...]) -> tuple[list[int], float]:
+        app = create_app(model=model, settings=settings(rate_limit=1, burst=5, forwarded_allow_ips=allow))
+        async with live_server(app) as (_, _, url):
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                t0 = time.monotonic()
+                codes = [(await c.post("/v1/generate", json={}, headers={"X-Forwarded-For": f"10.9.{i}.1"})).status_code
+                         for i in range(40)]
+                return codes, time.monotonic() - t0
+
+    codes, seconds = asyncio.run(main(()))
+    # one bucket for all 40: the burst of 5, plus a token a second
+    assert codes.count(422) <= 5 + math.ceil(seconds) and codes.count(429) >= 40 - 5 - math.ceil(seconds), codes
+    codes, _ = asyncio.run(main(("127.0.0.1",)))  # behind a proxy on loopback: each forwarded client its own bucket
+    assert codes == [422] * 40, codes
+    assert settings(forwarded_allow_ips="10.0.0.1, 10.1.0.0/16").validate() is None
+    with pytest.raises(UsageError, match="--forwarded-allow-ips 'proxy.local'"):
+        settings(forwarded_allow_ips=("proxy.local",)).validate()
+
+
+def test_client_leaving_before_its_body_is_no_500(model):
+    async def main():
+        app = create_app(model=model, settings=settings())
+        async with live_server(app) as (_, _, url):
+            port = int(url.rsplit(":", 1)[1])
+            for _ in range(3):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: 100\r\n\r\n{\"labels\"")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+                writer.close()
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+                end = time.monotonic() + 10
+                while True:
+                    text = (await c.get("/metrics")).text
+                    left = metric(text, "ditkit_http_requests_total", route="/v1/generate", method="POST", code="499")
+                    if left == 3 or time.monotonic() > end:
+                        break
+                    await asyncio.sleep(0.05)
+        assert left == 3
+        assert metric(text, "ditkit_http_requests_total", route="/v1/generate", method="POST", code="500") == 0
+        assert metric(text, "ditkit_rejections_total", reason="client_disconnected") == 3
+    asyncio.run(main())
+
+
+def test_request_head_size_is_capped(model):
+    async def main():
+        app = create_app(model=model, settings=settings(max_header_bytes=8192))
+        async with live_server(app) as (_, _, url):
+            port = int(url.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            sent = 0
+
+            async def send_16_mb_header() -> None:
+                nonlocal sent
+                writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                for _ in range(256):
+                    writer.write(b"a" * 65536)
+                    await writer.drain()
+                    sent += 65536
+
+            sender = asyncio.get_running_loop().create_task(send_16_mb_header())
+            answer = await asyncio.wait_for(reader.readline(), 10)  # the answer comes while the header is sent
+            sender.cancel()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 431"), answer
+            assert sent < 16 * 2**20
+            async with httpx.AsyncClient(base_url=url, timeout=30) as c:  # a head under the cap is served
+                r = await c.get("/healthz", headers={"X-Fine": "b" * 6000})
+                assert r.status_code == 200
+                r = await c.post("/v1/generate", json={"labels": [1], "steps": 2}, headers={"X-Fine": "b" * 6000})
+                assert r.status_code == 200
+    asyncio.run(main())
+    assert ServeSettings().max_header_bytes == 64 * 1024
+    with pytest.raises(UsageError, match="--max-header-bytes"):
+        settings(max_header_bytes=10).validate()
+
+
+def test_failed_api_keys_are_throttled_per_address(model):
+    from ditkit.serve.limits import FailedAuthThrottle
+
+    now = [0.0]
+    t = FailedAuthThrottle(5, 60.0, clock=lambda: now[0], max_clients=2)
+    for _ in range(5):
+        assert t.blocked_for("a") == 0.0
+        t.failed("a")
+        now[0] += 1
+    assert t.blocked_for("a") == pytest.approx(55.0) and t.blocked_for("b") == 0.0
+    now[0] += 55.0
+    assert t.blocked_for("a") == 0.0  # the oldest failure left the window
+    for k in "xyz":
+        t.failed(k)
+    assert len(t._failures) <= 2  # bounded memory
+
+    async def main():
+        app = create_app(model=model, settings=settings(api_keys=("secret-key-1",)))
+        async with asgi_client(app, client_addr=("10.2.2.2", 1)) as a:
+            other = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.2.2.3", 1)),
+                                      base_url="http://t")
+            async with other:
+                codes = [(await a.post("/v1/generate", json={}, headers={"X-API-Key": f"guess-{i:04d}"})).status_code
+                         for i in range(5)]
+                assert codes == [401] * 5
+                r = await a.post("/v1/generate", json={}, headers={"X-API-Key": "secret-key-1"})
+                assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60, r.text
+                assert (await other.post("/v1/generate", json={}, headers={"X-API-Key": "secret-key-1"})).status_code == 422
+                text = (await a.get("/metrics")).text
+                assert metric(text, "ditkit_rejections_total", reason="auth_throttled") == 1
+                assert metric(text, "ditkit_rejections_total", reason="unauthorized") == 5
+    asyncio.run(main())
+
+
+def captured_access_log(caplog) -> logging.Logger:
+    """The access logger, its lines going to caplog only (once each)."""
+    access = logging.getLogger("ditkit.serve.access")
+    access.addHandler(caplog.handler)
+    access.propagate = False
+    access.setLevel(logging.INFO)
+    return access
+
+
+def test_request_ids_and_one_json_log_line_per_request(model, caplog):
+    access = captured_access_log(caplog)
+
+    async def main():
+        app = create_app(model=model, settings=settings(max_queue=1, rate_limit=100, burst=100))
+        svc = app.state.service
+        async with asgi_client(app) as c:
+            r = await c.post("/v1/generate", json={"labels": [3], "seed": 7, "format": "json", **FAST},
+                             headers={"X-Request-ID": "trace-abc/1 ok"})
+            assert r.status_code == 200 and r.headers["x-request-id"] == "trace-abc/1 ok"
+            for bad in ("x" * 129, "tab\there", "caf\u00e9"):
+                r = await c.get("/healthz", headers={"X-Request-ID": bad.encode("utf-8")})
+                assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"]), r.headers["x-request-id"]
+            ids = set()
+            for path, kw in (("/no/such", {}), ("/v1/model", {})):
+                ids.add((await c.get(path, **kw)).headers["x-request-id"])
+            r = await c.post("/v1/generate", json={"labels": [99]})
+            assert r.status_code == 422 and "x-request-id" in r.headers
+            svc.batcher.pause()
+            held = asyncio.create_task(c.post("/v1/generate", json={"labels": [1], **FAST}))
+            await wait_for(lambda: svc.batcher.queue_depth == 1, what="queued")
+            r = await c.post("/v1/generate", json={"labels": [1], **FAST})
+            assert r.status_code == 503 and "x-request-id" in r.headers
+            svc.batcher.resume()
+            assert (await held).status_code == 200
+            assert len(ids) == 2
+
+    try:
+        asyncio.run(main())
+    finally:
+        access.removeHandler(caplog.handler)
+        access.propagate = True
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "ditkit.serve.access"]
+    ok = next(x for x in lines if x["request_id"] == "trace-abc/1 ok")
+    assert ok["path"] == "/v1/generate" and ok["status"] == 200 and ok["seed"] == 7 and ok["images"] == 1
+    assert ok["batch_sizes"] == [1] and ok["queue_ms"] >= 0 and ok["latency_ms"] >= ok["queue_ms"]
+    assert ok["client"] == "127.0.0.1"
+    assert sorted(x["status"] for x in lines if x["path"] == "/v1/generate") == [200, 200, 422, 503]
+    assert len(lines) == 9  # one per request (probes included)
+
+
+def test_refusals_are_cheap_before_the_body_and_not_a_log_storm(model, caplog):
+    """With the queue full, a generate request is refused before its body is read or validated (an
+    unparsable body gets the 503 too), and a burst of refusals logs a few lines a second, not one each."""
+    access = captured_access_log(caplog)
+
+    async def main():
+        app = create_app(model=model, settings=settings(max_queue=1))
+        svc = app.state.service
+        async with asgi_client(app) as c:
+            svc.batcher.pause()
+            held = asyncio.create_task(c.post("/v1/generate", json={"labels": [1], **FAST}))
+            await wait_for(lambda: svc.batcher.queue_depth == 1, what="queued")
+            r = await c.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+            assert r.status_code == 503 and "busy" in r.json()["detail"], r.text
+            for _ in range(200):
+                assert (await c.post("/v1/generate", json={"labels": [2]})).status_code == 503
+            svc.batcher.resume()
+            assert (await held).status_code == 200
+            text = (await c.get("/metrics")).text
+            assert metric(text, "ditkit_rejections_total", reason="queue_full") == 201
+            assert metric(text, "ditkit_rejections_total", reason="invalid") == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        access.removeHandler(caplog.handler)
+        access.propagate = True
+    lines = [json.loads(rec.getMessage()) for rec in caplog.records if rec.name == "ditkit.serve.access"]
+    refused = [x for x in lines if x["status"] == 503]
+    assert len(refused) < 60, len(refused)  # 10 a second at most, plus the budget's first 10
+    assert sum(1 + x.get("refusals_not_logged", 0) for x in refused) <= 201
+
+
+def test_fuzz_generate_bodies_never_5xx(model):
+    """hypothesis draws hostile bodies for POST /v1/generate: JSON values of every shape (non-finite
+    numbers, lone surrogates, Unicode digits), requests with wrong field values, duplicate keys, deep
+    nesting, cut-off JSON and raw bytes. None may get a 5xx, and every answer that says JSON is JSON."""
+    from hypothesis import HealthCheck, example, given, settings as hsettings, strategies as st
+
+    tricky = st.sampled_from(["\u00b2", "\u2460", "\u0667", "\ud800", "\udfff\ud800", "7", "seven", "", " " * 101,
+                              "euler", "dpm++2m", "png", "json", "\x00", "9" * 30])
+    text = st.one_of(tricky, st.text(st.characters(exclude_categories=()), max_size=12))
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(), text)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(text, inner, max_size=3),
+                          max_leaves=12)
+    fields = ["labels", "prompt", "num_samples", "sampler", "steps", "guidance_scale", "autoguidance", "seed", "format"]
+    field_values = {"labels": st.one_of(st.lists(st.integers(-2, 12), max_size=4), values), "prompt": text,
+                    "num_samples": st.one_of(st.integers(-1, 5), values), "sampler": text,
+                    "steps": st.one_of(st.integers(-1, 4), st.floats(), values),
+                    "guidance_scale": st.one_of(st.floats(), values), "autoguidance": st.one_of(st.floats(), values),
+                    "seed": st.one_of(st.integers(-2, 2**64), values), "format": text}
+    requests = st.fixed_dictionaries({}, optional={**field_values, "colour": values})
+
+    def encode(v) -> bytes:
+        return json.dumps(v, allow_nan=True).encode()  # ensure_ascii: lone surrogates become \ud800 escapes
+
+    pairs = st.lists(st.tuples(st.sampled_from(fields), scalars), min_size=2, max_size=5)
+    bodies = st.one_of(
+        requests.map(encode), values.map(encode),
+        pairs.map(lambda ps: ("{" + ", ".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in ps) + "}").encode()),
+        st.tuples(requests, st.floats(0, 1)).map(lambda t: encode(t[0])[:int(len(encode(t[0])) * t[1])]),
+        st.integers(1, 3000).map(nested), st.binary(max_size=64))
+    content_types = st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain", None])
+
+    app = create_app(model=model, settings=settings(max_steps=2, max_num_samples=2))
+    loop = asyncio.new_event_loop()
+    statuses: dict[int, int] = {}
+    ctx = app.router.lifespan_context(app)
+    loop.run_until_complete(ctx.__aenter__())
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 1)), base_url="http://t",
+                               timeout=60)
+    try:
+        loop.run_until_complete(wait_for(lambda: app.state.service.state == "ready", what="readiness"))
+
+        @hsettings(max_examples=400, deadline=None, derandomize=True, database=None,
+                   suppress_health_check=list(HealthCheck))
+        @given(body=bodies, content_type=content_types)
+        @example(body=b'{"labels": [1, 2], "steps": 1, "format": "json"}', content_type=None)  # a valid one
+        @example(body=b'{"prompt": "\\u00b2"}', content_type="application/json")
+        def fuzz(body: bytes, content_type: str | None) -> None:
+            headers = {"content-type": content_type} if content_type else {}
+            r = loop.run_until_complete(client.post("/v1/generate", content=body, headers=headers))
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            assert r.status_code < 500, (body[:200], r.status_code, r.text[:300])
+            if r.headers.get("content-type", "").startswith("application/json"):
+                json.loads(r.content.decode("utf-8"))
+
+        fuzz()
+    finally:
+        loop.run_until_complete(client.aclose())
+        loop.run_until_complete(ctx.__aexit__(None, None, None))
+        loop.close()
+    assert statuses.get(422, 0) >= 100 and statuses.get(200, 0) >= 1, statuses  # 422s: the malformed bodies

@@ -21,6 +21,7 @@ several, and a Ray Serve deployment can wrap the same FastAPI app.
 
 import asyncio
 import base64
+import ipaddress
 import json
 import logging
 import math
@@ -36,11 +37,10 @@ from typing import Annotated, Any, Literal, Optional, Sequence
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import DitkitError, UsageError
 from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, LoadedModel, load_model, sample_batch, \
@@ -50,7 +50,8 @@ from ..samplers.guidance import parse_interval
 from ..utils import image_seeds, native_bf16, pick_device
 from ..viz.grids import make_grid, png_bytes
 from .batcher import Batch, Batcher, Job, QueueFull, ServiceStopping
-from .limits import ApiKeys, GuardMiddleware, RateLimiter, retry_after_header
+from .body import BodyError, parse_json_body, safe_errors, sanitize
+from .limits import ApiKeys, GuardMiddleware, RateLimiter, header_limited_protocol, retry_after_header
 
 log = logging.getLogger("ditkit.serve")
 
@@ -77,6 +78,10 @@ class ServeSettings:
     timeout_s: float = 60.0  # per-request deadline, from arrival to images; beyond: 504
     grace_s: float = 30.0  # SIGTERM: how long in-flight requests get to finish
     max_body_bytes: int = 64 * 1024  # beyond: 413
+    max_header_bytes: int = 64 * 1024  # request line and headers; beyond: 431 and the connection closed
+    # addresses or networks of reverse proxies whose X-Forwarded-For names the client (for rate limits and
+    # logs); "*" trusts any peer. None (the default): the TCP peer is the client, whatever the headers say.
+    forwarded_allow_ips: tuple[str, ...] = ()
     max_num_samples: int = 16  # images per request
     max_steps: int = 1000  # sampler steps per request
     max_guidance_scale: float = 20.0
@@ -88,6 +93,7 @@ class ServeSettings:
     # different images (GET /v1/model says which one serves).
     precision: str = "auto"
     compile: bool = False  # torch.compile the network at load (before /readyz; see load_model)
+    quantize: str = "none"  # "int8": the network's token maps in INT8 (ditkit.quantize; fp32 weights, eager)
     # guide (classifier-free and autoguidance) only at sigma in [lo, hi], every request alike; None: every step
     guidance_interval: Optional[tuple[float, float]] = None
     warmup: bool = True  # run one tiny batch before /readyz says ready
@@ -96,12 +102,14 @@ class ServeSettings:
         """The model these settings serve (weights, device, precision, compilation). Call it on the thread
         that will run the batches (see batcher.model_thread)."""
         return load_model(ckpt, weights=self.weights, device=self.device, precision=self.resolved_precision(),
-                          compile=self.compile)
+                          compile=self.compile, quantize=self.quantize)
 
     def resolved_precision(self) -> str:
         """What `precision` means on this machine: "auto" -> bf16 where native and batching is on."""
         if self.precision != "auto":
             return self.precision
+        if self.quantize != "none":  # INT8 quantises fp32 weights
+            return "fp32"
         return "bf16" if self.max_batch_size > 1 and native_bf16(pick_device(self.device)) else "fp32"
 
     def validate(self) -> None:
@@ -125,15 +133,36 @@ class ServeSettings:
             (self.weights in ("ema", "model"), f"--weights {self.weights!r}: allowed values are ema, model"),
             (self.precision in ("auto", *PRECISIONS),
              f"--precision {self.precision!r}: allowed values are auto, {', '.join(PRECISIONS)}"),
+            (self.quantize in ("none", "int8"), f"--quantize {self.quantize!r}: allowed values are none, int8"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message)
         if self.guidance_interval is not None:  # a pair, or "LO,HI" as in a Ray YAML file
             self.guidance_interval = parse_interval(self.guidance_interval)
+        if not 1024 <= self.max_header_bytes <= 16 * 2**20:
+            raise UsageError(f"--max-header-bytes {self.max_header_bytes}: must be in 1024..16777216")
+        self.forwarded_allow_ips = parse_forwarded_allow_ips(self.forwarded_allow_ips)
         for key in self.api_keys:
             if len(key) < 8 or any(c.isspace() for c in key):
                 raise UsageError("--api-key: a key needs at least 8 characters and no spaces")
+
+
+def parse_forwarded_allow_ips(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Trusted proxies: "10.0.0.1,10.1.0.0/16", a sequence of such, or "*" (any peer); () for none."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = []
+    for item in (str(i).strip() for i in items):
+        if not item:
+            continue
+        if item != "*":
+            try:  # uvicorn reads "10.1.0.5/16" as a name, not a network: pass it on as 10.1.0.0/16
+                item = str(ipaddress.ip_network(item, strict=False) if "/" in item else ipaddress.ip_address(item))
+            except ValueError:
+                raise UsageError(f"--forwarded-allow-ips {item!r}: not an IP address or network "
+                                 "(e.g. 10.0.0.1, 10.0.0.0/8, ::1), or * for any") from None
+        out.append(item)
+    return tuple(out)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -148,7 +177,7 @@ def serving_samplers(model: Optional[LoadedModel]) -> list[str]:
             continue
         if model is not None:
             try:
-                validate_sampling(model, name, 1, 1.0)
+                validate_sampling(model, sampler=name, steps=1)
             except UsageError:
                 continue
         names.append(name)
@@ -167,6 +196,7 @@ class ModelInfo:
     autoguidance: bool = False  # the model has a weak model (RUN/guide) to autoguide with
     precision: str = "fp32"  # the network's arithmetic (each precision gives its own images)
     compiled: bool = False  # the network runs through torch.compile (its images are its own too)
+    quantize: str = "none"  # "int8": the token maps run in INT8 (its images are its own too)
 
     @staticmethod
     def of(model: LoadedModel, settings: ServeSettings) -> "ModelInfo":
@@ -176,7 +206,7 @@ class ModelInfo:
                          image_shape=tuple(model.image_shape), samplers=serving_samplers(model),
                          max_steps=min(settings.max_steps, limit) if limit else settings.max_steps,
                          autoguidance=model.guide is not None, precision=model.precision,
-                         compiled=model.compiled)
+                         compiled=model.compiled, quantize=getattr(model, "quantize", "none"))
 
     def as_json(self, settings: ServeSettings) -> dict[str, Any]:
         return {"model": self.name, "step": self.step, "num_classes": self.num_classes,
@@ -185,7 +215,7 @@ class ModelInfo:
                 "max_steps": self.max_steps, "max_num_samples": settings.max_num_samples,
                 "max_guidance_scale": settings.max_guidance_scale if self.num_classes else 1.0,
                 "guidance": self.num_classes > 0, "autoguidance": self.autoguidance, "precision": self.precision,
-                "compiled": self.compiled,
+                "compiled": self.compiled, "quantize": self.quantize,
                 # [lo, hi] in sigma (hi null: no upper bound), or null: guidance at every step
                 "guidance_interval": None if settings.guidance_interval is None else
                 [settings.guidance_interval[0], None if math.isinf(settings.guidance_interval[1])
@@ -205,7 +235,9 @@ def parse_prompt(prompt: str, class_names: Sequence[str]) -> Optional[int]:
         return names.index(p)
     if p in DIGIT_WORDS and str(DIGIT_WORDS.index(p)) in names:
         return names.index(str(DIGIT_WORDS.index(p)))
-    if p.isdigit() and int(p) < len(names):
+    # ASCII only: str.isdigit also holds for "²" and "①", which int() refuses (and int() would read
+    # other scripts' digits, "٧", which no client means as a class id)
+    if p.isascii() and p.isdigit() and int(p) < len(names):
         return int(p)
     return None
 
@@ -215,6 +247,18 @@ def parse_prompt(prompt: str, class_names: Sequence[str]) -> Optional[int]:
 # -----------------------------------------------------------------------------------------------
 class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong and, where it helps, what is allowed")
+
+
+class ValidationErrorItem(BaseModel):
+    loc: list[str | int] = Field(description='where: ["body", field, index]')
+    msg: str
+    type: str
+    input: Any = Field(None, description="the refused value (strings cut at 200 characters)")
+    ctx: Optional[dict[str, Any]] = None
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[ValidationErrorItem]
 
 
 class GenerateResponse(BaseModel):
@@ -341,16 +385,61 @@ class ServeMetrics:
 
 
 REJECTION_REASONS = ("queue_full", "rate_limited", "deadline", "client_disconnected", "unauthorized",
-                     "body_too_large", "draining", "not_ready", "invalid", "internal")
+                     "auth_throttled", "body_too_large", "draining", "not_ready", "invalid", "internal")
 
 
-class MetricsMiddleware:
-    """Counts every request by route template (unknown paths: "other", so labels stay bounded)."""
+REQUEST_ID_MAX_CHARS = 128
+access_logger = logging.getLogger("ditkit.serve.access")
+
+
+def request_id(given: Optional[bytes]) -> str:
+    """The client's X-Request-ID when it is 1..128 printable ASCII characters, else a new random one."""
+    if given and len(given) <= REQUEST_ID_MAX_CHARS and all(0x20 <= c <= 0x7E for c in given):
+        return given.decode("ascii")
+    return secrets.token_hex(16)
+
+
+class LogBudget:
+    """At most `per_s` log lines a second for one kind of line (refusals), the rest counted: a client
+    storm becomes a few lines a second, each carrying how many were left out since the last one."""
+
+    def __init__(self, per_s: float = 10.0, clock=time.monotonic):
+        self.per_s = per_s
+        self.clock = clock
+        self.tokens = per_s
+        self.updated = clock()
+        self.suppressed = 0
+
+    def take(self) -> Optional[int]:
+        """None: leave this line out; else the number left out before it (then reset)."""
+        now = self.clock()
+        self.tokens = min(self.per_s, self.tokens + (now - self.updated) * self.per_s)
+        self.updated = now
+        if self.tokens < 1.0:
+            self.suppressed += 1
+            return None
+        self.tokens -= 1.0
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
+
+
+class AccessMiddleware:
+    """The outermost layer: a request id for every request (the client's valid `X-Request-ID`, else a new
+    one; echoed in every response), Prometheus counts by route template (unknown paths: "other", so
+    labels stay bounded), and one JSON log line per request on the "ditkit.serve.access" logger:
+
+        {"request_id", "method", "path", "status", "latency_ms", "client",
+         and for generate requests: "seed", "images", "queue_ms", "batch_sizes"}
+
+    Refusals (4xx, 503) share a budget of lines a second (LogBudget), so a retry storm does not turn into
+    a logging storm. A client that left before any answer was started (say, before sending its body) is
+    counted as 499, never as a 500 that was not sent."""
 
     def __init__(self, app, metrics: ServeMetrics, routes: frozenset[str]):
         self.app = app
         self.metrics = metrics
         self.routes = routes
+        self.refusal_log = LogBudget()
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -358,20 +447,59 @@ class MetricsMiddleware:
             return
         route = scope["path"] if scope["path"] in self.routes else "other"
         method = scope.get("method", "GET") if scope.get("method") in _METHODS else "OTHER"
-        code = 500
+        given = None
+        for name, value in scope.get("headers") or ():
+            if name == b"x-request-id":
+                given = value
+                break
+        rid = request_id(given)
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        rid_header = (b"x-request-id", rid.encode())
+        code: Optional[int] = None
         t0 = time.perf_counter()
 
         async def send_wrapper(message) -> None:
             nonlocal code
             if message["type"] == "http.response.start":
                 code = int(message["status"])
+                message = {**message, "headers": [*message.get("headers", ()), rid_header]}
             await send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            if code is None:
+                code = 500  # the server answers 500 for an exception before any answer
+            raise
         finally:
+            if code is None:
+                code = 499  # nginx's "client closed request": nothing was sent, nobody is waiting
+                self.metrics.rejections.labels("client_disconnected").inc()
+            seconds = time.perf_counter() - t0
             self.metrics.requests.labels(route, method, str(code)).inc()
-            self.metrics.duration.labels(route).observe(time.perf_counter() - t0)
+            self.metrics.duration.labels(route).observe(seconds)
+            if access_logger.isEnabledFor(logging.INFO):
+                self._log(scope, state, rid, code, seconds)
+
+    def _log(self, scope, state: dict, rid: str, code: int, seconds: float) -> None:
+        record: dict[str, Any] = {"request_id": rid, "method": scope.get("method"),
+                                  "path": sanitize(scope["path"])[:200], "status": code,
+                                  "latency_ms": round(seconds * 1000, 3),
+                                  "client": (scope.get("client") or ("unknown", 0))[0]}
+        if 400 <= code < 500 or code == 503:
+            suppressed = self.refusal_log.take()
+            if suppressed is None:
+                return
+            if suppressed:
+                record["refusals_not_logged"] = suppressed
+        job = state.get("job")
+        if job is not None:
+            wait_s = job.queue_wait_s
+            record.update(seed=state.get("seed"), images=job.n, sampler=job.sampler, steps=job.steps,
+                          queue_ms=None if wait_s is None else round(wait_s * 1000, 3),
+                          batch_sizes=job.batch_sizes)
+        access_logger.info(json.dumps(record))
 
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -524,6 +652,21 @@ class Service:
                                "num_samples labels (they are cycled)", labels)
         return [labels[i % len(labels)] for i in range(n)]
 
+    def refuse_early(self, scope: dict[str, Any]) -> Optional[tuple[int, str, str, Optional[float]]]:
+        """The cheap half of admission, made by GuardMiddleware before the body is read: a generate
+        request that would be refused whatever its body says (draining, not ready, the queue full) is
+        answered at once, for a few attribute reads (limits.Refusal)."""
+        if scope["path"] != "/v1/generate" or scope.get("method") != "POST":
+            return None
+        if self.state == "draining" or self.state == "stopped":
+            return 503, "draining", "the server is shutting down; retry on another replica", 1.0
+        if self.state != "ready":
+            return 503, "not_ready", self.detail or "the model is not ready", 1.0
+        if self.batcher.queue_depth >= self.batcher.max_queue:
+            return 503, "queue_full", (f"the server is busy: {self.batcher.queue_depth} requests are waiting; "
+                                       "retry later"), self.batcher.batch_seconds_ewma or 1.0
+        return None
+
     def admit(self, req: BaseModel) -> _Admission:
         """Validate against the model and queue the work; raises the HTTP answer when refused."""
         t0 = time.monotonic()
@@ -535,7 +678,7 @@ class Service:
         if req.sampler not in self.info.samplers:
             raise self.invalid(("sampler",), f"allowed: {', '.join(self.info.samplers)}", req.sampler)
         try:
-            validate_sampling(self.model, req.sampler, req.steps, req.guidance_scale, req.autoguidance)
+            validate_sampling(self.model, sampler=req.sampler, steps=req.steps, cfg_scale=req.guidance_scale, autoguidance=req.autoguidance)
         except UsageError as e:
             field_name = ("guidance_scale" if "cfg-scale" in str(e) else
                           "autoguidance" if "autoguidance" in str(e) else "steps")
@@ -558,6 +701,8 @@ class Service:
 
     async def generate(self, req: BaseModel, request: Request) -> Response:
         adm = self.admit(req)
+        state = request.scope.setdefault("state", {})  # for AccessMiddleware's log line
+        state["job"], state["seed"] = adm.job, adm.seed
         self.inflight += 1
         self.metrics.inflight.inc()
         disconnected = asyncio.get_running_loop().create_task(_wait_disconnect(request))
@@ -656,20 +801,49 @@ def create_app(model: Optional[LoadedModel] = None, ckpt: Optional[str | Path] =
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own answer, except that it must stay valid JSON: a body may carry NaN or Infinity
-        # (Python's json module reads them), and echoing them back as `input` would fail to encode.
+        # FastAPI's own answer, except that it must always encode: a body may carry NaN or Infinity
+        # (Python's json module reads them) or a lone surrogate ("\ud800"), which echoed back as `input`
+        # or in `loc` (an unknown key) would not encode as JSON or UTF-8 (see body.safe_errors).
         service.metrics.rejections.labels("invalid").inc()
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
+        return JSONResponse({"detail": safe_errors(exc.errors())}, status_code=422)
 
+    def parse_body(raw: bytes, content_type: Optional[str]) -> BaseModel:
+        """The request model from the raw body: one JSON value (no duplicate keys, bounded nesting; see
+        body.parse_json_body), validated like FastAPI's body parameter would (errors under "body")."""
+        try:
+            return Request_.model_validate(parse_json_body(raw, content_type))
+        except BodyError as e:
+            raise RequestValidationError(e.errors) from None
+        except ValidationError as e:
+            raise RequestValidationError([{**err, "loc": ("body", *err["loc"])}
+                                          for err in e.errors(include_url=False)]) from None
+
+    # The body is read by parse_body, not by a FastAPI body parameter; the schema goes into the
+    # OpenAPI document by hand (see `openapi` below), so clients and fuzzers still see it.
     @app.post("/v1/generate", response_model=None, tags=["generate"],
               summary="Generate images",
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+                  "schema": {"$ref": "#/components/schemas/GenerateRequest"}}}}},
               responses={200: {"model": GenerateResponse, "description": "format=json: the images as base64 PNGs; "
                                "format=png: one PNG (a grid when several)",
                                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
                          **{code: {"model": ErrorResponse, "description": text} for code, text in _ERRORS.items()},
+                         422: {"model": ValidationErrorResponse, "description": "the body is not a valid request "
+                               "(malformed JSON, a duplicate key, an unknown field, a value out of range)"},
                          500: {"model": ErrorResponse, "description": "the model itself failed"}})
-    async def generate(body: Request_, request: Request) -> Response:  # type: ignore[valid-type]
+    async def generate(request: Request) -> Response:
+        body = parse_body(await request.body(), request.headers.get("content-type"))
         return await service.generate(body, request)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = \
+                Request_.model_json_schema(ref_template="#/components/schemas/{model}")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.get("/v1/model", tags=["generate"], summary="What the model accepts",
              responses={503: {"model": ErrorResponse, "description": "the model is not loaded yet"}})
@@ -706,21 +880,10 @@ def create_app(model: Optional[LoadedModel] = None, ckpt: Optional[str | Path] =
 
     routes = frozenset(r.path for r in app.routes)
     app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_keys=service.api_keys,
-                       limiter=service.limiter,
+                       limiter=service.limiter, refuse_early=service.refuse_early,
                        on_reject=lambda reason: service.metrics.rejections.labels(reason).inc())
-    app.add_middleware(MetricsMiddleware, metrics=service.metrics, routes=routes)
+    app.add_middleware(AccessMiddleware, metrics=service.metrics, routes=routes)
     return app
-
-
-def _json_safe(value: Any) -> Any:
-    """Non-finite floats as strings ("nan", "inf"), so the value encodes as standard JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
 
 
 def _playground_template() -> str:
@@ -768,9 +931,27 @@ if uvicorn is not None:
 
     def make_server(app: FastAPI, *, host: Optional[str] = None, port: Optional[int] = None,
                     log_level: str = "info", access_log: bool = True, **uvicorn_kw: Any) -> DrainingServer:
-        """A DrainingServer for an app made by create_app (host/port default to the app's settings)."""
+        """A DrainingServer for an app made by create_app (host/port default to the app's settings).
+
+        access_log: one JSON line per request on stderr (AccessMiddleware; uvicorn's own access log
+        stays off: it would say the same less). X-Forwarded-For is read only from the settings'
+        `forwarded_allow_ips`; request heads are capped at `max_header_bytes` (431)."""
         settings: ServeSettings = app.state.settings
+        if access_log and not access_logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            access_logger.addHandler(handler)
+            access_logger.setLevel(logging.INFO)
+            access_logger.propagate = False
+        try:
+            import httptools  # noqa: F401  (uvicorn's faster parser; h11 otherwise)
+            http: Any = header_limited_protocol(settings.max_header_bytes)
+        except ImportError:  # pragma: no cover - httptools comes with uvicorn[standard]
+            http = "h11"
+        uvicorn_kw.setdefault("http", http)
         config = uvicorn.Config(app, host=host or settings.host, port=settings.port if port is None else port,
-                                lifespan="on", log_level=log_level, access_log=access_log, server_header=False,
-                                timeout_graceful_shutdown=5, **uvicorn_kw)
+                                lifespan="on", log_level=log_level, access_log=False, server_header=False,
+                                timeout_graceful_shutdown=5, proxy_headers=bool(settings.forwarded_allow_ips),
+                                forwarded_allow_ips=list(settings.forwarded_allow_ips),
+                                h11_max_incomplete_event_size=settings.max_header_bytes, **uvicorn_kw)
         return DrainingServer(config, app.state.service, settings.grace_s)

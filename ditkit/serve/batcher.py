@@ -62,6 +62,7 @@ class Job:
     enqueued_at: float = field(default_factory=time.monotonic)
     autoguidance: Optional[list[float]] = None  # per image; None = 1 (off) for every image
     started_at: Optional[float] = None  # when its first image entered a batch
+    batch_sizes: list[int] = field(default_factory=list)  # the size of each batch its images ran in
     cancelled: bool = False  # read by the worker thread; only ever set to True
     future: Optional[asyncio.Future] = None
     _images: Optional[np.ndarray] = None  # (n, H, W, C) filled piece by piece
@@ -349,8 +350,10 @@ class Batcher:
             if job._handed_out == job.n:
                 self._queue.remove(job)
         self._queue_changed()
+        size = self.max_batch_size - room
         labels, seeds, scales, ag = [], [], [], []
         for job, start, count in pieces:
+            job.batch_sizes.append(size)
             labels += job.labels[start:start + count]
             seeds += job.seeds[start:start + count]
             scales += job.scales[start:start + count]

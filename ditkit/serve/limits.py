@@ -1,15 +1,23 @@
-"""What a client may send the server: a per-client token bucket, API keys and a request body size cap.
+"""What a client may send the server: a per-client token bucket, API keys, a request body size cap, and
+a cap on the request head (`header_limited_protocol`, in uvicorn's connection handling).
 
 `GuardMiddleware` is a plain ASGI middleware (no `BaseHTTPMiddleware`, which breaks client-disconnect
 detection) placed in front of the FastAPI app. For every request it checks, in this order:
 
-1. the body size (`max_body_bytes`; 413), for every route — the body is read here, at most
-   `max_body_bytes + 1` bytes of it, and handed on to the app;
-2. on the API routes (`/v1/...`) only: the API key (401) and then the client's token bucket (429 with
-   `Retry-After`). Probes (`/healthz`, `/readyz`), `/metrics`, the playground page and the docs stay open.
+1. the declared body size (`Content-Length` over `max_body_bytes`; 413), for every route;
+2. on the API routes (`/v1/...`) only: failed API-key attempts (429 with `Retry-After` once an address
+   has failed `AUTH_FAILURES` times in `AUTH_WINDOW_S`, whatever key it sends next), the API key (401),
+   the client's token bucket (429 with `Retry-After`), and `refuse_early`: the app's cheap admission
+   check (503 while the queue is full or the server is not ready), made before the body is read;
+3. the body, read here (at most `max_body_bytes + 1` bytes of it; 413) and handed on to the app.
+
+Probes (`/healthz`, `/readyz`), `/metrics`, the playground page and the docs stay open. Every refusal
+before the body is a few dictionary lookups and one small pre-encoded answer: a client that ignores
+`Retry-After` and retries at once costs the server little (measured: benchmarks/serve_storm.py).
 
 Clients are told apart by their API key when keys are configured (each key is one client), and by their
-IP address otherwise.
+IP address otherwise. The address is the TCP peer's: `X-Forwarded-For` counts only from the proxies that
+`ditkit serve --forwarded-allow-ips` names (none by default), or any client could pick its own bucket.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import hmac
 import json
 import math
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable, Optional
 
@@ -126,21 +134,73 @@ class ApiKeys:
         return None
 
 
+AUTH_FAILURES = 5  # failed API-key attempts an address may make in AUTH_WINDOW_S ...
+AUTH_WINDOW_S = 60.0  # ... before every attempt from it is refused (429) until the oldest ages out
+
+
+class FailedAuthThrottle:
+    """Failed API-key attempts per client address, over a sliding window: after `max_failures` failures
+    in `window_s` seconds, the address is refused until its oldest failure leaves the window, so keys
+    cannot be guessed at the server's request rate. Memory: at most `max_clients` addresses (least
+    recently failed dropped first), `max_failures` timestamps each."""
+
+    def __init__(self, max_failures: int = AUTH_FAILURES, window_s: float = AUTH_WINDOW_S, *,
+                 max_clients: int = 100_000, clock: Callable[[], float] = time.monotonic):
+        self.max_failures = int(max_failures)
+        self.window_s = float(window_s)
+        self.max_clients = int(max_clients)
+        self.clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def blocked_for(self, client: str) -> float:
+        """Seconds until `client` may try a key again (0.0: now)."""
+        times = self._failures.get(client)
+        if times is None:
+            return 0.0
+        now = self.clock()
+        while times and now - times[0] >= self.window_s:
+            times.popleft()
+        if not times:
+            del self._failures[client]
+            return 0.0
+        return times[0] + self.window_s - now if len(times) >= self.max_failures else 0.0
+
+    def failed(self, client: str) -> None:
+        times = self._failures.get(client)
+        if times is None:
+            times = self._failures[client] = deque(maxlen=self.max_failures)
+            if len(self._failures) > self.max_clients:
+                self._failures.popitem(last=False)
+        else:
+            self._failures.move_to_end(client)
+        times.append(self.clock())
+
+
+# (status, reason, detail, retry_after_s or None): what `refuse_early` answers for a request it refuses
+Refusal = tuple[int, str, str, Optional[float]]
+
+
 class GuardMiddleware:
-    """Body size cap, API keys and per-client rate limiting in front of the app (see the module doc).
+    """Body size cap, API keys, failed-key throttling, per-client rate limiting and the app's cheap
+    admission check in front of the app (see the module doc).
 
     `on_reject(reason)` is called for every refused request (a metrics hook): reasons are
-    "body_too_large", "unauthorized" and "rate_limited".
+    "body_too_large", "unauthorized", "auth_throttled", "rate_limited" and those of `refuse_early`.
+    `refuse_early(scope)`: None to go on, or a `Refusal`, answered before the body is read.
     """
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int, api_keys: ApiKeys, limiter: RateLimiter,
-                 protected_prefix: str = "/v1/", on_reject: Callable[[str], None] = lambda reason: None):
+                 protected_prefix: str = "/v1/", on_reject: Callable[[str], None] = lambda reason: None,
+                 auth_throttle: Optional[FailedAuthThrottle] = None,
+                 refuse_early: Callable[[Scope], Optional[Refusal]] = lambda scope: None):
         self.app = app
         self.max_body_bytes = int(max_body_bytes)
         self.api_keys = api_keys
         self.limiter = limiter
         self.protected_prefix = protected_prefix
         self.on_reject = on_reject
+        self.auth_throttle = auth_throttle or FailedAuthThrottle()
+        self.refuse_early = refuse_early
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -160,7 +220,20 @@ class GuardMiddleware:
 
         protected = scope["path"].startswith(self.protected_prefix)
         if protected:
-            client = self._client_id(scope, headers)
+            address = "ip:" + (scope.get("client") or ("unknown", 0))[0]
+            if self.api_keys.enabled:
+                blocked_s = self.auth_throttle.blocked_for(address)
+                if blocked_s > 0:
+                    self.on_reject("auth_throttled")
+                    await _reply(send, 429, f"{self.auth_throttle.max_failures} failed API-key attempts in "
+                                 f"{self.auth_throttle.window_s:g} s from this address; retry in {blocked_s:.0f} s",
+                                 [(b"retry-after", retry_after_header(blocked_s).encode())])
+                    return
+                client = self.api_keys.check(headers)
+                if client is None:
+                    self.auth_throttle.failed(address)
+            else:
+                client = address
             if client is None:
                 self.on_reject("unauthorized")
                 await _reply(send, 401, "missing or invalid API key: send 'Authorization: Bearer KEY' or "
@@ -172,6 +245,13 @@ class GuardMiddleware:
                 await _reply(send, 429, f"rate limit of {self.limiter.rate_per_s:g} requests/s "
                              f"(burst {self.limiter.burst}) exceeded; retry in {wait_s:.2f} s",
                              [(b"retry-after", retry_after_header(wait_s).encode())])
+                return
+            refusal = self.refuse_early(scope)
+            if refusal is not None:
+                status, reason, detail, retry_after_s = refusal
+                self.on_reject(reason)
+                await _reply(send, status, detail, [] if retry_after_s is None else
+                             [(b"retry-after", retry_after_header(retry_after_s).encode())])
                 return
 
         if scope.get("method") in ("POST", "PUT", "PATCH"):
@@ -188,12 +268,6 @@ class GuardMiddleware:
                     break
             receive = _replay(bytes(body), receive)
         await self.app(scope, receive, send)
-
-    def _client_id(self, scope: Scope, headers: dict[bytes, bytes]) -> Optional[str]:
-        if self.api_keys.enabled:
-            return self.api_keys.check(headers)
-        host = (scope.get("client") or ("unknown", 0))[0]
-        return f"ip:{host}"
 
     async def _too_large(self, send: Send) -> None:
         self.on_reject("body_too_large")
@@ -220,3 +294,63 @@ async def _reply(send: Send, status: int, detail: str, extra_headers: list[tuple
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
                             *extra_headers]})
     await send({"type": "http.response.body", "body": payload})
+
+
+LINGER_S = 1.0  # after a 431: how long a connection's further bytes are read and dropped before it closes
+
+
+def header_limited_protocol(max_header_bytes: int) -> type:
+    """uvicorn's httptools connection, refusing a request head (request line and headers) larger than
+    `max_header_bytes` with 431 and closing the connection.
+
+    httptools buffers a header until it is complete before uvicorn sees it, so a cap in the ASGI app would
+    come after the whole head was read (16 MB, say). Here the bytes a connection receives while a head is
+    incomplete are counted as they arrive; memory held for one head stays under the cap plus one socket
+    read. (uvicorn's h11 backend has this cap built in: `h11_max_incomplete_event_size`.)"""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    payload = json.dumps({"detail": f"request headers larger than {max_header_bytes} bytes"}).encode()
+    answer = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+              b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(payload), payload))
+
+    class HeaderLimitedHttpTools(HttpToolsProtocol):
+        _head_bytes: Optional[int] = 0  # received since the current head began; None while in a body
+        _refused = False
+
+        def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # answered 431: what the client still sends is dropped unread
+            counting = self._head_bytes is not None
+            if counting:
+                self._head_bytes += len(data)
+            super().data_received(data)
+            # still in the same head after this read (its end would have set None): over the cap?
+            if counting and self._head_bytes is not None and self._head_bytes > max_header_bytes:
+                self._refuse()
+
+        def _refuse(self) -> None:
+            if self.transport.is_closing():
+                return
+            self._refused = True
+            self.transport.write(answer)
+            # Closing with the client's bytes still arriving would reset the connection, and the reset
+            # can destroy the answer before the client reads it: half-close, drop what comes for a
+            # moment (a lingering close, as web servers do), then close.
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            if self._head_bytes is None:
+                self._head_bytes = 0
+
+        def on_headers_complete(self) -> None:
+            self._head_bytes = None
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            self._head_bytes = 0
+
+    return HeaderLimitedHttpTools

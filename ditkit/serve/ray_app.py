@@ -45,6 +45,7 @@ DEPLOYMENT_NAME = "ditkit"
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "ditkit.serve.ray_app:proxy_middlewares"
 API_KEYS_ENV = "DITKIT_API_KEYS"
+FORWARDED_ALLOW_IPS_ENV = "FORWARDED_ALLOW_IPS"  # uvicorn's; "" trusts no proxy
 PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"  # Ray's default: 5 s
 PROXY_READY_S = 30.0
 
@@ -399,7 +400,7 @@ def start_ray(ckpt: str, settings: Any, plan: ReplicaPlan, *, host: str = "127.0
     require_ray()
     import ray
 
-    from ..train.checkpoint import resolve_checkpoint
+    from ..runs import resolve_checkpoint
 
     resolve_checkpoint(ckpt)  # a bad --ckpt is one line now, not a replica crash loop later
     ckpt = str(os.path.abspath(ckpt))  # replicas do not share the driver's working directory
@@ -410,6 +411,10 @@ def start_ray(ckpt: str, settings: Any, plan: ReplicaPlan, *, host: str = "127.0
     if port == 0:
         port = _free_port(host)
     os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # inherited by the local Ray's proxy
+    # Ray's HTTP proxy is a uvicorn that trusts X-Forwarded-For from 127.0.0.1 unless told otherwise; the
+    # replicas rate-limit by the address it reports, so it trusts the same proxies as `ditkit serve`
+    # (--forwarded-allow-ips; none by default). A cluster's proxies read this variable on their own nodes.
+    os.environ.setdefault(FORWARDED_ALLOW_IPS_ENV, ",".join(settings.forwarded_allow_ips))
     if not ray.is_initialized():
         kw: dict[str, Any] = dict(include_dashboard=False, log_to_driver=not quiet, configure_logging=not quiet)
         if address is None:  # "local": a new instance of our own, never someone's `ray start` by accident
