@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .cli_args import (Parser, add_compile_flag, add_precision_flag, add_sampling_flags, finite_float, guidance_interval,
-                       nonneg_int, or_auto, positive_int, sampling_settings_from_args, seed_int)
+from .cli_args import (Parser, add_compile_flag, add_precision_flag, add_quantize_flag, add_sampling_flags, finite_float,
+                       guidance_interval, nonneg_int, or_auto, positive_int, sampling_settings_from_args, seed_int)
 from .errors import DitkitError, UsageError
 
 
@@ -183,6 +183,7 @@ def add_model_flags(p) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     add_precision_flag(p)
     add_compile_flag(p)
+    add_quantize_flag(p)
 
 
 def _add_sample(sub) -> None:
@@ -216,7 +217,7 @@ def _cmd_sample(args) -> int:
     if args.trajectory and Path(args.trajectory).suffix.lower() not in (".png", ".gif"):
         raise UsageError(f"--trajectory {args.trajectory}: the file must end in .png or .gif")
     model = load_model(args.ckpt, weights=args.weights, device=args.device, guide=args.guide,
-                       precision=args.precision, compile=args.compile)
+                       precision=args.precision, compile=args.compile, quantize=args.quantize)
     settings = sampling_settings_from_args(args, model)
     with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
         res = generate(model, settings, num=args.num, labels=args.labels, seed=args.seed,

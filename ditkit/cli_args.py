@@ -187,6 +187,14 @@ def add_precision_flag(p: argparse.ArgumentParser, *, auto: bool = False) -> Non
                         + ("; auto (default) = bf16 where native and --max-batch-size > 1, else fp32" if auto else ""))
 
 
+def add_quantize_flag(p: argparse.ArgumentParser) -> None:
+    """--quantize: INT8 inference of the network's per-token linear maps (`ditkit.quantize`)."""
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: PyTorch's dynamic INT8 for the network's token maps (CPU, fp32 weights, no "
+                        "--compile); smaller and faster in batches, images differ slightly; fp32 with a warning "
+                        "where the CPU has no INT8 kernels")
+
+
 def add_compile_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="run the network through torch.compile (needs a C++ compiler): 10-25%% faster on the "

@@ -77,6 +77,8 @@ def image_settings(res: dict[str, Any]) -> list[tuple[str, str]]:
         out.append((str(res["precision"]), str(res["precision"])))
     if res.get("compiled"):
         out.append(("compiled", "compiled"))
+    if res.get("quantize", "none") != "none":
+        out.append((str(res["quantize"]), str(res["quantize"]).upper()))
     opts = res.get("sampler_options")
     for k, v in sorted(opts.items() if isinstance(opts, dict) else []):
         out.append((f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}", f"{k}={v}"))
@@ -134,7 +136,8 @@ def evaluate_model(model, settings=None, *, num: int = 10000, seed: int = 0, bat
 def evaluate_checkpoint(ckpt: str | Path, settings=None, *, num: int = 10000, seed: int = 0, batch_size: int = 250,
                         labels: str | Sequence[int] | None = "prior", weights: str = "ema", device: str = "auto",
                         write: bool = True, progress=None, guide: Optional[str | Path] = None,
-                        precision: str = "fp32", compile: bool = False, **changes: Any) -> dict[str, Any]:
+                        precision: str = "fp32", compile: bool = False, quantize: str = "none",
+                        **changes: Any) -> dict[str, Any]:
     """Load a run or checkpoint, then `evaluate_model`; with `write`, keep the result as
     RUN/eval/step_S_<sampler>_<steps>_cfg<scale>[_balanced][_ramp][_ag<w>][_gi<lo>-<hi>][_reject<m>][_<spacing>][_raw][_seed<s>][_bf16]
     [_compiled][_<option><value>...]_n<num>.json for the report: every setting that changes the images
@@ -143,9 +146,10 @@ def evaluate_checkpoint(ckpt: str | Path, settings=None, *, num: int = 10000, se
     from .sampling import settings_of
 
     st = settings_of(settings, **changes)
-    model = load_model(ckpt, weights=weights, device=device, guide=guide, precision=precision, compile=compile)
+    model = load_model(ckpt, weights=weights, device=device, guide=guide, precision=precision, compile=compile,
+                       quantize=quantize)
     out, _ = evaluate_model(model, st, num=num, seed=seed, batch_size=batch_size, labels=labels, progress=progress)
-    out.update(weights=weights, precision=precision, compiled=compile)
+    out.update(weights=weights, precision=precision, compiled=compile, quantize=model.quantize)
     if write and model.run_dir is not None:
         tags = [tag for tag, _ in image_settings(out)]
         name = (f"step_{model.step:07d}_{out['sampler']}_{st.steps}_cfg{st.cfg_scale:g}"

@@ -92,3 +92,46 @@ def test_models_where_int8_cannot_run_get_one_clear_error():
     convs = nn.Sequential(nn.Conv2d(1, 4, 3)).eval().requires_grad_(False)
     with pytest.raises(UsageError, match="no linear maps"):
         quantize_int8(convs)
+
+
+# ---- through load_model, the CLI and the server -------------------------------------------------
+def test_load_model_int8_samples_close_to_fp32(tiny_run):
+    from ditkit.runs import load_model
+    from ditkit.sampling import sample_batch
+
+    fp32 = load_model(tiny_run)
+    int8 = load_model(tiny_run, quantize="int8")
+    assert (fp32.quantize, int8.quantize) == ("none", "int8")
+    assert token_linears(int8.net) == [] and token_linears(fp32.net)
+    assert int8.guide is None or token_linears(int8.guide.net) == []
+    a = sample_batch(fp32, [1, 2, 3, 4], [0, 1, 2, 3], steps=4)
+    b = sample_batch(int8, [1, 2, 3, 4], [0, 1, 2, 3], steps=4)
+    assert not torch.equal(a, b) and float((a - b).abs().mean()) < 0.05
+
+
+def test_cli_quantize_flag_and_its_errors(tiny_run, tmp_path, capsys):
+    from ditkit.cli import main as cli_main
+
+    out = tmp_path / "s.npz"
+    assert cli_main(["sample", "--ckpt", str(tiny_run), "--out", str(out), "--num", "4", "--steps", "2",
+                     "--quantize", "int8"]) == 0
+    assert out.exists()
+    assert cli_main(["sample", "--ckpt", str(tiny_run), "--out", str(out), "--num", "4", "--steps", "2",
+                     "--quantize", "int8", "--precision", "bf16"]) == 2
+    assert "--quantize int8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_main(["sample", "--ckpt", str(tiny_run), "--out", str(out), "--quantize", "int4"])
+    assert e.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_server_serves_int8_and_says_so(tiny_run):
+    from ditkit.serve.app import ModelInfo, ServeSettings
+
+    settings = ServeSettings(quantize="int8", max_batch_size=8)
+    settings.validate()
+    assert settings.resolved_precision() == "fp32"  # auto: INT8 quantises fp32 weights
+    model = settings.load(tiny_run)
+    info = ModelInfo.of(model, settings).as_json(settings)
+    assert info["quantize"] == "int8" and info["precision"] == "fp32"
+    with pytest.raises(UsageError, match="--quantize 'int4'"):
+        ServeSettings(quantize="int4").validate()

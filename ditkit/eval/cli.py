@@ -69,13 +69,14 @@ def run(args) -> int:
 
         # load once to resolve the settings (the run's tuned one, the flags over it) before any sampling
         model = load_model(args.ckpt, weights=args.weights, device=args.device, guide=args.guide,
-                           precision=args.precision, compile=False)
+                           precision=args.precision, compile=False, quantize=args.quantize)
         settings = sampling_settings_from_args(args, model)
         del model
         with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
             res = evaluate_checkpoint(args.ckpt, settings, num=args.num, seed=args.seed, batch_size=args.batch_size,
                                       labels=args.labels, weights=args.weights, device=args.device,
                                       guide=args.guide, precision=args.precision, compile=args.compile,
+                                      quantize=args.quantize,
                                       progress=bar.update)
     warning = small_n_warning(int(res["n"]))
     if warning and not args.json:

@@ -76,6 +76,8 @@ def register(sub, parser_class=None) -> None:
 
     _add_precision_flag(p, auto=True)
     _add_compile_flag(p)
+    from ..cli_args import add_quantize_flag
+    add_quantize_flag(p)
     p.add_argument("--threads", type=_int_in("--threads", 1, 1024), help="CPU threads for torch (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")
@@ -126,7 +128,7 @@ def _cmd_serve(args) -> int:
                              max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, rate_limit=args.rate_limit,
                              burst=args.burst, api_keys=keys, timeout_s=args.timeout_s, grace_s=args.grace_s,
                              max_steps=args.max_steps, weights=args.weights, device=args.device,
-                             precision=args.precision, compile=args.compile,
+                             precision=args.precision, compile=args.compile, quantize=args.quantize,
                              guidance_interval=args.guidance_interval)
     settings.validate()
     if args.ray:  # the replicas load the model; this process only starts Ray and waits
