@@ -112,10 +112,13 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema_model: Optio
     return final
 
 
-def save_guide(run_dir: Path, step: int, ema_model: nn.Module) -> Path:
-    """Keep the EMA weights of step `step` as the run's weak model for autoguidance (atomically)."""
+def save_guide(run_dir: Path, step: int, ema: nn.Module | dict[str, torch.Tensor]) -> Path:
+    """Keep the EMA weights of step `step` (a module or its state dict) as the run's weak model for
+    autoguidance (atomically)."""
+    weights = ema.state_dict() if isinstance(ema, nn.Module) else ema
+
     def write(tmp: Path) -> None:
-        _save_tensors(ema_model.state_dict(), tmp / "model.safetensors")
+        _save_tensors(weights, tmp / "model.safetensors")
         atomic_write_json(tmp / "state.json", {"step": step, "role": "guide"})
 
     return _write_folder(Path(run_dir) / GUIDE_DIR, write)
@@ -268,6 +271,7 @@ class LoadedModel:
     step: int = 0
     guide: Optional["LoadedModel"] = None  # the weak model for autoguidance (the run's own by default)
     text_encoder: Any = None  # the frozen prompt encoder of a text-conditioned run (config.json "text")
+    decoder: Any = None  # a latent run's VAE decoder, latents -> images (config.json "vae"; ditkit.interop)
     quantize: str = "none"  # "int8" where the network's token maps run in INT8 (ditkit.quantize)
 
     @property
@@ -369,6 +373,10 @@ def _load_one(run_dir: Path, ck: Path, weights: str, device: str, precision: str
         raise DitkitError(f"{run_dir}: a {fam.name!r} run ({fam.description or 'not a generator'}); "
                           "give the run folder of a model that draws images")
     net = build_model(cfg["model"], fam.name)
+    if cfg.get("lora") is not None:  # a LoRA fine-tune: its checkpoints hold the base and the adapters
+        from .finetune import inject_lora
+
+        inject_lora(net, cfg["lora"])
     try:
         objective = build_objective(cfg["objective"])
     except TypeError as e:  # an objective field this ditkit does not know
@@ -377,6 +385,10 @@ def _load_one(run_dir: Path, ck: Path, weights: str, device: str, precision: str
         net.load_state_dict(load_weights(ck, weights))
     except RuntimeError as e:
         raise DitkitError(f"checkpoint {ck}: weights do not match the model in config.json ({str(e)[:200]})") from None
+    if cfg.get("lora") is not None:
+        from .finetune import merge_lora_into
+
+        net = merge_lora_into(net, cfg)  # one plain DiT to sample from
     dev = pick_device(device)
     net.to(dev, PRECISIONS[precision]).eval().requires_grad_(False)
     if hasattr(objective, "attach"):  # an objective with parts of its own to load (a tokenizer, ...)
@@ -386,6 +398,10 @@ def _load_one(run_dir: Path, ck: Path, weights: str, device: str, precision: str
         from .text import load_text_encoder
 
         model.text_encoder = load_text_encoder(cfg["text"])
+    if cfg.get("vae") is not None:
+        from .interop.diffusers import LatentDecoder
+
+        model.decoder = LatentDecoder(run_dir, cfg["vae"], dev)
     return model
 
 
