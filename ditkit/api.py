@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .runs import LoadedModel, load_model, read_tuned_setting
-from .sampling import generate
+from .sampling import default_settings, generate
 from .settings import SamplingSettings
 
 
@@ -28,7 +28,7 @@ class Model:
     def __init__(self, loaded: LoadedModel):
         self.loaded = loaded
         tuned = read_tuned_setting(loaded.run_dir) if loaded.run_dir is not None else None
-        self.settings: SamplingSettings = tuned or SamplingSettings()  # what generate() starts from
+        self.settings: SamplingSettings = tuned or default_settings(loaded)  # what generate() starts from
 
     @property
     def num_classes(self) -> int:

@@ -172,6 +172,10 @@ def sampling_settings_from_args(args: argparse.Namespace, model: Any = None) -> 
         from .runs import read_tuned_setting
 
         base = read_tuned_setting(model.run_dir)
+    if base is None and model is not None:
+        from .sampling import default_settings
+
+        base = default_settings(model)  # a family's own sampler (a masked image model: maskgit)
     st = SamplingSettings.from_args(args, base)
     return st.validate(model) if model is not None else st
 

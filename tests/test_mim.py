@@ -216,3 +216,105 @@ def test_tokenizer_mismatches_are_clear_errors(vq_run, tmp_path):
         masked(not_vq).attach(None, "cpu")
     with pytest.raises(DitkitError, match="not found"):
         masked(tmp_path / "nowhere").attach(None, "cpu")
+
+
+# ---- end to end: the trainer, run folders, generate, the trajectory ----------------------------------------
+
+
+def train_mim(vq_run, out, **kw):
+    from ditkit.train.config import TrainConfig
+    from ditkit.train.loop import train
+
+    cfg = dict(out=str(out), model="MIM-T", tokenizer=str(vq_run), depth=1, width=32, heads=2, batch_size=16,
+               max_steps=4, warmup_steps=2, log_every=2, ckpt_every=2, sample_every=0, progress=False, subset=256,
+               compile=False, guide_at=0.0, sample_sampler="maskgit", sample_steps=2)  # the final grid: 2 steps
+    cfg.update(kw)
+    return train(TrainConfig(**cfg))
+
+
+@pytest.fixture(scope="module")
+def mim_run(vq_run, tmp_path_factory) -> Path:
+    return train_mim(vq_run, tmp_path_factory.mktemp("runs") / "mim")
+
+
+def test_trained_through_the_trainer_and_sampled_by_generate(mim_run, vq_run):
+    from ditkit.api import load
+    from ditkit.runs import load_model, read_run_config
+    from ditkit.sampling import generate
+
+    cfg = read_run_config(mim_run, families=("mim",))
+    assert cfg["objective"]["name"] == "masked" and cfg["objective"]["codebook_size"] == K
+    assert cfg["model"]["codebook_size"] == K and cfg["model"]["grid_size"] == 7
+    assert Path(cfg["objective"]["tokenizer"]) == vq_run.resolve()
+    steps = [json.loads(line)["step"] for line in (mim_run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    model = load_model(mim_run, device="cpu")
+    assert model.family == "mim" and model.objective.tokenizer is not None
+    out = generate(model, num=6, labels="3", seed=4, batch_size=6, steps=4, cfg_scale=2.0)  # maskgit by default
+    assert out["images"].shape == (6, 28, 28, 1) and out["nfe"] == 4 and out["settings"].sampler == "maskgit"
+    apart = generate(model, num=6, labels="3", seed=4, batch_size=4, steps=4, cfg_scale=2.0)
+    assert (apart["images"] == out["images"]).all()  # image i depends on its seed only, not its batch
+    images = load(mim_run, device="cpu").generate(labels=[3], num=2, steps=4, seed=4, cfg_scale=2.0)
+    assert (images == out["images"][:2]).all()
+
+
+def test_resume_continues_the_run_exactly(mim_run, vq_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from ditkit.train.config import TrainConfig
+    from ditkit.train.loop import train
+
+    whole = mim_run  # 4 steps in one go
+    half = train_mim(vq_run, tmp_path / "half", max_steps=2)
+    cfg = TrainConfig(out=str(half), model="MIM-T", tokenizer=str(vq_run), max_steps=4, progress=False)
+    train(cfg, resume=True)
+    a = load_file(str(whole / "checkpoints" / "step_0000004" / "ema.safetensors"))
+    b = load_file(str(half / "checkpoints" / "step_0000004" / "ema.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_trajectory_shows_the_unmasking(mim_run):
+    from ditkit.runs import load_model
+    from ditkit.viz.trajectory import record_trajectory
+
+    model = load_model(mim_run, device="cpu")
+    traj = record_trajectory(model, [2], [9], steps=4, cfg_scale=2.0)
+    assert traj.steps == [0, 1, 2, 3] and traj.sigmas[-1] == 0.0 and traj.sigmas[0] > traj.sigmas[1]
+    assert traj.x_t.shape == (4, 1, 28, 28, 1)
+    # the last step has nothing masked: its state is the output
+    assert (traj.x_t[-1, 0] == traj.final[0]).all()
+
+
+def test_bad_input_is_one_clear_error(mim_run, vq_run, tmp_path):
+    from ditkit.runs import load_model
+    from ditkit.sampling import generate
+    from ditkit.settings import SamplingSettings, SettingsError
+
+    model = load_model(mim_run, device="cpu")
+    with pytest.raises(SettingsError, match="--steps 0"):
+        generate(model, num=1, steps=0)
+    with pytest.raises(UsageError, match="--steps 50: the maskgit sampler needs 1 to 49 steps"):
+        generate(model, num=1, steps=50)
+    with pytest.raises(SettingsError, match="this model \\(mim\\) needs a discrete one"):
+        generate(model, SamplingSettings(sampler="heun"), num=1)
+    with pytest.raises(DitkitError, match="'vq' run"):  # a tokenizer where a model is expected
+        load_model(vq_run, device="cpu")
+    with pytest.raises(UsageError, match="a 'mim' run, not a tokenizer"):  # a model where a tokenizer is expected
+        train_mim(mim_run, tmp_path / "x")
+    with pytest.raises(UsageError, match="--tokenizer: for a masked image model"):
+        train_mim(vq_run, tmp_path / "y", model="DiT-T/4")
+    with pytest.raises(UsageError, match="give --tokenizer DIR"):
+        train_mim(vq_run, tmp_path / "z", tokenizer=None)
+    # a tokenizer swapped for one with another codebook: refused at load, naming both sizes
+    moved = tmp_path / "mim_moved"
+    import shutil
+    shutil.copytree(mim_run, moved)
+    cfg = json.loads((moved / "config.json").read_text())
+    other = tmp_path / "vq32"
+    from ditkit.tokenizer import TokenizerTrainConfig, train_tokenizer
+    train_tokenizer(TokenizerTrainConfig(out=str(other), codebook_size=32, max_steps=1, batch_size=16, subset=64,
+                                         eval_images=0, progress=False))
+    cfg["objective"]["tokenizer"] = str(other)
+    (moved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="a codebook of 32 codes, but the masked model was trained on 16"):
+        load_model(moved, device="cpu")

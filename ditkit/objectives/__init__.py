@@ -9,7 +9,7 @@ from .base import DataMean, Denoiser, Path, karras_sigmas, loglinear_sigmas
 from .ddpm import DDPMObjective
 from .interpolant import InterpolantObjective
 
-OBJECTIVES = ("ddpm", "linear", "gvp", "vp")
+OBJECTIVES = ("ddpm", "linear", "gvp", "vp")  # --objective's choices; "masked" comes with --model MIM-*
 
 
 def build_objective(config: dict[str, Any]) -> DDPMObjective | InterpolantObjective:
@@ -20,6 +20,9 @@ def build_objective(config: dict[str, Any]) -> DDPMObjective | InterpolantObject
         return DDPMObjective(**cfg)
     if name in ("linear", "gvp", "vp"):
         return InterpolantObjective(path=name, **cfg)
+    if name == "masked":
+        from .masked import MaskedObjective
+        return MaskedObjective(**cfg)
     raise UsageError(f"--objective {name!r}: allowed {', '.join(OBJECTIVES)}")
 
 

@@ -70,6 +70,32 @@ def load_tokenizer(path: str | Path, device: torch.device | str = "cpu", *, run_
     return net.to(device).eval().requires_grad_(False)
 
 
+def masked_run_settings(tokenizer: Optional[str], image_shape: tuple[int, int, int], label_dropout: float,
+                        label_smoothing: float = 0.1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For training a masked model on images of `image_shape` (C, H, W) with the tokenizer run `tokenizer`:
+    (the model config fields the tokenizer decides, the objective's config). The tokenizer's folder is
+    recorded as an absolute path, so the run loads it from any working directory."""
+    from ..runs import read_run_config
+
+    if not tokenizer:
+        raise UsageError("--tokenizer: a masked image model needs its tokenizer run (ditkit train-tokenizer "
+                         "--out DIR, then --tokenizer DIR)")
+    folder = find_tokenizer(tokenizer)
+    cfg = read_run_config(folder)
+    if cfg.get("family", "dit") != TOKENIZER_FAMILY:
+        raise UsageError(f"--tokenizer {tokenizer}: a {cfg.get('family', 'dit')!r} run, not a tokenizer; give the "
+                         "folder that `ditkit train-tokenizer` wrote (family 'vq')")
+    m = cfg["model"]
+    C, H, W = image_shape
+    if (m["in_channels"], m["input_size"]) != (C, H) or H != W:
+        raise UsageError(f"--tokenizer {tokenizer}: made for {m['in_channels']}x{m['input_size']}x{m['input_size']} "
+                         f"images; this dataset's are {C}x{H}x{W}")
+    grid = m["input_size"] // m["downsample"]
+    model = {"codebook_size": m["codebook_size"], "grid_size": grid}
+    objective = MaskedObjective(str(folder.resolve()), m["codebook_size"], grid, label_dropout, label_smoothing)
+    return model, objective.config()
+
+
 def cosine_mask_ratio(r: torch.Tensor) -> torch.Tensor:
     """gamma(r) = cos(pi r / 2): the fraction of tokens masked at schedule position r in [0, 1]."""
     return torch.cos(math.pi / 2 * r)

@@ -10,7 +10,7 @@ import torch
 from ..condition import Condition
 from ..errors import UsageError
 from ..objectives.base import Denoiser
-from . import continuous, sde
+from . import continuous, maskgit, sde
 
 SamplerFn = Callable[..., torch.Tensor]
 
@@ -80,6 +80,9 @@ SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in [
           "Euler-Maruyama on SiT's reverse SDE (Ma et al. 2024); options diffusion, diffusion_scale"),
     _spec(sde.sample_adaptive, False, True, _unknown,
           "adaptive probability-flow ODE via scipy solve_ivp (method, rtol, atol); NFE via nfe_out/callback"),
+    SamplerSpec("maskgit", maskgit.sample_maskgit, True, False, _per_step,
+                "MaskGIT parallel decoding of a masked image model's tokens (Chang et al. 2022): options "
+                "temperature, choice_temperature", dict(maskgit.OPTIONS), kind="discrete"),
 ]}
 
 

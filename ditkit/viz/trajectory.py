@@ -58,6 +58,8 @@ def pick_steps(total: int, every: Optional[int] = None, at: Optional[Sequence[in
 
 def _x_t_scale(objective, sigma: float) -> float:
     """alpha(t(sigma)): the factor from sigma-space x to the objective's x_t."""
+    if getattr(objective, "kind", "continuous") == "discrete":
+        return 1.0  # a token model's state is its committed tokens, decoded (sigma: the fraction still masked)
     path = getattr(objective, "path", None)
     if path is not None:
         t = path.t_of_sigma(torch.tensor([sigma], dtype=torch.float64)).clamp(path.t_min, path.t_max)
