@@ -1,9 +1,9 @@
 """Probes of training changes that are not (yet) library options, measured per CPU-minute: runs `ditkit train`
 with one piece swapped for this process only.
 
-    python benchmarks/train_probe.py --contrastive 0.05 -- --out runs/exp/dfm --max-minutes 10 --no-progress \
+    python benchmarks/probes/train_probe.py --contrastive 0.05 -- --out runs/exp/dfm --max-minutes 10 --no-progress \
         --sample-every 0 --ckpt-every 0
-    python benchmarks/train_probe.py --ema-gammas 4,16 -- --out runs/exp/emap ...
+    python benchmarks/probes/train_probe.py --ema-gammas 4,16 -- --out runs/exp/emap ...
 
 (Round 9's Muon probe is the library's `ditkit train --optimizer muon` since round 39.)
 --ema-gammas G1,G2: also keep power-function EMAs (Karras et al. 2024, EDM2: decay (1 - 1/n)^(G + 1) at
