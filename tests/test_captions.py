@@ -87,8 +87,9 @@ def test_caption_file_loads_and_refuses_bad_lines(tmp_path):
     f = tmp_path / "caps.jsonl"
     f.write_text(json.dumps({"file": "d0.png", "text": "a bar"}) + "\n\n"
                  + json.dumps({"file": str(tmp_path / "d1.png"), "text": "a slanted bar"}) + "\n")
-    data, texts = cap.load_caption_dataset(f, image_size=16, channels=1)
-    assert len(data) == 2 and texts == ["a bar", "a slanted bar"] and data.image_shape == (1, 16, 16)
+    data = cap.load_caption_dataset(f, image_size=16, channels=1)
+    assert len(data) == 2 and data.captions == ["a bar", "a slanted bar"] and data.image_shape == (1, 16, 16)
+    assert data.subset(1).captions == ["a bar"] and data.num_classes == 0
 
     def bad(body: str, match: str) -> None:
         f.write_text(json.dumps({"file": "d0.png", "text": "ok"}) + "\n" + body + "\n")

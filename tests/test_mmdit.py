@@ -159,3 +159,51 @@ def test_presets(name, depth, width, patch):
     c = model_config(name)
     assert (c.depth, c.hidden_size, c.patch_size, c.num_classes, c.text_dim) == (depth, width, patch, 0, D_TXT)
     assert MMDiTConfig.from_dict(c.to_dict()) == c
+
+
+def test_train_on_mnist_captions_then_sample_from_prompts(tmp_path):
+    """`ditkit train --model MMDiT-T/4 --captions mnist` end to end on a few images: the run records its text
+    encoder, loads with it, and draws from prompts (guided against the empty prompt); bad prompts are refused."""
+    from ditkit.runs import load_model
+    from ditkit.sampling import generate
+    from ditkit.train.config import TrainConfig
+    from ditkit.train.loop import train
+
+    run = train(TrainConfig(out=str(tmp_path / "run"), model="MMDiT-T/4", captions="mnist", subset=64, batch_size=16,
+                            max_steps=2, depth=2, width=32, heads=2, progress=False, sample_every=0, log_every=1,
+                            precision="fp32", compile=False))
+    import json
+    config = json.loads((run / "config.json").read_text())
+    assert config["family"] == "mmdit" and config["text"]["encoder"] == "all-MiniLM-L6-v2"
+    assert config["model"]["num_classes"] == 0 and config["data"]["captions"] == "mnist"
+    assert config["objective"].get("stable_target", 0) == 0
+    model = load_model(run)
+    assert model.text_encoder is not None and model.text_encoder.max_tokens == config["text"]["max_tokens"]
+    a = generate(model, num=3, prompts=["a bold, slanted seven", "two"], steps=2, cfg_scale=3.0, seed=5)
+    b = generate(model, num=1, prompts=["a bold, slanted seven"], steps=2, cfg_scale=3.0, seed=5, batch_size=1)
+    assert a["images"].shape == (3, 28, 28, 1) and np_equal(a["images"][0], b["images"][0])
+    with pytest.raises(UsageError, match="prompt 1 is empty"):
+        generate(model, num=1, prompts=["  "], steps=2)
+    with pytest.raises(UsageError, match="give --prompt"):
+        generate(model, num=1, steps=2)
+
+
+def test_text_runs_are_refused_with_class_models_and_class_runs_with_text_models(tmp_path):
+    from ditkit.train.config import TrainConfig
+    from ditkit.train.loop import train
+
+    with pytest.raises(UsageError, match="takes no text"):
+        train(TrainConfig(out=str(tmp_path / "a"), model="DiT-T/4", captions="mnist", subset=32, max_steps=1))
+    with pytest.raises(UsageError, match="trains on --captions"):
+        train(TrainConfig(out=str(tmp_path / "b"), model="MMDiT-T/4", subset=32, max_steps=1))
+    with pytest.raises(UsageError, match="--captions mnist: generated for the MNIST digits"):
+        train(TrainConfig(out=str(tmp_path / "c"), model="MMDiT-T/4", captions="mnist", dataset=str(tmp_path),
+                          image_size=8, max_steps=1))
+    with pytest.raises(UsageError, match="--captions 'x.txt'"):
+        TrainConfig(model="MMDiT-T/4", captions="x.txt", max_steps=1).validate()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def np_equal(a, b) -> bool:
+    import numpy as np
+    return bool(np.array_equal(a, b))

@@ -35,6 +35,7 @@ class ImageDataset:
     num_classes: int
     class_names: list[str] = field(default_factory=list)
     name: str = ""
+    captions: list[str] = field(default_factory=list)  # one per image for text-to-image training, else empty
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -45,6 +46,8 @@ class ImageDataset:
             )
         if self.num_classes < 0 or len(self.class_names) not in (0, self.num_classes):
             raise UsageError(f"ImageDataset: num_classes={self.num_classes} but {len(self.class_names)} class names")
+        if len(self.captions) not in (0, self.images.shape[0]):
+            raise UsageError(f"ImageDataset: {len(self.captions)} captions for {self.images.shape[0]} images")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -58,7 +61,7 @@ class ImageDataset:
     def subset(self, n: int) -> "ImageDataset":
         """The first `n` images (all of them if there are fewer)."""
         return ImageDataset(self.images[:n], self.labels[:n], self.num_classes, list(self.class_names),
-                            f"{self.name}[:{n}]" if n < len(self) else self.name)
+                            f"{self.name}[:{n}]" if n < len(self) else self.name, self.captions[:n])
 
     def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images `index` as float32 in [-1, 1], (B, C, H, W), and their labels (B,) int64."""

@@ -274,3 +274,9 @@ def model_config(name: str, *, input_size: int = 28, in_channels: int = 1, num_c
         raise UsageError(f"unknown model {name!r}; allowed: {', '.join(PRESETS)}")
     return MMDiTConfig(**{**PRESETS[name], "input_size": input_size, "in_channels": in_channels,
                           "num_classes": num_classes, **overrides}).validate()
+
+
+from .registry import Family  # noqa: E402  (the registry imports this module lazily, by name)
+
+FAMILY = Family("mmdit", MMDiTConfig, MMDiT, PRESETS,
+                description="MM-DiT (SD3): text and image streams joined in one attention; conditioned on prompts")

@@ -178,7 +178,10 @@ KARRAS_SIGMA_MAX = 80.0
 
 
 def drop_labels(cond: Condition, drop: torch.Tensor) -> Condition:
-    """Replace the labels where `drop` (B,) is True by the null id (trains the unconditional model for CFG)."""
+    """Replace the labels where `drop` (B,) is True by the null id (trains the unconditional model for CFG);
+    a text condition's rows by the empty prompt (caption dropout: `Condition.drop`)."""
+    if cond.tokens is not None:
+        return cond.drop(drop)
     if cond.labels is None or not bool(drop.any()):
         return cond
     labels = torch.where(drop.to(cond.labels.device), torch.full_like(cond.labels, cond.null_label), cond.labels)

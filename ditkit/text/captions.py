@@ -20,7 +20,7 @@ the caption file's folder; every line must hold, or nothing trains (a clear erro
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -211,20 +211,35 @@ def read_caption_file(path: str | Path) -> list[tuple[Path, str]]:
     return out
 
 
-def load_caption_dataset(path: str | Path, image_size: int, channels: int = 3):
-    """A caption file's images as an unconditional ImageDataset, and their captions (one per image)."""
+def load_caption_dataset(path: str | Path, image_size: Optional[int], channels: Optional[int] = None):
+    """A caption file's images as an ImageDataset (no classes) with its captions, one per image."""
     from ..data.dataset import ImageDataset
     from ..data.folder import load_image
 
     if image_size is None:
         raise UsageError("--captions FILE.jsonl: set --image-size (the images are resized to it)")
+    channels = 3 if channels is None else channels
     entries = read_caption_file(path)
     images = np.empty((len(entries), channels, image_size, image_size), dtype=np.uint8)
     for i, (image, _) in enumerate(entries):
         images[i] = load_image(image, int(image_size), channels)
-    data = ImageDataset(torch.from_numpy(images), torch.zeros(len(entries), dtype=torch.long), 0, [],
-                        Path(path).stem)
-    return data, [text for _, text in entries]
+    return ImageDataset(torch.from_numpy(images), torch.zeros(len(entries), dtype=torch.long), 0, [],
+                        Path(path).stem, [text for _, text in entries])
+
+
+def captioned_dataset(spec: str, dataset: str, image_size: Optional[int] = None, channels: Optional[int] = None):
+    """The training set of `ditkit train --captions SPEC`: MNIST with its generated captions ("mnist", with
+    --dataset mnist), or a caption file's images and texts."""
+    from ..data import load_dataset
+
+    spec = check_captions_spec(spec)
+    if spec == "mnist":
+        if dataset != "mnist":
+            raise UsageError(f"--captions mnist: generated for the MNIST digits; --dataset is {dataset!r} "
+                             "(give a .jsonl caption file for other images)")
+        data = load_dataset("mnist", image_size=image_size, channels=channels)
+        return replace(data, captions=mnist_captions(data.images, data.labels))
+    return load_caption_dataset(spec, image_size, channels)
 
 
 def check_captions_spec(spec: str) -> str:
@@ -242,3 +257,11 @@ def caption_words(text: str) -> dict[str, Optional[str]]:
     for a, words in (("thickness", THICKNESS_WORDS), ("slant", SLANT_WORDS), ("size", SIZE_WORDS)):
         found[a] = next((w for w in words if w and f" {w}" in t.replace(",", " ")), None)
     return found
+
+
+def grid_prompts(captions: Optional[str]) -> list[str]:
+    """The prompts of a text run's sample grids, one per column: each digit for MNIST's captions; for a
+    caption file, prompts that name no content ("an image", ...), since its subjects are unknown here."""
+    if captions == "mnist":
+        return [f"a handwritten {w}" for w in DIGIT_WORDS]
+    return ["an image", "a picture", "a small image", "a large image"]
