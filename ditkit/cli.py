@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands whose flags live next to their library code (thin: parse, call, print).
-_COMMAND_MODULES = ("ditkit.eval.cli", "ditkit.viz.cli", "ditkit.serve.cli")
+_COMMAND_MODULES = ("ditkit.eval.cli", "ditkit.viz.cli", "ditkit.serve.cli", "ditkit.interop.cli")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -136,6 +136,8 @@ def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int]
     x = spec.fn(counted, noise, sigmas, cond=cond, rng=rng, callback=callback, **dict(st.options))
     if stats is not None:
         stats["nfe"] = counted.calls
+    if model.decoder is not None:  # a latent model: the sampler ends in VAE latents
+        x = model.decoder(x)
     return x.clamp(-1, 1)
 
 

@@ -48,11 +48,12 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext] = None) -> Path:
+def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext] = None, start: Any = None) -> Path:
     """Train as `cfg` says; returns the run folder. Ctrl-C saves a checkpoint, then re-raises.
-    With `resume`, the fields of `cfg` left at their defaults take the run's recorded values."""
+    With `resume`, the fields of `cfg` left at their defaults take the run's recorded values. `start`: a
+    fine-tune's (ditkit.finetune.FinetuneStart): its data, its config and the weights it starts from."""
     dist = dist or DistContext.from_env()
-    run = resolve_run(cfg, resume=resume, dist=dist)
+    run = resolve_run(cfg, resume=resume, dist=dist, start=start)
     dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
     if dist.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +92,8 @@ class TrainState:
         cfg = run.cfg
         torch.manual_seed(cfg.seed)  # model initialisation
         model = build_model(run.config["model"]).to(run.device)
+        if run.start is not None:  # a fine-tune: the base's weights, and which of them train
+            run.start.prepare(model)
         ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
         opt = build_optimizer(model, cfg.optimizer, lr=cfg.lr, beta2=cfg.beta2, weight_decay=cfg.weight_decay,
                               device=run.device)

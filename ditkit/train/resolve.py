@@ -66,6 +66,7 @@ class ResolvedRun:
     measured_s: float  # spent measuring --batch-size auto: it counts against --max-minutes
     resumed: bool = False
     checkpoint: Optional[Path] = None
+    start: Any = None  # a fine-tune's start (ditkit.finetune.FinetuneStart): its data, config and base weights
 
     @property
     def total_steps(self) -> Optional[int]:
@@ -76,9 +77,10 @@ class ResolvedRun:
         return min(limits) if limits else None
 
 
-def resolve_run(cfg: TrainConfig, *, resume: bool, dist) -> ResolvedRun:
+def resolve_run(cfg: TrainConfig, *, resume: bool, dist, start: Any = None) -> ResolvedRun:
     """Check and resolve everything about the run in `cfg.out` before anything is written. With `resume`,
-    the fields of `cfg` left at their defaults take the run's recorded values."""
+    the fields of `cfg` left at their defaults take the run's recorded values. A fine-tune's `start` gives
+    the data (`start.data`) and the run's config (`start.run_config(cfg, data)`) instead of `cfg`."""
     run_dir = Path(cfg.out)
     old = _recorded_config(run_dir) if resume else None
     if old is not None:
@@ -87,11 +89,12 @@ def resolve_run(cfg: TrainConfig, *, resume: bool, dist) -> ResolvedRun:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = dist.device if dist.world_size > 1 else pick_device(cfg.device)
-    data = load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels)
+    data = start.data if start is not None else load_dataset(cfg.dataset, image_size=cfg.image_size,
+                                                             channels=cfg.channels)
     if cfg.subset is not None:
         data = data.subset(cfg.subset)
     cfg = replace(cfg, stable_target=cfg.stable_target_refs())  # what auto became is written into the run
-    config = resolve_run_config(cfg, data)
+    config = start.run_config(cfg, data) if start is not None else resolve_run_config(cfg, data)
     config["world_size"] = dist.world_size
     config["precision"] = resolve_precision(cfg.precision, device)  # what "auto" became on this machine
     if old is None and (run_dir / "config.json").exists():
@@ -105,7 +108,8 @@ def resolve_run(cfg: TrainConfig, *, resume: bool, dist) -> ResolvedRun:
     steps_per_epoch = len(data) // cfg.batch_size
     if steps_per_epoch < 1:
         raise UsageError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(data)} images)")
-    run = ResolvedRun(cfg, config, data, device, run_dir, steps_per_epoch, measured_s, resumed=old is not None)
+    run = ResolvedRun(cfg, config, data, device, run_dir, steps_per_epoch, measured_s, resumed=old is not None,
+                      start=start)
     if old is not None:
         _check_resume_compatible(old, config)
         config["compiled"] = resolve_compile(cfg, device, dist.world_size, steps_per_epoch, old)
