@@ -3,12 +3,9 @@
     python benchmarks/text_to_image.py cache
         encoder time per request on a cache miss and a hit, and the hit rate under a load of repeated prompts
     python benchmarks/text_to_image.py quality RUN [--per-prompt 3] [--steps 20] [--cfg-scale 3]
-        on the held-out prompts (templates never trained on: ditkit.text.captions.HELD_OUT_TEMPLATES):
-        - digit accuracy: the share of samples that ditkit's classifier reads as the digit the prompt names;
-        - FID against the MNIST test set, and its ratio to the real-data floor at the same n;
-        - attributes: per (digit, template, digit form, seed), the "bold" sample's ink mass against the
-          "thin" one's, and the "slanted right" sample's slant against the "slanted left" one's (seed-matched
-          pairs: the same noise, only the word differs).
+        on the held-out prompts (templates never trained on): digit accuracy by ditkit's classifier, FID and
+        its ratio to the real-data floor, and bold/thin ink and left/right slant in seed-matched pairs
+        (ditkit.text.adherence, as `ditkit eval --prompts held-out`)
 
 Prints one JSON object; --out FILE also writes it.
 """
@@ -23,12 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ditkit.text import TextSpec  # noqa: E402
-from ditkit.text.captions import held_out_prompts, measure  # noqa: E402
+from ditkit.text.captions import held_out_prompts  # noqa: E402
 from ditkit.text.encoder import TextEncoder  # noqa: E402
 
 
@@ -65,56 +60,15 @@ def cache_figures(distinct: int = 100, requests: int = 1000, zipf: float = 1.1, 
 
 
 def quality_figures(run: str, per_prompt: int, steps: int, cfg_scale: float, sampler: str, seed: int) -> dict:
-    from ditkit.eval.classifier import classify
-    from ditkit.eval.metrics import evaluate_images
+    """ditkit.text.adherence on the run's EMA weights (what `ditkit eval --prompts held-out` prints)."""
     from ditkit.runs import load_model
-    from ditkit.sampling import generate
+    from ditkit.settings import SamplingSettings
+    from ditkit.text.adherence import prompt_adherence
 
     model = load_model(run)
-    prompts = held_out_prompts(attributes=True) + held_out_prompts(attributes=False)
-    texts = [p["text"] for p in prompts for _ in range(per_prompt)]
-    # every prompt gets the same seeds: seed-matched pairs differ in their words alone
-    t0 = time.perf_counter()
-    images = []
-    for k in range(per_prompt):
-        out = generate(model, num=len(prompts), prompts=[p["text"] for p in prompts], seed=seed + 100_003 * k,
-                       sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=100)
-        images.append(out["images"])
-    seconds = time.perf_counter() - t0
-    imgs = np.stack(images, 1).reshape(-1, *images[0].shape[1:])  # (P * k, H, W, C), prompt-major
-    digits = np.repeat([p["digit"] for p in prompts], per_prompt)
-    pred = classify(imgs)
-    ev = evaluate_images(imgs, digits)
-    m = measure(imgs[..., 0])
-    P = len(prompts)
-
-    def pairs(attr: str, low: str, high: str, value: str) -> dict:
-        key = {}
-        for i, p in enumerate(prompts):
-            if p[attr] in (low, high):
-                t = p["text"].replace(p[attr], "{}")
-                key.setdefault(t, {})[p[attr]] = i
-        wins = n = 0
-        for v in key.values():
-            if low in v and high in v:
-                for k in range(per_prompt):
-                    a = m[value][v[low] * per_prompt + k]
-                    b = m[value][v[high] * per_prompt + k]
-                    wins += int(b > a)
-                    n += 1
-        return {"pairs": n, "share_high_above_low": wins / max(n, 1)}
-
-    by_kind = {"plain": [i for i, p in enumerate(prompts) if p["thickness"] is None and p["slant"] is None],
-               "with_attributes": [i for i, p in enumerate(prompts) if p["thickness"] or p["slant"]]}
-    acc = {kind: float(np.mean([pred[i * per_prompt + k] == prompts[i]["digit"] for i in idx
-                                for k in range(per_prompt)])) for kind, idx in by_kind.items()}
-    return {"run": run, "step": model.step, "samples": int(len(imgs)), "prompts": P, "per_prompt": per_prompt,
-            "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale, "sampling_seconds": seconds,
-            "digit_accuracy": float(np.mean(pred == digits)), "digit_accuracy_by_kind": acc,
-            "fid": ev["fid"], "fid_floor": ev["fid_floor"], "fid_ratio": ev["fid_ratio"],
-            "fid_ratio_same_mix": ev.get("fid_ratio_same_mix"),
-            "thickness_bold_vs_thin": pairs("thickness", "thin", "bold", "thickness"),
-            "slant_right_vs_left": pairs("slant", "slanted left", "slanted right", "slant")}
+    settings = SamplingSettings(sampler=sampler, steps=steps, cfg_scale=cfg_scale)
+    return {"run": run, "step": model.step, "sampler": sampler, "steps": steps, "cfg_scale": cfg_scale,
+            **prompt_adherence(model, settings, per_prompt=per_prompt, seed=seed)}
 
 
 def main() -> None:

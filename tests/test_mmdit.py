@@ -161,23 +161,30 @@ def test_presets(name, depth, width, patch):
     assert MMDiTConfig.from_dict(c.to_dict()) == c
 
 
-def test_train_on_mnist_captions_then_sample_from_prompts(tmp_path):
-    """`ditkit train --model MMDiT-T/4 --captions mnist` end to end on a few images: the run records its text
-    encoder, loads with it, and draws from prompts (guided against the empty prompt); bad prompts are refused."""
-    from ditkit.runs import load_model
-    from ditkit.sampling import generate
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """`ditkit train --model MMDiT-T/4 --captions mnist`, two steps of a narrow copy on 64 digits."""
     from ditkit.train.config import TrainConfig
     from ditkit.train.loop import train
 
-    run = train(TrainConfig(out=str(tmp_path / "run"), model="MMDiT-T/4", captions="mnist", subset=64, batch_size=16,
-                            max_steps=2, depth=2, width=32, heads=2, progress=False, sample_every=0, log_every=1,
-                            precision="fp32", compile=False))
+    return train(TrainConfig(out=str(tmp_path_factory.mktemp("t2i") / "run"), model="MMDiT-T/4", captions="mnist",
+                             subset=64, batch_size=16, max_steps=2, depth=2, width=32, heads=2, progress=False,
+                             sample_every=0, log_every=1, precision="fp32", compile=False))
+
+
+def test_train_on_mnist_captions_then_sample_from_prompts(text_run):
+    """The run records its text encoder, loads with it, and draws from prompts (guided against the empty
+    prompt), an image independent of its batch; bad prompts are refused."""
     import json
-    config = json.loads((run / "config.json").read_text())
+
+    from ditkit.runs import load_model
+    from ditkit.sampling import generate
+
+    config = json.loads((text_run / "config.json").read_text())
     assert config["family"] == "mmdit" and config["text"]["encoder"] == "all-MiniLM-L6-v2"
     assert config["model"]["num_classes"] == 0 and config["data"]["captions"] == "mnist"
     assert config["objective"].get("stable_target", 0) == 0
-    model = load_model(run)
+    model = load_model(text_run)
     assert model.text_encoder is not None and model.text_encoder.max_tokens == config["text"]["max_tokens"]
     a = generate(model, num=3, prompts=["a bold, slanted seven", "two"], steps=2, cfg_scale=3.0, seed=5)
     b = generate(model, num=1, prompts=["a bold, slanted seven"], steps=2, cfg_scale=3.0, seed=5, batch_size=1)
@@ -186,6 +193,40 @@ def test_train_on_mnist_captions_then_sample_from_prompts(tmp_path):
         generate(model, num=1, prompts=["  "], steps=2)
     with pytest.raises(UsageError, match="give --prompt"):
         generate(model, num=1, steps=2)
+
+
+def test_server_takes_free_text_for_a_text_model_and_exports_the_prompt_cache(text_run):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from ditkit.runs import load_model
+    from ditkit.serve.app import ServeSettings, create_app
+
+    model = load_model(text_run, device="cpu")
+    with TestClient(create_app(model=model, settings=ServeSettings(rate_limit=0.0))) as c:
+        end = time.monotonic() + 60
+        while c.get("/readyz").status_code != 200 and time.monotonic() < end:
+            time.sleep(0.05)
+        ok = c.post("/v1/generate", json={"prompt": "a thin zero, slanted left", "num_samples": 2, "steps": 2,
+                                          "format": "json", "seed": 3})
+        assert ok.status_code == 200, ok.text
+        body = ok.json()
+        assert len(body["images"]) == 2 and body["labels"] == [-1, -1] and body["prompt_truncated"] is False
+        again = c.post("/v1/generate", json={"prompt": "a thin zero, slanted left", "num_samples": 2, "steps": 2,
+                                             "format": "json", "seed": 3})
+        assert again.json()["images"] == body["images"]
+        long = c.post("/v1/generate", json={"prompt": "7 " * 45, "steps": 2})
+        assert long.status_code == 200 and long.headers["X-Prompt-Truncated"] == "true"
+        for bad, field in (({"prompt": "   "}, "prompt"), ({"labels": [3]}, "labels"), ({}, "prompt")):
+            r = c.post("/v1/generate", json={**bad, "steps": 2})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == field, r.text
+        r = c.post("/v1/generate", content=b'{"prompt": "\xff\xfe"}', headers={"content-type": "application/json"})
+        assert r.status_code == 422
+        metrics = c.get("/metrics").text
+        hits = [line for line in metrics.splitlines() if line.startswith("ditkit_prompt_cache_hits")]
+        misses = [line for line in metrics.splitlines() if line.startswith("ditkit_prompt_cache_misses")]
+        assert hits and misses and float(hits[0].split()[-1]) >= 1
 
 
 def test_text_runs_are_refused_with_class_models_and_class_runs_with_text_models(tmp_path):
@@ -207,3 +248,20 @@ def test_text_runs_are_refused_with_class_models_and_class_runs_with_text_models
 def np_equal(a, b) -> bool:
     import numpy as np
     return bool(np.array_equal(a, b))
+
+
+def test_prompt_adherence_reports_digits_fid_and_seed_matched_attribute_pairs(text_run):
+    from ditkit.runs import load_model
+    from ditkit.settings import SamplingSettings
+    from ditkit.text.adherence import format_adherence, prompt_adherence
+
+    model = load_model(text_run)
+    res = prompt_adherence(model, SamplingSettings(steps=2, cfg_scale=2.0), per_prompt=1, digits=(7,))
+    assert res["prompts"] == 4 * 2 * 4 + 4 * 2 and res["n"] == res["prompts"]
+    assert 0 <= res["digit_accuracy"] <= 1 and res["fid_ratio"] > 0
+    # per template and digit form: one thin/bold pair and one left/right pair, for each seed
+    assert res["bold_more_ink_than_thin"]["pairs"] == 8 and res["right_slant_above_left"]["pairs"] == 8
+    assert "digit accuracy" in format_adherence(res)
+    from ditkit.runs import LoadedModel
+    with pytest.raises(UsageError, match="takes class labels"):
+        prompt_adherence(LoadedModel(model.net, model.objective, {}), per_prompt=1)
