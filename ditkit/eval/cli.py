@@ -26,6 +26,11 @@ def register(sub, parser_class) -> None:
     p.add_argument("--num", type=positive_int("--num"), default=10000)
     p.add_argument("--seed", type=seed_int(), default=0)
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=250)
+    p.add_argument("--prompts", choices=["held-out"],
+                   help="text models: prompt adherence on the held-out prompts (digit accuracy, FID, thin/bold "
+                        "and left/right slant in seed-matched pairs) instead of --labels and --num")
+    p.add_argument("--per-prompt", type=positive_int("--per-prompt"), default=3,
+                   help="--prompts: images per prompt (the same seeds for every prompt)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--epochs", type=positive_int("--epochs"), default=5, help="train-classifier: epochs")
     p.add_argument("--out", help="train-classifier: where to write the weights (.safetensors)")
@@ -40,6 +45,23 @@ def small_n_warning(n: int) -> str | None:
         return None
     return (f"warning: FID of only {n} images is dominated by its small-sample bias and spread; compare models "
             f"at n >= {FID_MIN_MEANINGFUL_N} (3,000 or more for small differences)")
+
+
+def _prompt_adherence(args) -> int:
+    """`ditkit eval --ckpt RUN --prompts held-out` (ditkit.text.adherence)."""
+    from ..cli_args import sampling_settings_from_args
+    from ..errors import UsageError
+    from ..runs import load_model
+    from ..text.adherence import format_adherence, prompt_adherence
+
+    if not args.ckpt:
+        raise UsageError("--prompts held-out: give --ckpt RUN (a text model's run folder)")
+    model = load_model(args.ckpt, weights=args.weights, device=args.device, guide=args.guide,
+                       precision=args.precision, compile=args.compile)
+    res = prompt_adherence(model, sampling_settings_from_args(args, model), per_prompt=args.per_prompt,
+                           seed=args.seed, batch_size=args.batch_size)
+    print(json.dumps(res, indent=2, default=str) if args.json else format_adherence(res))
+    return 0
 
 
 def run(args) -> int:
@@ -58,6 +80,8 @@ def run(args) -> int:
         raise UsageError("give exactly one of --ckpt RUN (sample, then evaluate) or --samples FILE.npz")
     from ..evaluate import evaluate_checkpoint, evaluate_samples, format_result, load_samples
 
+    if args.prompts:
+        return _prompt_adherence(args)
     if args.samples:
         images, labels = load_samples(args.samples)
         res = evaluate_samples(images, labels)
