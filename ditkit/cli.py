@@ -152,6 +152,13 @@ def _add_train(sub) -> None:
                         "CPU runs of one process that last >= 3 minutes (or >= 3000 steps) where a compiler works "
                         "and the CPU has AVX-512, off otherwise")
     p.add_argument("--no-compile", dest="compile", action="store_const", const=False)
+    p.add_argument("--grad-checkpoint", action="store_true",
+                   help="recompute each block's activations in the backward instead of keeping them: the same "
+                        "losses with less memory, at the cost of one more forward of the blocks a step (DiT)")
+    p.add_argument("--memory-budget", metavar="SIZE",
+                   help="--batch-size auto takes at most the largest batch whose training step fits SIZE (e.g. "
+                        "4GiB), measured by a short probe; default: half the RAM (CPU) or 90%% of the free memory "
+                        "(GPU)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--sample-sampler", default=d.sample_sampler, help="sampler of the periodic sample grids")
     p.add_argument("--sample-steps", type=_positive_int("--sample-steps"), default=d.sample_steps)

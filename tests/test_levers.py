@@ -175,3 +175,84 @@ def test_memory_plan_fits_the_budget_and_refuses_one_too_small_for_an_image():
     assert largest_batch(int((fixed + base + 3.5 * per) / (1 - HEADROOM)), fixed, base, per) == 3
     with pytest.raises(UsageError, match=r"--memory-budget .*too small for one image"):
         memory_plan(cfg, obj, (1, 28, 28), "adamw", cpu, False, fixed)
+
+
+# ---- gradient checkpointing and the memory budget in training -----------------------------------------
+def _tiny_train(out, **kw):
+    from ditkit.train.config import TrainConfig
+    from ditkit.train.loop import train
+
+    cfg = TrainConfig(out=str(out), model="DiT-T/4", depth=2, width=64, heads=2, log_every=1, ckpt_every=0,
+                      sample_every=0, progress=False, subset=256, warmup_steps=2, precision="fp32", compile=False,
+                      **{"batch_size": 16, "max_steps": 4, **kw})
+    return train(cfg)
+
+
+def _losses(run):
+    import json
+
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_grad_checkpoint_gives_bit_identical_losses_and_weights(tmp_path):
+    import json
+
+    from ditkit.runs import latest_checkpoint, load_weights
+
+    plain = _tiny_train(tmp_path / "plain")
+    ckpt = _tiny_train(tmp_path / "ckpt", grad_checkpoint=True)
+    assert len(_losses(plain)) == 4 and _losses(plain) == _losses(ckpt)
+    a, b = (load_weights(latest_checkpoint(r), "model") for r in (plain, ckpt))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((ckpt / "config.json").read_text())["train"]["grad_checkpoint"] is True
+
+
+def test_checkpointing_runs_in_training_only():
+    net = random_net(depth=2).train().requires_grad_(True)
+    net.grad_checkpoint = True
+    x, t, cond = inputs()
+    calls = []
+    # a pre-hook: the recomputation stops once it has what the backward needs, before the block returns
+    hook = net.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))
+    net(x, t, cond).square().mean().backward()
+    assert len(calls) == 2  # the forward and its recomputation in the backward
+    calls.clear()
+    with torch.no_grad():
+        net(x, t, cond)
+    net.eval()
+    net(x, t, cond).square().mean().backward()
+    assert len(calls) == 2  # once each: no recomputation without training mode or gradients
+    hook.remove()
+
+
+def test_memory_budget_sets_the_auto_batch_and_is_recorded(tmp_path):
+    import json
+
+    from ditkit.objectives import build_objective
+    from ditkit.train.memory import HEADROOM, memory_plan
+
+    run = _tiny_train(tmp_path / "probe", batch_size=None, max_steps=1)
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["memory"]["source"] == "default" and cfg["train"]["batch_size"] == 64  # the default budget: no cut
+    plan = memory_plan(cfg["model"], build_objective(cfg["objective"]), (1, 28, 28), "muon", torch.device("cpu"),
+                       False, 2**40)
+    budget = int((plan["fixed_bytes"] + plan["base_bytes"] + 5.5 * plan["per_image_bytes"]) / (1 - HEADROOM))
+    run = _tiny_train(tmp_path / "five", batch_size=None, max_steps=1, memory_budget=str(budget))
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["batch_size"] == 5 and cfg["memory"]["max_batch"] == 5
+    assert cfg["memory"]["budget_bytes"] == budget and cfg["memory"]["source"] == "--memory-budget"
+
+
+def test_memory_budget_bad_input_is_one_clear_error(tmp_path, capsys):
+    from ditkit.cli import main as cli_main
+
+    base = ["train", "--out", str(tmp_path / "r"), "--depth", "1", "--width", "32", "--heads", "2", "--max-steps", "1",
+            "--subset", "64", "--no-progress", "--sample-every", "0"]
+    assert cli_main(base + ["--memory-budget", "64KiB"]) == 2
+    err = capsys.readouterr().err
+    assert "--memory-budget 64.00 KiB: too small for one image a step" in err and "Traceback" not in err
+    assert cli_main(base + ["--memory-budget", "lots"]) == 2
+    assert "--memory-budget 'lots': give a size like 4GiB" in capsys.readouterr().err
+    assert cli_main(base + ["--memory-budget", "4MiB", "--batch-size", "64"]) == 2
+    assert "holds at most batch" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before the run folder is written

@@ -109,6 +109,9 @@ class DiT(nn.Module):
         self.modulation_cache: Optional[ModulationCache] = ModulationCache()  # None turns the memo off
         self._compiled_trunk = None  # set by compile_for_inference()
         self.compiled_min_batch = 1
+        # training only: recompute each block's activations in the backward instead of keeping them
+        # (`ditkit train --grad-checkpoint`): less memory, one more forward of the blocks a step
+        self.grad_checkpoint = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -186,8 +189,12 @@ class DiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         hidden = None
         rope = (self.rope_cos, self.rope_sin) if self.rope_cos is not None else None
+        checkpointed = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for i, (block, mod) in enumerate(zip(self.blocks, mods), 1):
-            tokens = block(tokens, mod=mod, rope=rope)
+            if checkpointed:  # non-reentrant: the recomputation replays the same kernels, so the same bits
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, mod=mod, rope=rope, use_reentrant=False)
+            else:
+                tokens = block(tokens, mod=mod, rope=rope)
             if i == hidden_at:
                 hidden = tokens
         out = self.final_layer(tokens, mod=mods[-1])  # (B, N, P*P*C)

@@ -96,6 +96,9 @@ class DeltaCache(nn.Module):
                 h = block(h, mod=mod, rope=rope)
             self._delta[B] = h - h_front
             self.full += 1
-        out = net.final_layer(h, mod=mods[-1])  # (B, N, P*P*C)
+        out = net.final_layer(h, mod=mods[-1])  # (B, N, P*P*C_out)
         c = net.config
-        return unpatchify(out, c.patch_size, c.in_channels, c.input_size, c.input_size).to(in_dtype)
+        out = unpatchify(out, c.patch_size, getattr(net, "out_channels", c.in_channels), c.input_size, c.input_size)
+        if getattr(c, "learn_sigma", False):  # as DiT._trunk: the variance channels go unused
+            out = out[:, :c.in_channels]
+        return out.to(in_dtype)

@@ -96,6 +96,10 @@ class TrainConfig:
     # True, False, or None = auto (long runs of one CPU process, where a compiler works; see loop.resolve_compile)
     compile: Optional[bool] = None
     progress: bool = True
+    # recompute each block's activations in the backward (DiT): bit-identical losses, less memory, more time
+    grad_checkpoint: bool = False
+    # --batch-size auto's memory budget ("4GiB"); None = a share of the device's memory (train.memory)
+    memory_budget: Optional[str] = None
     sample_sampler: str = "heun"
     sample_steps: int = 10
     sample_cfg_scale: float = 2.0
@@ -207,6 +211,9 @@ class TrainConfig:
         need(self.mlp in MLPS, f"--mlp {self.mlp!r}: allowed {', '.join(MLPS)}")
         need(self.threads is None or self.threads >= 1, f"--threads {self.threads}: must be >= 1")
         need(self.sample_steps >= 1, f"--sample-steps {self.sample_steps}: must be >= 1")
+        if self.memory_budget is not None:
+            from .memory import parse_bytes
+            parse_bytes(self.memory_budget)  # a UsageError naming --memory-budget
         need(math.isfinite(self.sample_cfg_scale) and self.sample_cfg_scale >= 0,
              f"--sample-cfg-scale {self.sample_cfg_scale}: must be >= 0")
         return self
@@ -222,7 +229,8 @@ class TrainConfig:
     # Fields that may differ between an interrupted run and its resumption without changing the result.
     RESUMABLE_CHANGES = ("max_steps", "epochs", "max_minutes", "progress", "log_every", "ckpt_every",
                          "sample_every", "keep_checkpoints", "device", "threads", "out", "guide_at",
-                         "compile")  # compile: checked against what the run resolved it to (loop.train)
+                         "compile",  # compile: checked against what the run resolved it to (loop.train)
+                         "grad_checkpoint", "memory_budget")  # the same losses; the batch is recorded
     @classmethod
     def recorded(cls, d: dict[str, Any]) -> dict[str, Any]:
         """Every field's value in a run's config.json "train" entry `d`; a field that an older ditkit did not

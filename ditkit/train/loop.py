@@ -94,6 +94,7 @@ class TrainState:
         model = build_model(run.config["model"]).to(run.device)
         if run.start is not None:  # a fine-tune: the base's weights, and which of them train
             run.start.prepare(model)
+        model.grad_checkpoint = cfg.grad_checkpoint  # a DiT's (resolve_auto_settings refuses other families)
         ema = EMA(model, cfg.ema_decay, cfg.ema_warmup)
         opt = build_optimizer(model, cfg.optimizer, lr=cfg.lr, beta2=cfg.beta2, weight_decay=cfg.weight_decay,
                               device=run.device)

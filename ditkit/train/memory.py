@@ -134,13 +134,14 @@ def fmt_bytes(n: float) -> str:
 
 
 def memory_plan(model_config: dict, objective: Any, shape: tuple, optimizer: str, device: torch.device,
-                amp: bool, budget: int) -> dict[str, Any]:
+                amp: bool, budget: int, grad_checkpoint: bool = False) -> dict[str, Any]:
     """Probe a fresh model at PROBE_BATCHES and return what config.json records: the budget, the fixed and
     per-image bytes, and `max_batch`, the largest batch that fits (a UsageError where none does)."""
     from ..models import build_model
     from .optim import build_optimizer
 
     net = build_model(model_config).to(device).train()
+    net.grad_checkpoint = grad_checkpoint  # then only the blocks' inputs are kept
     opt = build_optimizer(net, optimizer, lr=1e-6, beta2=0.99, weight_decay=0.0, device=device)
     nc = int(model_config.get("num_classes", 0))
     b0, b1 = PROBE_BATCHES
@@ -151,3 +152,42 @@ def memory_plan(model_config: dict, objective: Any, shape: tuple, optimizer: str
     fixed = fixed_bytes(net, opt)
     return {"budget_bytes": int(budget), "fixed_bytes": int(fixed), "per_image_bytes": int(per_image),
             "base_bytes": int(base), "headroom": HEADROOM, "max_batch": largest_batch(budget, fixed, base, per_image)}
+
+
+def fit_memory(cfg: Any, config: dict[str, Any], device: torch.device, world_size: int, batch: int) -> int:
+    """--batch-size auto within the memory budget (--memory-budget, else `default_budget`): the smaller of
+    `batch` (the speed-based choice) and the largest batch that fits, recorded in config["memory"]. With
+    --memory-budget and a given --batch-size, a UsageError where that batch does not fit. DiT runs of
+    class or unconditional models are probed; other families only where --memory-budget asks (refused)."""
+    if config.get("family", "dit") != "dit" or getattr(cfg, "captions", None) is not None:
+        if cfg.memory_budget is not None:
+            raise UsageError(f"--memory-budget: the probe measures DiT class models; this run is a "
+                             f"{config.get('family')!r} model (give --batch-size N instead)")
+        return batch
+    from ..objectives import build_objective
+
+    budget = parse_bytes(cfg.memory_budget) if cfg.memory_budget is not None else default_budget(device)
+    plan = memory_plan(config["model"], build_objective(config["objective"]), tuple(config["data"]["shape"]),
+                       cfg.optimizer, device, config["precision"] == "bf16", budget, cfg.grad_checkpoint)
+    fits = plan["max_batch"] * world_size  # each process holds its share of the global batch
+    config["memory"] = {**plan, "source": "--memory-budget" if cfg.memory_budget is not None else "default"}
+    if cfg.batch_size is not None:  # given: check it
+        if cfg.batch_size > fits:
+            raise UsageError(f"--batch-size {cfg.batch_size}: a training step at this batch needs "
+                             f"~{fmt_bytes(plan['fixed_bytes'] + plan['base_bytes'] + plan['per_image_bytes'] * cfg.batch_size // world_size)}"
+                             f"; --memory-budget {fmt_bytes(budget)} holds at most batch {fits}")
+        return cfg.batch_size
+    chosen = min(batch, fits - fits % world_size) if fits >= world_size else fits
+    if chosen < batch:
+        import logging
+
+        logging.getLogger(__name__).info("--batch-size auto: %d, the largest that fits %s (%s an image)", chosen,
+                                         fmt_bytes(budget), fmt_bytes(plan["per_image_bytes"]))
+    return max(chosen, 1)
+
+
+def check_grad_checkpoint(cfg: Any, config: dict[str, Any]) -> None:
+    """--grad-checkpoint checkpoints a DiT's blocks; a UsageError for a family without them."""
+    if cfg.grad_checkpoint and config.get("family", "dit") != "dit":
+        raise UsageError(f"--grad-checkpoint: checkpoints a DiT's blocks; this run is a {config.get('family')!r} "
+                         "model (train without it)")

@@ -130,9 +130,16 @@ def _recorded_config(run_dir: Path) -> dict[str, Any]:
 
 def resolve_auto_settings(cfg: TrainConfig, config: dict[str, Any], device: torch.device, world_size: int,
                           num_images: int) -> TrainConfig:
-    """--batch-size, --lr and --weight-decay auto (None) made concrete."""
+    """--batch-size, --lr and --weight-decay auto (None) made concrete; --batch-size auto within the memory
+    budget (train.memory: the budget and what the probe measured go into config["memory"])."""
+    from .memory import check_grad_checkpoint, fit_memory
+
+    check_grad_checkpoint(cfg, config)
     if cfg.batch_size is None:
-        cfg = replace(cfg, batch_size=auto_batch_size(cfg, config, device, world_size, num_images))
+        batch = auto_batch_size(cfg, config, device, world_size, num_images)
+        cfg = replace(cfg, batch_size=fit_memory(cfg, config, device, world_size, batch))
+    elif cfg.memory_budget is not None:
+        fit_memory(cfg, config, device, world_size, cfg.batch_size)  # a given batch the budget cannot hold: refused
     if cfg.lr is None:
         cfg = replace(cfg, lr=lr_for_batch(cfg.batch_size))
     if cfg.weight_decay is None:
