@@ -38,6 +38,16 @@ def _add_data(sub) -> None:
     m.add_argument("--idx-dir", help="a folder with the canonical IDX files (train-images-idx3-ubyte[.gz], ...)")
     m.add_argument("--force", action="store_true", help="rebuild the cache even if it exists")
     m.set_defaults(func=_cmd_data_mnist)
+    from .data.glyphs import DEFAULT_LETTERS
+
+    g = dsub.add_parser("glyphs", help="render a small custom set offline: letters from matplotlib's fonts with "
+                                       "random affine jitter and stroke width (class folders + captions.jsonl)")
+    g.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    g.add_argument("--letters", default=DEFAULT_LETTERS, help="one class per letter (or digit)")
+    g.add_argument("--per-class", type=_positive_int("--per-class"), default=40)
+    g.add_argument("--size", type=_positive_int("--size"), default=28)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_cmd_data_glyphs)
 
 
 def _cmd_data_mnist(args) -> int:
@@ -47,6 +57,15 @@ def _cmd_data_mnist(args) -> int:
     xtr, _ = load_mnist("train", cache_dir=args.cache_dir)
     xte, _ = load_mnist("test", cache_dir=args.cache_dir)
     print(f"MNIST ready: {path} ({len(xtr)} train, {len(xte)} test digits)")
+    return 0
+
+
+def _cmd_data_glyphs(args) -> int:
+    from .data.glyphs import make_glyphs
+
+    meta = make_glyphs(args.out, letters=args.letters, per_class=args.per_class, size=args.size, seed=args.seed)
+    print(f"wrote {args.out}: {meta['num_images']} images of {len(meta['letters'])} letters, "
+          f"{meta['size']}x{meta['size']}, seed {meta['seed']}")
     return 0
 
 
