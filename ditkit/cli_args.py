@@ -16,6 +16,24 @@ class Parser(argparse.ArgumentParser):
     """argparse, but an error is one line first (naming the subcommand, with a suggestion for a mistyped
     flag), then where to find the usage; never a traceback (exit code 2)."""
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)  # `--cfg-scal` is a typo to point out, not a flag to guess
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the subcommand that was given, so a mistyped flag is matched against its flags
+            self._innermost(ns).error("unrecognized arguments: " + " ".join(extras))
+        return ns
+
+    def _innermost(self, ns: argparse.Namespace) -> argparse.ArgumentParser:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                sub = action.choices.get(getattr(ns, action.dest, None) or "")
+                if sub is not None:
+                    return sub._innermost(ns) if isinstance(sub, Parser) else sub
+        return self
+
     def error(self, message: str) -> None:  # type: ignore[override]
         hint = self._suggestion(message)
         self.exit(2, f"{self.prog}: error: {message}{hint}\n(see `{self.prog} --help`)\n")

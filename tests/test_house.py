@@ -194,3 +194,37 @@ def test_the_readme_python_block_runs_as_written(tiny_run, monkeypatch, tmp_path
         shutil.copytree(tiny_run, dest)
     monkeypatch.chdir(tmp_path)
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+
+
+# -- the run's own sampling setting and its guide ---------------------------------------------------
+def test_tune_rule_is_accuracy_first_then_fid_then_cost():
+    from ditkit.tune import Measured, choose, plan_images
+
+    st = SamplingSettings()
+    m = [Measured("a", st, 0.30, fid_ratio=1.00, accuracy=0.995),   # best FID, costly
+         Measured("b", st, 0.05, fid_ratio=1.04, accuracy=0.993),   # within 5% of it, cheaper: wins
+         Measured("c", st, 0.01, fid_ratio=0.90, accuracy=0.950)]   # best FID of all, reads wrong too often
+    assert choose(m).name == "b"
+    m[1].fid_ratio = 1.2
+    assert choose(m).name == "a"
+    n, kept = plan_images({"cheap": 0.01, "dear": 1.0}, budget_s=60, probe_s=0)
+    assert kept == ["cheap"] and n >= 200  # the costliest candidate goes first when the budget is short
+    n, kept = plan_images({"x": 0.001, "y": 0.002}, budget_s=600, probe_s=0)
+    assert n == 1000 and kept == ["x", "y"]
+
+
+def test_the_guide_ladder_keeps_the_snapshot_nearest_its_fraction_of_the_steps():
+    import torch
+
+    from ditkit.train.guide import GuideLadder
+
+    net = torch.nn.Linear(2, 2)
+    ladder = GuideLadder(0.3, max_snapshots=4)
+    for step in range(1, 101):
+        with torch.no_grad():
+            net.weight.fill_(step)
+        ladder.observe(step, net)
+    assert len(ladder.snapshots) <= 4 + 1 and ladder.interval >= 25
+    step, w = ladder.choose(100)
+    assert abs(step - 30) <= ladder.interval / 2 + 1 and float(w["weight"][0, 0]) == step
+    assert GuideLadder(0.3, kept_step=30).choose(100) is None  # nothing nearer than the guide on disk
