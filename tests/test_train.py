@@ -116,17 +116,20 @@ def test_resume_a_run_from_before_the_block_parts(tmp_path):
 
 def test_cli_resume_keeps_the_runs_settings(tmp_path, capsys):
     """`ditkit train --out R --resume` alone continues R with the settings R was started with (seed, lr,
-    block parts, stratified times, subset, ...), bit-exactly; a setting given anew that differs is refused
-    by name."""
-    run_args = ["--subset", "256", "--batch-size", "16", "--warmup-steps", "2", "--lr-decay", "0", "--lr", "5e-4",
-                "--seed", "3", "--stratified-time", "--norm", "rmsnorm", "--mlp", "swiglu", "--sample-every", "0", "--sample-steps", "1",
-                "--log-every", "1", "--ckpt-every", "0", "--no-progress", "--threads", "1", "--no-compile"]
-    assert cli_main(["train", "--out", str(tmp_path / "full"), "--max-steps", "5"] + run_args) == 0
-    assert "(batch 16, lr 0.0005)" in capsys.readouterr().out  # the run's batch and lr, in its last line
-    assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "2"] + run_args) == 0
+    block parts, stratified times, subset, ...), bit-exactly, also where R used options that left the
+    command line for ditkit.experimental; a setting given anew that differs is refused by name."""
+    from ditkit import experimental
+
+    kw = dict(subset=256, batch_size=16, warmup_steps=2, lr_decay=0.0, lr=5e-4, seed=3, stratified_time=True,
+              norm="rmsnorm", mlp="swiglu", sample_every=0, sample_steps=1, log_every=1, ckpt_every=0,
+              progress=False, threads=1, compile=False)
+    experimental.train(experimental.train_config(out=str(tmp_path / "full"), max_steps=5, **kw))
+    experimental.train(experimental.train_config(out=str(tmp_path / "part"), max_steps=2, **kw))
     assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "5", "--resume", "--no-progress"]) == 0
+    assert "(batch 16, lr 0.0005)" in capsys.readouterr().out  # the run's batch and lr, in its last line
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
-    assert json.loads((tmp_path / "part" / "config.json").read_text())["objective"]["stratified_time"] is True
+    config = json.loads((tmp_path / "part" / "config.json").read_text())
+    assert config["objective"]["stratified_time"] is True and config["model"]["norm"] == "rmsnorm"
     capsys.readouterr()
     assert cli_main(["train", "--out", str(tmp_path / "part"), "--max-steps", "7", "--resume", "--seed", "4"]) == 2
     err = capsys.readouterr().err
@@ -489,22 +492,25 @@ def run_cli(argv) -> int:
     (["train", "--width", "130", "--out", "{tmp}/r"], "DiT-T/4 with --width 130: hidden_size 130 must be divisible by num_heads 4", 2),
     (["train", "--heads", "0"], "--heads must be >= 1", 2),
     (["train", "--guide-at", "1", "--out", "{tmp}/r"], "--guide-at 1.0: must be in [0, 1)", 2),
-    (["train", "--train-guidance", "0.5", "--out", "{tmp}/r"], "--train-guidance 0.5: must be a number >= 1", 2),
-    (["train", "--objective", "ddpm", "--train-guidance", "2", "--out", "{tmp}/r"],
-     "model guidance is for the interpolant objectives", 2),
-    (["train", "--train-guidance", "2", "--unconditional", "--out", "{tmp}/r"], "guidance needs class labels", 2),
-    (["train", "--train-guidance", "2", "--label-dropout", "0", "--out", "{tmp}/r"], "give --label-dropout > 0", 2),
-    (["train", "--logit-mean", "inf", "--out", "{tmp}/r"], "--logit-mean inf: must be a finite number", 2),
+    (["train", "--logit-mean", "inf", "--out", "{tmp}/r"], "--logit-mean must be a finite number", 2),
     (["train", "--center", "median", "--out", "{tmp}/r"], "invalid choice: 'median'", 2),
-    (["train", "--dispersive", "-0.5", "--out", "{tmp}/r"], "--dispersive must be >= 0", 2),
-    (["train", "--dispersive", "0.25", "--dispersive-block", "5", "--max-steps", "1", "--out", "{tmp}/r"],
-     "--dispersive-block 5: the model has blocks 1 to 4", 2),
     (["train", "--stable-target", "-5", "--out", "{tmp}/r"], "--stable-target must be >= 0", 2),
     (["train", "--objective", "ddpm", "--stable-target", "64", "--out", "{tmp}/r"],
      "--stable-target: for the interpolant objectives", 2),
-    (["train", "--mlp", "relu", "--out", "{tmp}/r"], "invalid choice: 'relu'", 2),
-    (["train", "--rope", "--width", "120", "--max-steps", "1", "--out", "{tmp}/r"],
-     "DiT-T/4 with --width 120: rope needs a head width (hidden_size / num_heads = 30) divisible by 4", 2),
+    # refused before anything is written: a seed torch cannot take, a grid sampler the model cannot use
+    (["train", "--seed", "99999999999999999999", "--out", "{tmp}/r"], "--seed must be in [0, 2**63 - 1]", 2),
+    (["train", "--seed", "-1", "--out", "{tmp}/r"], "--seed must be in [0, 2**63 - 1]", 2),
+    (["train", "--sample-sampler", "bogus", "--out", "{tmp}/r"], "invalid choice: 'bogus'", 2),
+    (["train", "--objective", "ddpm", "--sample-sampler", "euler-maruyama", "--max-steps", "1", "--out", "{tmp}/r"],
+     "--sample-sampler: needs a continuous-time objective", 2),
+    (["train", "--objective", "ddpm", "--sample-steps", "1001", "--max-steps", "1", "--out", "{tmp}/r"],
+     "--sample-steps: must be between 1 and 1000", 2),
+    # options that left the command line: one line naming their Python home
+    (["train", "--dispersive", "0.25", "--out", "{tmp}/r"], "ditkit.experimental", 2),
+    (["train", "--qk-norm", "--out", "{tmp}/r"], "--qk-norm is no longer a `ditkit train` flag", 2),
+    (["train", "--norm", "rmsnorm", "--out", "{tmp}/r"], "train_config(norm=...", 2),
+    (["train", "--stratified-time", "--out", "{tmp}/r"], "ditkit.experimental", 2),
+    (["train", "--train-guidance=1.5", "--out", "{tmp}/r"], "ditkit.experimental", 2),
     (["data", "mnist", "--idx-dir", "/nonexistent", "--cache-dir", "{tmp}/c"], "/nonexistent", 1),
 ])
 def test_cli_bad_inputs_exit_nonzero_with_one_clear_line(argv, needle, code, tiny_run, tmp_path, capsys):
@@ -514,6 +520,44 @@ def test_cli_bad_inputs_exit_nonzero_with_one_clear_line(argv, needle, code, tin
     assert needle in err and "Traceback" not in err
     assert len([ln for ln in err.splitlines() if "error" in ln]) == 1
     assert not (tmp_path / "c" / "mnist").exists() or not any((tmp_path / "c" / "mnist").iterdir())
+    assert not (tmp_path / "r").exists()  # a refused run leaves no folder that would block the retry
+
+
+@pytest.mark.parametrize("fields,needle", [
+    (dict(train_guidance=0.5), "--train-guidance 0.5: must be a number >= 1"),
+    (dict(objective="ddpm", train_guidance=2), "model guidance is for the interpolant objectives"),
+    (dict(train_guidance=2, unconditional=True), "guidance needs class labels"),
+    (dict(train_guidance=2, label_dropout=0), "give --label-dropout > 0"),
+    (dict(dispersive=-0.5), "--dispersive -0.5: must be a number >= 0"),
+    (dict(dispersive=0.25, dispersive_block=5), "--dispersive-block 5: the model has blocks 1 to 2"),
+    (dict(mlp="relu"), "--mlp 'relu': allowed"),
+    (dict(rope=True, width=120, heads=4), "rope needs a head width (hidden_size / num_heads = 30) divisible by 4"),
+    (dict(seed=2 ** 64), "--seed 18446744073709551616: must be an integer in [0, 2**63 - 1]"),
+    (dict(sample_sampler="bogus"), "--sample-sampler 'bogus': allowed"),
+])
+def test_experimental_options_are_checked_from_python(fields, needle, tmp_path):
+    """The options that left the command line keep their checks in Python (ditkit.experimental), and a
+    refused run writes nothing."""
+    from ditkit import experimental
+
+    small = {k: v for k, v in SMALL.items() if k not in fields}
+    with pytest.raises(UsageError) as e:
+        experimental.train(experimental.train_config(out=str(tmp_path / "r"), max_steps=1, **small, **fields))
+    assert needle in str(e.value)
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_help_keeps_its_main_group_short(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--help"])
+    out = capsys.readouterr().out
+    main_group = out.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
+    flags = [ln.split()[0].rstrip(",") for ln in main_group.splitlines() if ln.startswith("  -")]
+    assert 5 <= len(flags) <= 35, flags
+    for gone in ("--dispersive", "--stratified-time", "--train-guidance", "--norm", "--qk-norm", "--mlp", "--rope"):
+        assert gone + " " not in out and gone + "\n" not in out
+    for group in ("schedule and optimiser", "logging, checkpoints and sample grids", "hardware"):
+        assert group + ":" in out
 
 
 def test_guide_is_the_ema_at_its_fraction_of_the_run_and_survives_resume(tmp_path):

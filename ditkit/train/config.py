@@ -8,7 +8,10 @@ from typing import Any, Optional
 
 from ..errors import UsageError
 from ..models.layers import MLPS, NORMS
+from ..samplers import SAMPLERS
 from .optim import OPTIMIZERS
+
+SEED_MAX = 2 ** 63 - 1  # torch generators take a signed 64-bit seed
 
 # The demo recipe, chosen by measurement (docs/BENCHMARKS.md, "Choosing the default recipe").
 DEFAULT_MODEL = "DiT-T/4"
@@ -39,6 +42,11 @@ class TrainConfig:
     width: Optional[int] = None
     heads: Optional[int] = None
     unconditional: bool = False
+    # text to image (MM-DiT): "mnist" (captions generated from each digit, ditkit.text.captions) or a .jsonl
+    # caption file; --label-dropout is then the caption dropout (to the empty prompt, for CFG)
+    captions: Optional[str] = None
+    # masked image models (MIM-*): the tokenizer's run folder (`ditkit train-tokenizer`), whose codes they model
+    tokenizer: Optional[str] = None
     # objective
     objective: str = DEFAULT_OBJECTIVE
     prediction: Optional[str] = None  # default per objective: eps (ddpm), velocity (interpolants)
@@ -133,7 +141,8 @@ class TrainConfig:
         """The reference images a step of --stable-target: what was given, or auto's (None) value."""
         if self.stable_target is not None:
             return self.stable_target
-        return 0 if self.objective == "ddpm" else STABLE_TARGET_REFS
+        # off with captions: the stable target pools references by class, and a caption is no class
+        return 0 if self.objective == "ddpm" or self.captions else STABLE_TARGET_REFS
 
     def objective_config(self, data_mean: Any = None, depth: Optional[int] = None) -> dict[str, Any]:
         """The objective's config; `data_mean` (the training images' mean, ImageDataset.mean_image in
@@ -204,12 +213,27 @@ class TrainConfig:
         for flag, v in self.shape_flags().items():
             need(v >= 1, f"--{flag} {v}: must be >= 1")
         need(self.subset is None or self.subset >= 1, f"--subset {self.subset}: must be >= 1")
+        from ..models.registry import preset_family
+        text_model = preset_family(self.model) == "mmdit"
+        need(text_model == (self.captions is not None),
+             f"--model {self.model}: a text model trains on --captions (mnist or FILE.jsonl)" if text_model
+             else f"--captions: {self.model} takes no text; use a text model (MMDiT-T/4, ...)")
+        if self.captions is not None:
+            from ..text.captions import check_captions_spec
+            check_captions_spec(self.captions)
+            need(not self.unconditional, "--captions: a text model is conditioned on its captions; drop --unconditional")
+            need(not self.stable_target, "--stable-target: pools references by class; not for --captions (use 0)")
+            need(not self.compile, "--compile: not measured for text models yet; train --captions without it")
         need(self.keep_checkpoints >= 0, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 0")
         need(self.precision in ("auto", "fp32", "bf16"), f"--precision {self.precision!r}: allowed auto, fp32, bf16")
         need(self.pos_embed in ("sincos", "learned"), f"--pos-embed {self.pos_embed!r}: allowed sincos, learned")
         need(self.norm in NORMS, f"--norm {self.norm!r}: allowed {', '.join(NORMS)}")
         need(self.mlp in MLPS, f"--mlp {self.mlp!r}: allowed {', '.join(MLPS)}")
         need(self.threads is None or self.threads >= 1, f"--threads {self.threads}: must be >= 1")
+        need(isinstance(self.seed, int) and 0 <= self.seed <= SEED_MAX,
+             f"--seed {self.seed}: must be an integer in [0, 2**63 - 1]")
+        need(self.sample_sampler in SAMPLERS,
+             f"--sample-sampler {self.sample_sampler!r}: allowed {', '.join(SAMPLERS)}")
         need(self.sample_steps >= 1, f"--sample-steps {self.sample_steps}: must be >= 1")
         if self.memory_budget is not None:
             from .memory import parse_bytes

@@ -24,9 +24,15 @@ import torch
 from ..condition import Condition
 from ..models import build_model
 from ..objectives import build_objective
-from ..runs import guide_checkpoint, load_training_state, save_checkpoint, save_guide
+from ..errors import UsageError
+from ..images import save_grid
+from ..metrics import plot_loss
+from ..runs import (PRECISIONS, LoadedModel, guide_checkpoint, load_training_state, read_state, save_checkpoint,
+                   save_guide)
+from ..settings import SamplingSettings, SettingsError
 from ..utils import atomic_write_bytes, atomic_write_json, compile_failed, first_line
 from .config import TrainConfig
+from .guide import GuideLadder, guide_snapshots
 from .distributed import DistContext
 from .ema import EMA
 from .lr_plan import DECAY_REPLANS, LAST_REPLAN_STEPS, PLAN_AFTER_STEPS, LRPlan, next_plan_step  # noqa: F401
@@ -54,19 +60,43 @@ def train(cfg: TrainConfig, *, resume: bool = False, dist: Optional[DistContext]
     fine-tune's (ditkit.finetune.FinetuneStart): its data, its config and the weights it starts from."""
     dist = dist or DistContext.from_env()
     run = resolve_run(cfg, resume=resume, dist=dist, start=start)
+    state = TrainState.build(run)
+    grid_settings(run.cfg, run.config, state)  # a grid sampler the model cannot use: refused before any step
+    trainer = Trainer(run, state, dist)  # compiles, where the run does: a failure leaves no run folder behind
     dist.barrier()  # every rank has looked at the run folder before rank 0 writes into it
     if dist.is_main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(run.run_dir / "config.json", run.config)
-    dist.barrier()
-    state = TrainState.build(run)
-    if dist.is_main:
         _truncate_metrics(run.run_dir / "metrics.jsonl", state.step)
-    Trainer(run, state, dist).run()
+    dist.barrier()
+    trainer.run()
     if dist.is_main:
-        from ..viz.plots import plot_loss
         plot_loss(run.run_dir)
     return run.run_dir
+
+
+def grid_settings(cfg: TrainConfig, config: dict[str, Any], state: "TrainState") -> SamplingSettings:
+    """The sampling settings of the periodic sample grids (--sample-sampler, --sample-steps,
+    --sample-cfg-scale), checked against the model: a bad one is refused before the run folder exists,
+    not after the whole run."""
+    nc = config["model"]["num_classes"]
+    sampler, steps = grid_sampler(cfg, state.objective)
+    try:
+        settings = SamplingSettings(sampler=sampler, steps=steps, cfg_scale=cfg.sample_cfg_scale if nc else 1.0)
+        return settings.validate(LoadedModel(state.ema.model, state.objective, config))
+    except SettingsError as e:
+        flag = {"sampler": "--sample-sampler", "steps": "--sample-steps", "cfg_scale": "--sample-cfg-scale"}.get(
+            e.field, "--sample-" + e.field.replace("_", "-"))
+        raise UsageError(f"{flag}: {e.message}") from None
+
+
+def grid_sampler(cfg: TrainConfig, objective: Any) -> tuple[str, int]:
+    """The grids' sampler and steps: --sample-sampler and --sample-steps, or, left at their defaults, the
+    objective's own for a family that samples its own way (a masked image model: maskgit, 12 steps)."""
+    own = getattr(objective, "default_sampling", None)
+    if own and (cfg.sample_sampler, cfg.sample_steps) == (TrainConfig.sample_sampler, TrainConfig.sample_steps):
+        return own["sampler"], own["steps"]
+    return cfg.sample_sampler, cfg.sample_steps
 
 
 @dataclass
@@ -91,7 +121,7 @@ class TrainState:
         """A fresh state seeded by --seed, or, for a resumed run, its checkpoint's."""
         cfg = run.cfg
         torch.manual_seed(cfg.seed)  # model initialisation
-        model = build_model(run.config["model"]).to(run.device)
+        model = build_model(run.config["model"], run.config.get("family")).to(run.device)
         if run.start is not None:  # a fine-tune: the base's weights, and which of them train
             run.start.prepare(model)
         model.grad_checkpoint = cfg.grad_checkpoint  # a DiT's (resolve_auto_settings refuses other families)
@@ -99,6 +129,8 @@ class TrainState:
         opt = build_optimizer(model, cfg.optimizer, lr=cfg.lr, beta2=cfg.beta2, weight_decay=cfg.weight_decay,
                               device=run.device)
         objective = build_objective(run.config["objective"])
+        if hasattr(objective, "attach"):  # an objective with parts of its own to load (a tokenizer)
+            objective.attach(run.run_dir, run.device)
         gen = torch.Generator().manual_seed(cfg.seed + 1)  # all training noise: t, eps, label dropout
         st = cls(model, ema, opt, objective, gen, elapsed_before=run.measured_s)
         if run.checkpoint is not None:
@@ -125,6 +157,11 @@ class Trainer:
         self.lo, self.hi = dist.rank * self.local_B, (dist.rank + 1) * self.local_B  # this rank's rows
         self.num_classes = run.config["model"]["num_classes"]
         self.amp = run.config["precision"] == "bf16"
+        self.captions = None  # text to image: every distinct caption encoded once, before the run's clock starts
+        if "text" in run.config:
+            from ..text import load_text_encoder
+            from ..text.table import CaptionTable
+            self.captions = CaptionTable.build(run.data.captions, load_text_encoder(run.config["text"]))
         self.net = self._wrap()
         total = run.total_steps
         deadline = time.monotonic() + cfg.max_minutes * 60 - run.measured_s if cfg.max_minutes else None
@@ -134,7 +171,9 @@ class Trainer:
         self.t_start = time.monotonic()  # the run's clock (elapsed_s) includes compiling
         if run.config["compiled"]:
             self._compile_now()
-        self.guide_kept = guide_checkpoint(run.run_dir) is not None
+        kept = guide_checkpoint(run.run_dir)
+        self.ladder = GuideLadder(cfg.guide_at, max_snapshots=guide_snapshots(state.ema.model),
+                                  kept_step=None if kept is None else int(read_state(kept).get("step", 0)))
         self.bar = None
         if cfg.progress and dist.is_main:
             from tqdm import tqdm
@@ -188,6 +227,8 @@ class Trainer:
         x, y = data.batch(idx[self.lo:self.hi])
         x, y = x.to(device, non_blocking=True), y.to(device)
         cond = Condition.from_labels(y, self.num_classes) if self.num_classes else Condition.none(self.local_B)
+        if self.captions is not None:
+            cond = self.captions.condition(idx[self.lo:self.hi], device)
         noise = st.objective.sample_noise(self.B, self.shape, st.gen)
         noise = {k: v[self.lo:self.hi] for k, v in noise.items()}
         reference = None
@@ -240,12 +281,8 @@ class Trainer:
             self._grid()
         if cfg.ckpt_every and st.step % cfg.ckpt_every == 0:
             self._checkpoint()
-        if self._guide_due():
-            self.guide_kept = True
-            if self.dist.is_main:
-                save_guide(self.run_.run_dir, st.step, st.ema.model)
-                log.info("kept the EMA weights of step %d as the autoguidance model (%s)", st.step,
-                         self.run_.run_dir / "guide")
+        if self.dist.is_main:
+            self.ladder.observe(st.step, st.ema.model)
 
     # -- around the steps -----------------------------------------------------------------------
 
@@ -271,8 +308,7 @@ class Trainer:
                 raise compile_failed(e, "train without --compile") from None
             log.warning("training without compilation: torch.compile failed on this model (%s)", first_line(e))
             self.net = self.dist.wrap(self.st.model)
-            self.run_.config["compiled"] = False
-            atomic_write_json(self.run_.run_dir / "config.json", self.run_.config)
+            self.run_.config["compiled"] = False  # what config.json records
         finally:
             self.st.opt.zero_grad(set_to_none=True)
 
@@ -288,15 +324,17 @@ class Trainer:
             return False
         return bool(self.dist.agree(int(time.monotonic() >= self.plan.deadline)))
 
-    def _guide_due(self) -> bool:
-        """The weak model for autoguidance: the EMA at `guide_at` of the planned steps (of the time budget
-        while no plan exists yet). Saved once; a resumed run keeps the one it has."""
-        cfg = self.cfg
-        if self.guide_kept or cfg.guide_at <= 0:
-            return False
-        if self.plan.planned:
-            return self.st.step >= cfg.guide_at * self.plan.planned
-        return self.plan.deadline is not None and self._elapsed() >= cfg.guide_at * cfg.max_minutes * 60
+    def _keep_guide(self) -> None:
+        """Write as RUN/guide the EMA snapshot nearest to `guide_at` of the steps trained so far (see
+        train/guide.py), where it is nearer than the guide already kept."""
+        chosen = self.ladder.choose(self.st.step)
+        if chosen is None:
+            return
+        step, weights = chosen
+        save_guide(self.run_.run_dir, step, weights)
+        self.ladder.kept_step = step
+        log.info("kept the EMA weights of step %d of %d as the autoguidance model (%s)", step, self.st.step,
+                 self.run_.run_dir / "guide")
 
     def _checkpoint(self) -> None:
         st, dist = self.st, self.dist
@@ -305,12 +343,13 @@ class Trainer:
                             dict(epoch=st.epoch, pos=st.pos, ema_updates=st.ema.num_updates,
                                  elapsed_s=self._elapsed(), world_size=dist.world_size, **self.plan.state()),
                             {"gen": st.gen.get_state()}, keep=self.cfg.keep_checkpoints)
+            self._keep_guide()
         dist.barrier()
 
     def _grid(self) -> None:
         if self.dist.is_main:
             save_sample_grid(self.run_.run_dir, self.st.ema.model, self.st.objective, self.st.step, self.cfg,
-                             self.run_.config["precision"])
+                             self.run_.config["precision"], self.run_.config)
 
 
 class _LogWindow:
@@ -350,14 +389,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 @torch.no_grad()
 def save_sample_grid(run_dir: Path, ema_model, objective, step: int, cfg: TrainConfig,
-                     precision: str = "fp32") -> Optional[Path]:
+                     precision: str = "fp32", config: Optional[dict[str, Any]] = None) -> Optional[Path]:
     """A 10x10 grid of EMA samples (fixed seeds; one class per column) at this step, drawn in the run's
     `precision`: a run that trains in bf16 draws from a bf16 copy of the EMA, as `ditkit sample
     --precision bf16` would. A time-limited run spends this time off its steps: on Zen 5 1.21 against
     3.15 s a grid of 19 NFE, a 10-minute run's ~9 grids 1.8% of its budget against 4.7%
-    (`benchmarks/probes/train_grid.py`)."""
-    from ..sampling import PRECISIONS, LoadedModel, generate
-    from ..viz.grids import save_grid
+    (`benchmarks/train_grid.py`). `config`: the run's config.json (its family), default a DiT's."""
+    from ..sampling import generate
 
     was_training = ema_model.training
     net = ema_model.eval()
@@ -365,8 +403,16 @@ def save_sample_grid(run_dir: Path, ema_model, objective, step: int, cfg: TrainC
         net = copy.deepcopy(ema_model).to(PRECISIONS[precision])
     nc = ema_model.config.num_classes
     n = 10 * max(1, min(nc, 10)) if nc else 64
-    lm = LoadedModel(net, objective, {})
-    out = generate(lm, num=n, labels=None, seed=GRID_SEED, batch_size=n, sampler=cfg.sample_sampler,
-                   steps=cfg.sample_steps, cfg_scale=cfg.sample_cfg_scale if nc else 1.0)
+    lm = LoadedModel(net, objective, config or {})
+    prompts = None
+    if config and "text" in config:  # a text model: one prompt per column (ditkit.text.captions.grid_prompts)
+        from ..text import load_text_encoder
+        from ..text.captions import grid_prompts
+        lm.text_encoder = load_text_encoder(config["text"])
+        prompts = grid_prompts(config["data"].get("captions"))
+        nc, n = len(prompts), 10 * len(prompts)
+    sampler, steps = grid_sampler(cfg, objective)
+    out = generate(lm, num=n, labels=None, prompts=prompts, seed=GRID_SEED, batch_size=n,
+                   sampler=sampler, steps=steps, cfg_scale=cfg.sample_cfg_scale if nc else 1.0)
     ema_model.train(was_training)
     return save_grid(out["images"], Path(run_dir) / "samples" / f"step_{step:07d}.png", nrow=min(nc, 10) if nc else 8)
