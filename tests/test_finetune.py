@@ -220,3 +220,13 @@ def test_cli_finetune_lora_then_merge(base_and_glyphs, tmp_path, capsys):
     assert main(["finetune", "--from", str(base), "--dataset", str(tmp_path / "nowhere"), "--out",
                  str(tmp_path / "bad"), "--max-steps", "1"]) != 0
     assert "nowhere: no such folder" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_cli_data_glyphs(tmp_path, capsys):
+    from ditkit.cli import main
+
+    assert main(["data", "glyphs", "--out", str(tmp_path / "g"), "--letters", "KL", "--per-class", "2"]) == 0
+    assert "4 images of 2 letters" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["K", "L", "captions.jsonl", "glyphs.json"]
+    assert main(["data", "glyphs", "--out", str(tmp_path / "g")]) == 2  # not empty: refused, nothing touched
+    assert "not empty" in capsys.readouterr().err
