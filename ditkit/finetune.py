@@ -44,7 +44,7 @@ import torch.nn as nn
 from PIL import Image, UnidentifiedImageError
 
 from .data import ImageDataset
-from .data.folder import CHANNEL_MODES, IMAGE_SUFFIXES, _image_files, load_image
+from .data.folder import IMAGE_SUFFIXES, _image_files, load_image
 from .errors import DitkitError, UsageError
 
 MODES = ("full", "freeze", "lora")
@@ -459,7 +459,6 @@ def finetune(base: str | os.PathLike, dataset: str | os.PathLike, out: str | os.
     """Fine-tune `base` (a run or checkpoint folder) on the image folder `dataset` into the new run `out`.
     `train_settings` are TrainConfig fields (max_minutes, max_steps, batch_size, lr, seed, ...); lr and
     warmup_steps default to the fine-tune's (FINETUNE_LR, FINETUNE_DEFAULTS)."""
-    from .train.config import TrainConfig
     from .train.loop import train
 
     b = load_base(base, weights)

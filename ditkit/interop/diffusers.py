@@ -36,7 +36,6 @@ writes): `import_diffusers` measures the difference on probe inputs and records 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
@@ -49,8 +48,6 @@ from .. import __version__
 from ..condition import Condition
 from ..errors import DitkitError, UsageError
 from ..models.dit import DiT, DiTConfig
-
-log = logging.getLogger(__name__)
 
 DIFFUSERS_CLASS = "DiTTransformer2DModel"
 LEGACY_CLASS = "Transformer2DModel"  # what facebook/DiT-XL-2-256's transformer/config.json names
