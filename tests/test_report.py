@@ -290,3 +290,20 @@ def test_report_cli_on_broken_runs(run_copy, tmp_path, capsys):
     assert "no complete checkpoint" in cap.err
     page = (run_copy / "report.html").read_text()
     assert "report_files/curves.png" in page and "No samples" in page
+
+
+def test_report_of_a_unet_run_says_which_sections_do_not_apply(tmp_path):
+    """A U-Net has no transformer blocks or patch tokens: the report draws its curves and samples, and
+    says that attention maps and the feature t-SNE do not apply, instead of failing."""
+    from ditkit.train.config import TrainConfig
+    from ditkit.train.loop import train
+
+    run = train(TrainConfig(out=str(tmp_path / "unet"), model="UNet-T", max_steps=3, batch_size=8, subset=64,
+                            warmup_steps=1, log_every=1, ckpt_every=0, sample_every=0, sample_steps=1,
+                            progress=False, threads=1, compile=False))
+    assert json.loads((run / "config.json").read_text())["family"] == "unet"
+    rep = build_report(run, options=light_options(num_per_ckpt=2, steps=2, tsne_points=20))
+    assert {"curves", "samples"} <= set(rep.figures)
+    assert not {"attention", "attention_layers", "tsne"} & set(rep.figures)
+    page = rep.path.read_text()
+    assert page.count("do not apply to this model (family &#x27;unet&#x27;)") == 2

@@ -7,6 +7,7 @@ setting is checked first, so a refused run leaves nothing behind that would bloc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from ..condition import Condition
 from ..data import load_dataset
 from ..errors import DitkitError, UsageError
 from ..models import DiTConfig, build_model, model_config
+from ..models.registry import get_family, preset_family
 from ..objectives import DataMean, build_objective
 from ..runs import clean_partial, latest_checkpoint
 from ..utils import compile_failed, pick_device, resolve_precision
@@ -89,8 +91,13 @@ def resolve_run(cfg: TrainConfig, *, resume: bool, dist, start: Any = None) -> R
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = dist.device if dist.world_size > 1 else pick_device(cfg.device)
-    data = start.data if start is not None else load_dataset(cfg.dataset, image_size=cfg.image_size,
-                                                             channels=cfg.channels)
+    if start is not None:
+        data = start.data
+    elif cfg.captions is not None:  # text to image: images with one caption each
+        from ..text.captions import captioned_dataset
+        data = captioned_dataset(cfg.captions, cfg.dataset, cfg.image_size, cfg.channels)
+    else:
+        data = load_dataset(cfg.dataset, image_size=cfg.image_size, channels=cfg.channels)
     if cfg.subset is not None:
         data = data.subset(cfg.subset)
     cfg = replace(cfg, stable_target=cfg.stable_target_refs())  # what auto became is written into the run
@@ -156,21 +163,32 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
     """What RUN/config.json holds: the model, the objective, the training settings and the data."""
     C, H, W = data.image_shape
     if H != W:
-        raise UsageError(f"dataset images are {H}x{W}; DiT needs square images (set --image-size)")
-    num_classes = 0 if cfg.unconditional else data.num_classes
+        raise UsageError(f"dataset images are {H}x{W}; the models need square images (set --image-size)")
+    family = preset_family(cfg.model)
+    text = family == "mmdit"  # a text model: conditioned on captions (TrainConfig.validate), never on classes
+    num_classes = 0 if cfg.unconditional or text else data.num_classes
+    masked = family == "mim"  # a masked image model: its tokenizer decides the codebook, the grid and the objective
+    if masked != (cfg.tokenizer is not None):
+        raise UsageError(f"--model {cfg.model}: a masked image model trains on a tokenizer's codes; give --tokenizer "
+                         "DIR (ditkit train-tokenizer)" if masked else
+                         f"--tokenizer: for a masked image model (MIM-T, MIM-S), not {cfg.model}")
+    tok_model, tok_objective = ({}, None)
+    if masked:
+        from ..objectives.masked import masked_run_settings
+        tok_model, tok_objective = masked_run_settings(cfg.tokenizer, (C, H, W), cfg.label_dropout)
+    overrides = family_overrides(cfg, family)
     try:
-        mcfg = model_config(cfg.model, input_size=H, in_channels=C, num_classes=num_classes,
-                            **cfg.block_parts(), **cfg.model_overrides())
+        mcfg = model_config(cfg.model, input_size=H, in_channels=C, num_classes=num_classes, **overrides, **tok_model)
     except UsageError as e:
         if not cfg.model_overrides():
             raise
         given = " ".join(f"--{k} {v}" for k, v in cfg.shape_flags().items())
         raise UsageError(f"{cfg.model} with {given}: {e}") from None
     mean = DataMean.stored(data.mean_image()) if cfg.center == "mean" else None
-    objective = build_objective(cfg.objective_config(mean, depth=mcfg.depth))
-    return {
+    objective = build_objective(tok_objective or cfg.objective_config(mean, depth=getattr(mcfg, "depth", None)))
+    config = {
         "ditkit_version": __version__,
-        "family": "dit",
+        "family": family,
         "model_name": cfg.model,
         "model": mcfg.to_dict(),
         "objective": objective.config(),
@@ -180,6 +198,34 @@ def resolve_run_config(cfg: TrainConfig, data) -> dict[str, Any]:
                  # the label prior, for sampling the data's class mix (`ditkit eval --labels prior`)
                  "class_counts": torch.bincount(data.labels, minlength=num_classes).tolist() if num_classes else []},
     }
+    if text:  # runs.load_model builds the frozen encoder from this (ditkit.text.load_text_encoder)
+        from ..text import TextSpec
+        config["text"] = TextSpec().to_dict()
+        config["data"]["captions"] = cfg.captions
+    return config
+
+
+def family_overrides(cfg: TrainConfig, family: str) -> dict[str, Any]:
+    """The fields of the family's model config that the model flags set: the shape (--depth, --width,
+    --heads) and the block parts (--pos-embed, and the experimental norm, qk_norm, mlp, rope). A DiT takes
+    every block part; another family only those it has and that differ from TrainConfig's defaults (its
+    presets choose their own), and a flag given for a field its config lacks is refused by name."""
+    fields = {f.name for f in dataclasses.fields(get_family(family).config_cls)}
+    default = TrainConfig()
+    out: dict[str, Any] = {}
+    for name, value in cfg.block_parts().items():
+        if family == "dit" or (name in fields and value != getattr(default, name)):
+            out[name] = value
+        elif value != getattr(default, name):
+            raise UsageError(f"--{name.replace('_', '-')} {value}: {cfg.model} (family {family}) has no such "
+                             "setting; it is a DiT block part")
+    for flag, value in cfg.shape_flags().items():
+        name = TrainConfig.SHAPE_FIELDS[flag]
+        if name not in fields:
+            raise UsageError(f"--{flag} {value}: {cfg.model} (family {family}) has no {name}; its config has "
+                             f"{', '.join(sorted(fields))}")
+        out[name] = value
+    return out
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -193,7 +239,8 @@ def _check_resume_compatible(old: dict[str, Any], new: dict[str, Any]) -> None:
         a, b = old.get(key), new.get(key)
         if key == "data" and isinstance(a, dict) and isinstance(b, dict):  # what an older ditkit did not record
             b = {k: v for k, v in b.items() if k in a or k not in DATA_KEYS_ADDED_LATER}
-        if key == "model" and isinstance(a, dict):  # a DiT field an older ditkit did not write had its default
+        if key == "model" and isinstance(a, dict) and old.get("family", "dit") == "dit":  # a DiT field an older
+            # ditkit did not write had its default
             a = {**DiTConfig().to_dict(), **a}
         if a != b:
             fields = sorted(k for k in set(a or {}) | set(b or {}) if (a or {}).get(k) != (b or {}).get(k)) \
@@ -258,8 +305,8 @@ def resolve_compile(cfg: TrainConfig, device: torch.device, world_size: int, ste
     steps = [n for n in (cfg.max_steps, math.ceil(cfg.epochs * steps_per_epoch) if cfg.epochs else None) if n]
     long_enough = ((cfg.max_minutes is None or cfg.max_minutes >= AUTO_COMPILE_MIN_MINUTES)
                    and (not steps or min(steps) >= AUTO_COMPILE_MIN_STEPS))
-    if world_size > 1 or device.type != "cpu" or not long_enough:
-        return False
+    if world_size > 1 or device.type != "cpu" or not long_enough or cfg.captions is not None:
+        return False  # (text models: compiling them is not measured yet)
     why_not = compile_pays_here()
     if why_not is not None:
         log.info("training without compilation: %s", why_not)
@@ -295,10 +342,11 @@ def probe_step(net, objective, shape: tuple, batch: int, num_classes: int, devic
 
 def seconds_per_step(model_config: dict[str, Any], objective, shape: tuple, batch: int, device: torch.device,
                      amp: bool, steps: int = PROBE_STEPS, warmup: int = PROBE_WARMUP,
-                     optimizer: str = TrainConfig.optimizer) -> float:
+                     optimizer: str = TrainConfig.optimizer, family: Optional[str] = None) -> float:
     """The measured time of one training step (forward, backward, the optimiser's step) at `batch` on a
-    fresh copy of the model: the fastest of `steps` timed steps after `warmup` untimed ones."""
-    model = build_model(model_config).to(device).train()
+    fresh copy of the model (of `family`, a DiT when None): the fastest of `steps` timed steps after
+    `warmup` untimed ones."""
+    model = build_model(model_config, family).to(device).train()
     opt = build_optimizer(model, optimizer, lr=1e-3, beta2=0.99, weight_decay=0.0, device=device)
     best = math.inf
     for i in range(warmup + steps):
@@ -318,14 +366,18 @@ def auto_batch_size(cfg: TrainConfig, config: dict[str, Any], device: torch.devi
     """What --batch-size auto becomes (see AUTO_BATCHES). 64 unless the run is limited by time alone and
     trains in one process: then the first of AUTO_BATCHES whose measured step buys AUTO_BATCH_MIN_STEPS
     steps in the budget (else the last)."""
-    if cfg.max_minutes is None or cfg.max_steps is not None or cfg.epochs is not None or world_size > 1:
+    if (cfg.max_minutes is None or cfg.max_steps is not None or cfg.epochs is not None or world_size > 1
+            or cfg.captions is not None):  # the probe's step is a class model's
         return BASE_BATCH
     objective = build_objective(config["objective"])
+    if hasattr(objective, "attach"):  # an objective with parts of its own to load (a tokenizer)
+        objective.attach(None, device)
     shape, amp = tuple(config["data"]["shape"]), config["precision"] == "bf16"
     candidates = [b for b in AUTO_BATCHES if b <= num_images] or [min(AUTO_BATCHES)]
     said = []
     for batch in candidates:
         steps = int(cfg.max_minutes * 60 / seconds_per_step(config["model"], objective, shape, batch, device, amp,
+                                                              family=config.get("family"),
                                                               optimizer=cfg.optimizer))
         said.append(f"{steps:,} steps at batch {batch}")
         if steps >= AUTO_BATCH_MIN_STEPS:
