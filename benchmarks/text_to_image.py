@@ -6,6 +6,8 @@
         on the held-out prompts (templates never trained on): digit accuracy by ditkit's classifier, FID and
         its ratio to the real-data floor, and bold/thin ink and left/right slant in seed-matched pairs
         (ditkit.text.adherence, as `ditkit eval --prompts held-out`)
+    python benchmarks/text_to_image.py attention RUN --out FILE.png [--prompt TEXT ...]
+        which image patches read each word of a few prompts (ditkit.viz.word_attention)
 
 Prints one JSON object; --out FILE also writes it.
 """
@@ -84,9 +86,23 @@ def main() -> None:
     q.add_argument("--cfg-scale", type=float, default=3.0)
     q.add_argument("--sampler", default="dpm++2m")
     q.add_argument("--seed", type=int, default=0)
-    for p in (c, q):
+    w = sub.add_parser("attention")
+    w.add_argument("run")
+    w.add_argument("--prompt", action="append")
+    w.add_argument("--seed", type=int, default=0)
+    for p in (c, q, w):
         p.add_argument("--out", type=Path)
     a = ap.parse_args()
+    if a.what == "attention":
+        from ditkit.runs import load_model
+        from ditkit.viz.word_attention import plot_word_attention, word_attention
+
+        if a.out is None or a.out.suffix != ".png":
+            ap.error("attention: give --out FILE.png")
+        model = load_model(a.run)
+        prompts = a.prompt or ["a bold seven, slanted right", "a thin 1, slanted left", "a small 3", "a large zero"]
+        print(plot_word_attention([word_attention(model, p, seed=a.seed) for p in prompts], prompts, a.out))
+        return
     if a.what == "cache":
         res = cache_figures(a.distinct, a.requests)
     else:

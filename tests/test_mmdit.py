@@ -265,3 +265,17 @@ def test_prompt_adherence_reports_digits_fid_and_seed_matched_attribute_pairs(te
     from ditkit.runs import LoadedModel
     with pytest.raises(UsageError, match="takes class labels"):
         prompt_adherence(LoadedModel(model.net, model.objective, {}), per_prompt=1)
+
+
+def test_word_attention_maps_each_word_of_the_prompt(text_run, tmp_path):
+    from ditkit.runs import load_model
+    from ditkit.viz.word_attention import plot_word_attention, word_attention, words_of
+
+    model = load_model(text_run)
+    assert words_of(model.text_encoder, "a bold, slanted seven") == [("a", [1]), ("bold", [2]), ("slanted", [4, 5]),
+                                                                     ("seven", [6])]
+    res = word_attention(model, "a bold, slanted seven", steps=2)
+    assert res["words"] == ["a", "bold", "slanted", "seven"] and res["maps"].shape == (4, 2, 7, 7)
+    assert res["image"].shape == (28, 28, 1)
+    out = plot_word_attention([res], ["a bold, slanted seven"], tmp_path / "w.png")
+    assert out.stat().st_size > 1000
