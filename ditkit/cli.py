@@ -220,6 +220,9 @@ def _add_sample(sub) -> None:
                    action="append")
     p.add_argument("--labels", default="all",
                    help="a class id (3), a list (0,1,2), 'all' (balanced) or 'prior' (the training data's class mix)")
+    p.add_argument("--prompt", action="append", metavar="TEXT",
+                   help="text models (MMDiT-*): a prompt, e.g. \"a bold, slanted seven\"; repeatable, cycled to --num")
+    p.add_argument("--prompts-file", metavar="FILE", help="text models: prompts, one per line (UTF-8)")
     p.add_argument("--num", type=positive_int("--num"), default=100)
     p.add_argument("--seed", type=seed_int(), default=0)
     p.add_argument("--batch-size", type=positive_int("--batch-size"), default=100)
@@ -245,9 +248,10 @@ def _cmd_sample(args) -> int:
     model = load_model(args.ckpt, weights=args.weights, device=args.device, guide=args.guide,
                        precision=args.precision, compile=args.compile, quantize=args.quantize)
     settings = sampling_settings_from_args(args, model)
+    prompts = _prompts_from_args(args, model)
     with tqdm(total=args.num, unit="img", disable=not sys.stderr.isatty()) as bar:
-        res = generate(model, settings, num=args.num, labels=args.labels, seed=args.seed,
-                       batch_size=args.batch_size, progress=bar.update)
+        res = generate(model, settings, num=args.num, labels=args.labels if prompts is None else None,
+                       prompts=prompts, seed=args.seed, batch_size=args.batch_size, progress=bar.update)
     for out in args.out:
         _write_samples(res, out, model, args)
         print(f"wrote {out}")
@@ -261,6 +265,40 @@ def _cmd_sample(args) -> int:
         if settings.reject is not None else ""
     print(f"{args.num} images ({settings.describe()}), {res['nfe']} NFE per image{redrawn}, {res['seconds']:.2f} s")
     return 0
+
+
+def _prompts_from_args(args, model) -> Optional[list[str]]:
+    """--prompt / --prompts-file for a text model (None for a class model given neither); a prompt longer than
+    the encoder's max tokens is truncated, with a warning on stderr."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            text = Path(args.prompts_file).read_text(encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--prompts-file {args.prompts_file}: unreadable ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise UsageError(f"--prompts-file {args.prompts_file}: not UTF-8 text ({e})") from None
+        prompts += [line for line in text.splitlines() if line.strip()]
+        if not prompts:
+            raise UsageError(f"--prompts-file {args.prompts_file}: no prompts in it (one per line)")
+    encoder = getattr(model, "text_encoder", None)
+    if not prompts:
+        if encoder is not None:
+            raise UsageError("this model draws from text: give --prompt \"...\" (repeatable) or --prompts-file")
+        return None
+    if encoder is None:
+        raise UsageError("--prompt: this model takes class labels, not text; use --labels (a class id or name)")
+    if args.trajectory:
+        raise UsageError("--trajectory: draws a class model's trajectory; not for text models yet")
+    for i, p in enumerate(prompts, 1):
+        if not p.strip():
+            raise UsageError(f"--prompt {i} is empty: give text (the empty prompt is guidance's unconditional "
+                             "condition)")
+    for p, info in zip(prompts, encoder.inspect(prompts)):
+        if info["truncated"]:
+            print(f"warning: prompt {p[:40]!r}... is longer than {encoder.max_tokens} tokens: truncated",
+                  file=sys.stderr)
+    return prompts
 
 
 def _write_samples(res: dict, out: str, model, args) -> None:
