@@ -19,7 +19,7 @@ import shlex
 import shutil
 import time
 import urllib.parse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -462,6 +462,9 @@ def _samples(b: _Build) -> None:
             b.notes.append(f"checkpoint {ck.name}: cannot be loaded ({e}); its row is left out")
             continue
         if not b.labels:
+            own = getattr(m.objective, "default_sampling", None)  # a family with a sampler of its own (maskgit)
+            if own and opts.sampler == ReportOptions.sampler:
+                opts = b.opts = replace(opts, sampler=own["sampler"])
             b.cfg_scale = _cfg_scale(m, b.cfg, opts)
             validate_sampling(m, sampler=opts.sampler, steps=opts.steps, cfg_scale=b.cfg_scale)  # a bad flag: stop here
             b.labels = parse_labels(None, opts.num_per_ckpt, m.num_classes)
