@@ -100,3 +100,10 @@ def test_bad_settings_are_refused(pipeline_dir):
         amused_generate(pipe, ["a cat"], steps=0)
     with pytest.raises(UsageError, match="--prompt"):
         amused_generate(pipe, [" "], steps=2)
+
+
+def test_amused_is_a_ditkit_command():
+    from ditkit.cli import build_parser
+
+    args = build_parser().parse_args(["amused", "--model-dir", "d", "--prompt", "a cat", "--steps", "12"])
+    assert (args.command, args.prompt, args.steps) == ("amused", ["a cat"], 12)

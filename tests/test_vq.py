@@ -91,3 +91,10 @@ def test_train_tokenizer_refuses_bad_input(tmp_path, vq_run):
     with pytest.raises(DitkitError, match="already holds a run"):
         train_tokenizer(TokenizerTrainConfig(out=str(vq_run), max_steps=1, subset=64, batch_size=8,
                                              eval_images=0, progress=False))
+
+
+def test_train_tokenizer_is_a_ditkit_command():
+    from ditkit.cli import build_parser
+
+    args = build_parser().parse_args(["train-tokenizer", "--out", "x", "--max-minutes", "5", "--codebook-size", "512"])
+    assert (args.command, args.codebook_size, args.max_minutes) == ("train-tokenizer", 512, 5.0)
