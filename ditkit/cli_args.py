@@ -176,6 +176,15 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
                         "denoisers explain it best by its asked class, by a margin M in [0, 1) (0.08: the asked "
                         f"class's error 8%% below every other's); costs {len(SIGMAS)} network evaluations per "
                         "class per verdict")
+    g.add_argument("--cache-interval", type=positive_int("--cache-interval"), default=None, metavar="K",
+                   help="dynamic compute: the whole network every K-th evaluation, only its front quarter of "
+                        "blocks in between, reusing the back blocks' last contribution (Δ-DiT-style caching); 1 = off")
+    g.add_argument("--best-of", type=positive_int("--best-of"), default=None, metavar="N",
+                   help="draw each image N times and keep the one --verifier scores best (N x the draws); 1 = off")
+    g.add_argument("--verifier", default=None, choices=["implicit", "classifier"],
+                   help="--best-of's judge: implicit (the model's own class evidence, as --reject; "
+                        f"{len(SIGMAS)} network evaluations per class per candidate) or classifier (ditkit's MNIST "
+                        "classifier: cheap, but the same network that ditkit eval scores with)")
     g.add_argument("--guide", help="the weak model for --autoguidance: a run or checkpoint folder "
                                    "(default: the run's RUN/guide)")
 

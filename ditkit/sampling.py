@@ -16,6 +16,8 @@ from .condition import Condition
 from .errors import DitkitError, UsageError
 from .runs import PRECISIONS, LoadedModel, compile_model, load_model  # noqa: F401  (the API's names)
 from .samplers import autoguided, count_calls, get_sampler, guided
+from .bestof import best_of_batch
+from .samplers.cache import DeltaCache
 from .samplers.implicit import class_errors, relative_margin
 from .settings import DEFAULT_SAMPLER, DEFAULT_STEPS, REJECT_TRIES, SAMPLER_SPACING, SamplingSettings  # noqa: F401
 from .utils import ImageRNG, image_seeds
@@ -120,7 +122,8 @@ def sample_batch(model: LoadedModel, labels: Sequence[int], seeds: Sequence[int]
     spec = get_sampler(st.sampler)
     rng = ImageRNG(seeds, dev)
     noise = rng.randn(model.image_shape)
-    denoiser = model.objective.denoiser(model.net)
+    net = model.net if st.cache_interval == 1 else DeltaCache(model.net, st.cache_interval)  # samplers.cache
+    denoiser = model.objective.denoiser(net)
     scale = torch.as_tensor(st.cfg_scale, dtype=torch.float32)
     if (model.num_classes > 0 or prompts is not None) and bool((scale != 1).any()):
         denoiser = guided(denoiser, scale.to(dev) if scale.ndim else float(scale), interval=st.guidance_interval,
@@ -250,7 +253,11 @@ def generate(model: LoadedModel, settings: SettingsLike = None, *, num: int,
         stats: dict = {}
         b_labels, b_seeds = labs[start:start + batch_size], seeds[start:start + batch_size]
         b_prompts = None if prompt_list is None else prompt_list[start:start + batch_size]
-        x = sample_batch(model, b_labels, b_seeds, st, prompts=b_prompts, stats=stats)
+        if st.best_of > 1:  # N draws of each image, the verifier's favourite kept (ditkit.bestof)
+            x = best_of_batch(model, b_labels, b_seeds, st.best_of, st.verifier,
+                              lambda labs, sds: sample_batch(model, labs, sds, st, stats=stats), stats)
+        else:
+            x = sample_batch(model, b_labels, b_seeds, st, prompts=b_prompts, stats=stats)
         nfe = stats.get("nfe", 0)
         if st.reject is not None:
             x, r, k = _redraw_rejected(model, x, b_labels, b_seeds, st)

@@ -72,6 +72,10 @@ class SamplingSettings:
     model's weak model (Karras et al. 2024; 1 = off). guidance_interval: (sigma_lo, sigma_hi), guide only
     there (Kynkaanniemi et al. 2024). reject: None, or the margin by which the model's own class evidence
     must favour the asked class, else the image is drawn again with a new seed, up to reject_tries draws.
+    cache_interval: k > 1 runs the whole network every k-th evaluation and its front blocks only in between,
+    reusing the back blocks' last contribution (samplers.cache; 1 = off). best_of: N > 1 draws each image N
+    times and keeps the one its verifier ("implicit": the model's own class evidence; "classifier": ditkit's
+    MNIST classifier) scores best (ditkit.bestof; 1 = off).
     """
 
     sampler: str = DEFAULT_SAMPLER
@@ -84,6 +88,9 @@ class SamplingSettings:
     guidance_interval: Optional[tuple[float, float]] = None
     reject: Optional[float] = None
     reject_tries: int = REJECT_TRIES
+    cache_interval: int = 1
+    best_of: int = 1
+    verifier: str = "implicit"
 
     # ---- building -------------------------------------------------------------------------------
     def replace(self, **changes: Any) -> "SamplingSettings":
@@ -182,6 +189,17 @@ class SamplingSettings:
         if isinstance(self.reject_tries, bool) or not isinstance(self.reject_tries, int) or self.reject_tries < 2:
             raise SettingsError("reject_tries", "must be an integer >= 2 (the first draw and at least one redraw)",
                                 self.reject_tries)
+        from .bestof import VERIFIERS
+
+        for name in ("cache_interval", "best_of"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise SettingsError(name, "must be an integer >= 1 (1 = off)", v)
+        if self.verifier not in VERIFIERS:
+            raise SettingsError("verifier", f"allowed: {', '.join(VERIFIERS)}", self.verifier)
+        if self.best_of > 1 and self.reject is not None:
+            raise SettingsError("best_of", "give one of --best-of and --reject (both spend draws on the model's "
+                                "class evidence)", self.best_of)
         return self
 
     def validate(self, model: Any) -> "SamplingSettings":
@@ -224,6 +242,17 @@ class SamplingSettings:
         if spec.needs_path and getattr(obj, "path", None) is None:
             raise SettingsError("sampler", "needs a continuous-time objective (linear, gvp, vp); this model's "
                                 f"objective is {obj.config()['name']!r}", self.sampler)
+        from .bestof import check_best_of
+        from .samplers.cache import check_cache_interval
+
+        for name, check in (("cache_interval", lambda: check_cache_interval(model.net, self.cache_interval)),
+                            ("best_of", lambda: check_best_of(model, self.best_of, self.verifier))):
+            try:
+                check()
+            except SettingsError:
+                raise
+            except UsageError as e:
+                raise SettingsError(name, str(e).split(": ", 1)[-1], getattr(self, name)) from None
         return self
 
     def describe(self) -> str:
@@ -240,4 +269,8 @@ class SamplingSettings:
             parts.append(f"guided at sigma in [{self.guidance_interval[0]:g}, {self.guidance_interval[1]:g}]")
         if self.reject is not None:
             parts.append(f"rejection {self.reject:g}")
+        if self.cache_interval > 1:
+            parts.append(f"front blocks only at {self.cache_interval - 1} of {self.cache_interval} evaluations")
+        if self.best_of > 1:
+            parts.append(f"best of {self.best_of} by the {self.verifier} verifier")
         return ", ".join(parts)

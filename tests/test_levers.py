@@ -256,3 +256,51 @@ def test_memory_budget_bad_input_is_one_clear_error(tmp_path, capsys):
     assert cli_main(base + ["--memory-budget", "4MiB", "--batch-size", "64"]) == 2
     assert "holds at most batch" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # refused before the run folder is written
+
+
+# ---- through the settings object, generate and the CLI ------------------------------------------------
+def test_generate_with_cache_interval_and_best_of(tiny_run):
+    from ditkit.bestof import candidate_seeds, scores
+    from ditkit.runs import load_model
+    from ditkit.sampling import generate, sample_batch, to_uint8
+    from ditkit.settings import SamplingSettings
+
+    model = load_model(tiny_run)
+    plain = generate(model, num=4, steps=4, seed=3)
+    cached = generate(model, SamplingSettings(steps=4, cache_interval=2), num=4, seed=3)
+    assert cached["nfe"] == plain["nfe"] and not np.array_equal(cached["images"], plain["images"])
+    assert "front blocks only at 1 of 2" in cached["settings"].describe()
+    best = generate(model, num=4, steps=4, seed=3, best_of=2, verifier="classifier")
+    labels = [int(v) for v in best["labels"]]
+    cands = [sample_batch(model, labels, s, SamplingSettings(steps=4)) for s in candidate_seeds(best["seeds"], 2)]
+    assert np.array_equal(to_uint8(cands[0]), plain["images"])  # candidate 0 is the plain draw
+    sc = torch.stack([scores(model, c, labels, s, "classifier") for c, s in zip(cands, candidate_seeds(best["seeds"], 2))])
+    pick = sc.argmax(0)
+    expect = np.stack([to_uint8(cands[int(k)][i:i + 1])[0] for i, k in enumerate(pick)])
+    assert np.array_equal(best["images"], expect)
+
+
+def test_settings_refuse_bad_cost_levers_by_field(tiny_run):
+    from ditkit.runs import load_model
+    from ditkit.settings import SamplingSettings, SettingsError
+
+    model = load_model(tiny_run)
+    for changes, field, flag in [(dict(cache_interval=0), "cache_interval", "--cache-interval"),
+                                 (dict(best_of=0), "best_of", "--best-of"),
+                                 (dict(verifier="clip"), "verifier", "--verifier"),
+                                 (dict(best_of=2, reject=0.0), "best_of", "--best-of")]:
+        with pytest.raises(SettingsError) as e:
+            SamplingSettings(**changes).validate(model)
+        assert e.value.field == field and str(e.value).startswith(flag)
+
+
+def test_cli_cost_lever_flags(tiny_run, tmp_path, capsys):
+    from ditkit.cli import main as cli_main
+
+    out = tmp_path / "s.npz"
+    assert cli_main(["sample", "--ckpt", str(tiny_run), "--out", str(out), "--num", "2", "--steps", "2",
+                     "--cache-interval", "2", "--best-of", "2", "--verifier", "classifier"]) == 0
+    assert "best of 2 by the classifier verifier" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli_main(["sample", "--ckpt", str(tiny_run), "--out", str(out), "--cache-interval", "0"])
+    assert e.value.code == 2 and "--cache-interval must be >= 1" in capsys.readouterr().err
