@@ -59,22 +59,21 @@ def _integer(name: str, v: str) -> int:
         raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
 
 
-def positive_int(name: str) -> Callable[[str], int]:
+def int_at_least(name: str, lo: int) -> Callable[[str], int]:
     def parse(v: str) -> int:
         x = _integer(name, v)
-        if x < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {x}")
+        if x < lo:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {x}")
         return x
     return parse
+
+
+def positive_int(name: str) -> Callable[[str], int]:
+    return int_at_least(name, 1)
 
 
 def nonneg_int(name: str) -> Callable[[str], int]:
-    def parse(v: str) -> int:
-        x = _integer(name, v)
-        if x < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {x}")
-        return x
-    return parse
+    return int_at_least(name, 0)
 
 
 SEED_MAX = 2 ** 63 - 1  # torch generators take a signed 64-bit seed
