@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 from PIL import Image, UnidentifiedImageError
 
-from .data import ImageDataset
+from .data import DATASET_NAMES, ImageDataset, load_dataset
 from .data.folder import IMAGE_SUFFIXES, _image_files, load_image
 from .errors import DitkitError, UsageError
 
@@ -122,6 +122,13 @@ def read_folder(root: str | os.PathLike, image_size: int, channels: int) -> Fold
     files = [p.relative_to(root).as_posix() for p, _ in entries]
     labels = np.array([label for _, label in entries], dtype=np.int64)
     return Folder(root, images, labels, names, files, read_captions(root, files))
+
+
+def named_dataset(name: str, image_size: int, channels: int) -> Folder:
+    """A dataset ditkit knows by name ("mnist") as a Folder: e.g. to fine-tune an MNIST model on MNIST itself
+    with diffusers' timestep frequencies (--time-freq-shift 1), which makes it exportable."""
+    data = load_dataset(name, image_size=image_size, channels=channels)
+    return Folder(Path(name), data.images.numpy(), data.labels.numpy(), list(data.class_names), [], {})
 
 
 def read_captions(root: Path, files: list[str]) -> dict[str, str]:
@@ -424,7 +431,7 @@ def plan_start(base: Base, dataset: str | os.PathLike, *, freeze_blocks: int = 0
     if not 0 <= freeze_blocks <= depth:
         raise UsageError(f"--freeze-blocks {freeze_blocks}: the base has {depth} blocks (0 to {depth})")
     S, C = int(mcfg["input_size"]), int(mcfg["in_channels"])
-    folder = read_folder(dataset, S, C)
+    folder = named_dataset(str(dataset), S, C) if str(dataset) in DATASET_NAMES else read_folder(dataset, S, C)
     K = int(mcfg.get("num_classes", 0))
     base_names = base.class_names
     conditional = K > 0 or len(folder.class_names) > 1 or folder.root.name != folder.class_names[0]
@@ -446,7 +453,8 @@ def plan_start(base: Base, dataset: str | os.PathLike, *, freeze_blocks: int = 0
                         name=folder.root.name)
     section = {"base_run": str(base.run_dir.resolve()), "base_checkpoint": str(base.checkpoint.resolve()),
                "base_step": base.step, "weights": base.which, "base_sha256": fingerprint(base.weights),
-               "base_model": base.config["model"], "dataset": str(folder.root.resolve()),
+               "base_model": base.config["model"],
+               "dataset": str(dataset) if str(dataset) in DATASET_NAMES else str(folder.root.resolve()),
                "mode": "lora" if lora is not None else ("freeze" if freeze_blocks else "full"),
                "freeze_blocks": int(freeze_blocks), "new_classes": new, "new_rows": "copies of the null row",
                "captions": len(folder.captions)}

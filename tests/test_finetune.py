@@ -230,3 +230,16 @@ def test_cli_data_glyphs(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["K", "L", "captions.jsonl", "glyphs.json"]
     assert main(["data", "glyphs", "--out", str(tmp_path / "g")]) == 2  # not empty: refused, nothing touched
     assert "not empty" in capsys.readouterr().err
+
+
+def test_finetune_with_diffusers_frequencies_makes_a_model_exportable(base_and_glyphs, tmp_path):
+    from ditkit.interop.diffusers import export_diffusers
+
+    root, base = base_and_glyphs
+    with pytest.raises(UsageError, match="time_freq_shift=0"):
+        export_diffusers(base, tmp_path / "refused")
+    run = finetune(base, "mnist", tmp_path / "ft", time_freq_shift=1, max_steps=1, subset=64, **_quiet())
+    cfg = read_run_config(run)
+    assert cfg["model"]["time_freq_shift"] == 1 and cfg["finetune"]["new_classes"] == []
+    assert cfg["model"]["num_classes"] == 10 and cfg["finetune"]["dataset"] == "mnist"
+    assert export_diffusers(run, tmp_path / "hf")["max_abs_diff"] <= 1e-5

@@ -37,7 +37,7 @@ def _register_finetune(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--from", dest="base", metavar="RUN_OR_CHECKPOINT", help="the trained run (or checkpoint) to start from")
     p.add_argument("--dataset", metavar="FOLDER", help="FOLDER/<class>/*.png (classes matched to the base's by "
-                   "name; new ones are added) or FOLDER/*.png; optional FOLDER/captions.jsonl or a .txt per image")
+                   "name; new ones are added) or FOLDER/*.png; optional FOLDER/captions.jsonl or a .txt per image; or mnist")
     p.add_argument("--out", required=True, help="the new run folder")
     p.add_argument("--resume", action="store_true", help="continue the fine-tune in --out from its last checkpoint")
     p.add_argument("--weights", default="ema", choices=["ema", "model"], help="the base's weights to start from")
