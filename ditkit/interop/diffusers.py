@@ -74,8 +74,9 @@ def check_exportable(cfg: DiTConfig) -> None:
             f"time_freq_shift={cfg.time_freq_shift}: this DiT embeds the timestep at the frequencies "
             "10000^(-i/128) (facebookresearch/DiT's), diffusers' DiT at 10000^(-i/127) "
             "(Timesteps(downscale_freq_shift=1)); sinusoids of different frequencies are independent "
-            "functions of t, so no weights map one onto the other. Train or fine-tune with "
-            "--time-freq-shift 1 to make an exportable model")
+            "functions of t, so no weights map one onto the other. Fine-tune it on its own data with "
+            "diffusers' frequencies to make an exportable model: ditkit finetune --from RUN --dataset "
+            "mnist|FOLDER --time-freq-shift 1 --out NEW_RUN")
     if cfg.pos_embed != "sincos":
         problems.append(f"pos_embed={cfg.pos_embed!r}: diffusers' PatchEmbed recomputes a fixed sin-cos table "
                         "from sample_size and does not load a learned one")
