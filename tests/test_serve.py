@@ -30,11 +30,13 @@ import torch
 from PIL import Image
 
 from ditkit.errors import UsageError
-from ditkit.sampling import DEFAULT_SAMPLER, load_model, sample_batch, to_uint8
+from ditkit.runs import load_model
+from ditkit.sampling import sample_batch, to_uint8
 from ditkit.serve import ServeSettings, create_app
 from ditkit.serve.app import make_server, parse_prompt
 from ditkit.serve.batcher import Batch, Batcher, Job, QueueFull
 from ditkit.serve.limits import RateLimiter
+from ditkit.settings import DEFAULT_SAMPLER, SamplingSettings
 from ditkit.utils import image_seeds, native_bf16
 
 FAST = {"steps": 3}  # sampler steps in requests that run the model: a few ms each for DiT-T/4
@@ -156,7 +158,8 @@ def metric(text: str, name: str, **labels) -> float:
 def library_images(model, labels, seed, scale, *, steps, sampler=DEFAULT_SAMPLER) -> np.ndarray:
     """What `ditkit sample` computes for a request: the library called directly, the request's images as one batch."""
     n = len(labels)
-    x = sample_batch(model, labels, image_seeds(seed, n), sampler=sampler, steps=steps, cfg_scale=[scale] * n)
+    x = sample_batch(model, labels, image_seeds(seed, n), SamplingSettings(sampler=sampler, steps=steps,
+                                                                           cfg_scale=(scale,) * n))
     return to_uint8(x)[..., 0]  # (n, H, W) for 1-channel MNIST
 
 
@@ -520,11 +523,10 @@ def test_guidance_interval_is_a_server_setting(model):
                                                    "autoguidance": 2.0, "format": "json", **FAST})
             assert r.status_code == 200, r.text
             got = np.stack([png_pixels(base64.b64decode(s)) for s in r.json()["images"]])
-        x = sample_batch(model, [2, 5], image_seeds(4, 2), sampler=DEFAULT_SAMPLER, steps=3, cfg_scale=[3.0, 3.0],
-                         autoguidance=[2.0, 2.0], guidance_interval=band)
+        guided = SamplingSettings(steps=3, cfg_scale=3.0, autoguidance=2.0, guidance_interval=band)
+        x = sample_batch(model, [2, 5], image_seeds(4, 2), guided)
         np.testing.assert_array_equal(got, to_uint8(x)[..., 0])
-        y = sample_batch(model, [2, 5], image_seeds(4, 2), sampler=DEFAULT_SAMPLER, steps=3, cfg_scale=[3.0, 3.0],
-                         autoguidance=[2.0, 2.0])
+        y = sample_batch(model, [2, 5], image_seeds(4, 2), guided.replace(guidance_interval=None))
         assert not np.array_equal(got, to_uint8(y)[..., 0])  # the interval changed the images
     asyncio.run(main())
     for bad in [(2.0, 1.0), (-1.0, 1.0), (float("nan"), 1.0), (1.0,)]:
@@ -539,10 +541,11 @@ def test_batcher_groups_by_sampler_and_steps_and_splits_large_requests():
     def run(batch: Batch) -> np.ndarray:
         ran.append(batch)
         return np.array([[[[lab, seed % 251, int(s * 10)]]] for lab, seed, s in
-                         zip(batch.labels, batch.seeds, batch.scales)], dtype=np.uint8)
+                         zip(batch.labels, batch.seeds, batch.settings.cfg_scale)], dtype=np.uint8)
 
     def job(label, n, sampler="euler", steps=3, scale=1.0, seed=0):
-        return Job([label] * n, [seed + i for i in range(n)], [scale] * n, sampler, steps)
+        return Job([label] * n, [seed + i for i in range(n)], SamplingSettings(sampler=sampler, steps=steps,
+                                                                               cfg_scale=scale))
 
     async def main():
         b = Batcher(run, max_batch_size=4, max_wait_ms=200, max_queue=10)
@@ -560,14 +563,21 @@ def test_batcher_groups_by_sampler_and_steps_and_splits_large_requests():
         b.resume()
         out = await asyncio.wait_for(asyncio.gather(*futs), 10)
         await b.stop()
-        keys = [(x.sampler, x.steps, len(x)) for x in ran]
+        keys = [(x.settings.sampler, x.settings.steps, len(x)) for x in ran]
         # oldest first; same (sampler, steps) together; the 3-image request split 2 + 1 across batches
         assert keys == [("euler", 3, 4), ("heun", 3, 2), ("euler", 3, 1), ("euler", 5, 1)], keys
         assert ran[0].labels == [1, 1, 3, 3] and ran[2].labels == [3]
+        assert ran[0].settings.cfg_scale == (1.0, 1.0, 2.0, 2.0)  # one scale per image in the batch's settings
         np.testing.assert_array_equal(out[2][:, 0, 0], [[3, 10, 20], [3, 11, 20], [3, 12, 20]])
         assert all(len(o) == j.n for o, j in zip(out, jobs))
 
     asyncio.run(main())
+    # a batch shares everything in the settings but the per-image guidance scales
+    assert job(1, 1, scale=1.0).key == job(2, 2, scale=3.0).key
+    spaced = Job([1], [0], SamplingSettings(sampler="euler", steps=3, spacing="karras"))
+    assert job(1, 1).key != spaced.key
+    with pytest.raises(ValueError, match="one cfg_scale per image"):
+        Job([1, 2], [0, 1], SamplingSettings(cfg_scale=(1.0, 2.0, 3.0)))
 
 
 def test_batch_waits_for_the_clients_the_last_batch_answered():
@@ -584,7 +594,7 @@ def test_batch_waits_for_the_clients_the_last_batch_answered():
         return np.zeros((len(batch), 1, 1, 1), dtype=np.uint8)
 
     def job(label, n=1):
-        return Job([label] * n, list(range(n)), [1.0] * n, "euler", 3)
+        return Job([label] * n, list(range(n)), SamplingSettings(sampler="euler", steps=3))
 
     async def main():
         b = Batcher(run, max_batch_size=4, max_wait_ms=300, max_queue=10)

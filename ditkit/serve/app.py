@@ -33,7 +33,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
@@ -43,10 +43,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import DitkitError, UsageError
-from ..sampling import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, LoadedModel, load_model, sample_batch, \
-    to_uint8, validate_sampling
+from ..runs import PRECISIONS, LoadedModel, load_model
+from ..sampling import default_settings, sample_batch, to_uint8
 from ..samplers import SAMPLERS
 from ..samplers.guidance import parse_interval
+from ..settings import SamplingSettings, SettingsError
 from ..utils import image_seeds, native_bf16, pick_device
 from ..viz.grids import make_grid, png_bytes
 from .batcher import Batch, Batcher, Job, QueueFull, ServiceStopping
@@ -57,6 +58,7 @@ log = logging.getLogger("ditkit.serve")
 
 MAX_SEED = 2**63 - 1
 RANDOM_SEED_BITS = 53  # drawn seeds stay exact in JavaScript numbers (the playground shows and reuses them)
+JSON_FIELDS = {"cfg_scale": "guidance_scale"}  # SamplingSettings field -> its name in the request body
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -177,8 +179,8 @@ def serving_samplers(model: Optional[LoadedModel]) -> list[str]:
             continue
         if model is not None:
             try:
-                validate_sampling(model, sampler=name, steps=1)
-            except UsageError:
+                SamplingSettings(sampler=name, steps=1).validate(model)
+            except UsageError:  # a SettingsError: another kind of sampler than the model's, ...
                 continue
         names.append(name)
     return names
@@ -197,21 +199,27 @@ class ModelInfo:
     precision: str = "fp32"  # the network's arithmetic (each precision gives its own images)
     compiled: bool = False  # the network runs through torch.compile (its images are its own too)
     quantize: str = "none"  # "int8": the token maps run in INT8 (its images are its own too)
+    default_sampler: str = SamplingSettings.sampler  # the model's own default (sampling.default_settings) ...
+    default_steps: int = SamplingSettings.steps  # ... where the server offers it
 
     @staticmethod
     def of(model: LoadedModel, settings: ServeSettings) -> "ModelInfo":
         limit = getattr(model.objective, "num_timesteps", None)
+        samplers = serving_samplers(model)
+        max_steps = min(settings.max_steps, limit) if limit else settings.max_steps
+        own = default_settings(model)
         return ModelInfo(name=str(model.config.get("model_name", "DiT")), step=model.step,
                          num_classes=model.num_classes, class_names=model.class_names if model.num_classes else [],
-                         image_shape=tuple(model.image_shape), samplers=serving_samplers(model),
-                         max_steps=min(settings.max_steps, limit) if limit else settings.max_steps,
+                         image_shape=tuple(model.image_shape), samplers=samplers, max_steps=max_steps,
                          autoguidance=model.guide is not None, precision=model.precision,
-                         compiled=model.compiled, quantize=getattr(model, "quantize", "none"))
+                         compiled=model.compiled, quantize=getattr(model, "quantize", "none"),
+                         default_sampler=_default_sampler(samplers, own.sampler),
+                         default_steps=min(own.steps, max_steps))
 
     def as_json(self, settings: ServeSettings) -> dict[str, Any]:
         return {"model": self.name, "step": self.step, "num_classes": self.num_classes,
                 "class_names": self.class_names, "image_shape": list(self.image_shape), "samplers": self.samplers,
-                "default_sampler": _default_sampler(self.samplers), "default_steps": min(DEFAULT_STEPS, self.max_steps),
+                "default_sampler": self.default_sampler, "default_steps": self.default_steps,
                 "max_steps": self.max_steps, "max_num_samples": settings.max_num_samples,
                 "max_guidance_scale": settings.max_guidance_scale if self.num_classes else 1.0,
                 "guidance": self.num_classes > 0, "autoguidance": self.autoguidance, "precision": self.precision,
@@ -222,8 +230,20 @@ class ModelInfo:
                  else settings.guidance_interval[1]]}
 
 
-def _default_sampler(samplers: Sequence[str]) -> str:
-    return DEFAULT_SAMPLER if DEFAULT_SAMPLER in samplers or not samplers else samplers[0]
+def _default_sampler(samplers: Sequence[str], preferred: str = SamplingSettings.sampler) -> str:
+    return preferred if preferred in samplers or not samplers else samplers[0]
+
+
+PROBE_PROMPT = "a picture"  # what a text model's probe batch draws (run_model_batch)
+
+
+def probe_batch(info: ModelInfo, guidance_scale: float = 1.0) -> Batch:
+    """One image, two steps of the default sampler, in no request: the warm-up batch (the first batch
+    pays for lazy initialisation) and a Ray replica's health probe."""
+    guided = info.num_classes > 0
+    settings = SamplingSettings(sampler=info.default_sampler, steps=min(2, info.max_steps),
+                                cfg_scale=(guidance_scale if guided else 1.0,), autoguidance=(1.0,))
+    return Batch([0 if guided else -1], [0], settings, pieces=[])
 
 
 def parse_prompt(prompt: str, class_names: Sequence[str]) -> Optional[int]:
@@ -270,6 +290,8 @@ class GenerateResponse(BaseModel):
     steps: int
     guidance_scale: float
     autoguidance: float = 1.0
+    prompt_truncated: bool = Field(False, description="a text model's prompt was longer than its encoder's max "
+                                   "tokens and was truncated to them (also the X-Prompt-Truncated header)")
     latency_ms: float = Field(description="from arrival to images ready, PNG encoding included")
     queue_ms: float = Field(description="time spent waiting for a batch")
 
@@ -298,6 +320,8 @@ def build_request_model(settings: ServeSettings, info: Optional[ModelInfo]) -> t
     sampler_type = Literal[tuple(samplers)]  # type: ignore[valid-type]
     label_max = info.num_classes - 1 if info is not None and info.num_classes > 0 else None
     max_steps = info.max_steps if info is not None else settings.max_steps
+    default_sampler = info.default_sampler if info is not None else _default_sampler(samplers)
+    default_steps = info.default_steps if info is not None else min(SamplingSettings.steps, max_steps)
     guide_max = settings.max_guidance_scale if info is None or info.num_classes > 0 else 1.0
     ag_max = settings.max_guidance_scale if info is None or info.autoguidance else 1.0
     n_max = settings.max_num_samples
@@ -319,11 +343,12 @@ def build_request_model(settings: ServeSettings, info: Optional[ModelInfo]) -> t
             description="class ids, cycled to num_samples (give labels or prompt, not both)")
         prompt: str = Field(
             None, min_length=1, max_length=100,
-            description="a class model: a class name or id, or a digit's English name (\"7\", \"seven\")")
+            description="a class model: a class name or id, or a digit's English name (\"7\", \"seven\"); a text "
+                        "model (MMDiT-*): free text, truncated to its encoder's max tokens (see prompt_truncated)")
         num_samples: json_int(ge=1, le=n_max) = Field(
             None, description="images to generate (default: the number of labels, else 1)")
-        sampler: sampler_type = Field(_default_sampler(samplers), description="the sampling method")
-        steps: json_int(ge=1, le=max_steps) = Field(min(DEFAULT_STEPS, max_steps), description="sampler steps")
+        sampler: sampler_type = Field(default_sampler, description="the sampling method")
+        steps: json_int(ge=1, le=max_steps) = Field(default_steps, description="sampler steps")
         guidance_scale: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
             1.0, ge=1.0 if guide_max == 1.0 else 0.0, le=guide_max,
             description="classifier-free guidance (1 = off, 0 = unconditional)")
@@ -382,6 +407,25 @@ class ServeMetrics:
 
     def batch_finished(self, batch: Batch, seconds: float, error: Optional[BaseException]) -> None:
         self.batch_seconds.observe(seconds)
+
+
+class PromptCacheCollector:
+    """A text model's prompt-cache counters (ditkit.text.TextEncoder.stats), read at each scrape."""
+
+    def __init__(self, model: Callable[[], Any]):
+        self.model = model
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        encoder = getattr(self.model(), "text_encoder", None)
+        if encoder is None:
+            return
+        stats = encoder.stats()
+        yield CounterMetricFamily("ditkit_prompt_cache_hits", "prompts whose encoding came from the cache",
+                                  value=stats["hits"])
+        yield CounterMetricFamily("ditkit_prompt_cache_misses", "prompts the text encoder ran on",
+                                  value=stats["misses"])
 
 
 REJECTION_REASONS = ("queue_full", "rate_limited", "deadline", "client_disconnected", "unauthorized",
@@ -496,7 +540,7 @@ class AccessMiddleware:
         job = state.get("job")
         if job is not None:
             wait_s = job.queue_wait_s
-            record.update(seed=state.get("seed"), images=job.n, sampler=job.sampler, steps=job.steps,
+            record.update(seed=state.get("seed"), images=job.n, sampler=job.settings.sampler, steps=job.settings.steps,
                           queue_ms=None if wait_s is None else round(wait_s * 1000, 3),
                           batch_sizes=job.batch_sizes)
         access_logger.info(json.dumps(record))
@@ -508,12 +552,14 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 # -----------------------------------------------------------------------------------------------
 # The service: model, batcher, readiness, admission
 # -----------------------------------------------------------------------------------------------
-def run_model_batch(model: LoadedModel, batch: Batch,
-                    guidance_interval: Optional[tuple[float, float]] = None) -> np.ndarray:
-    """The worker thread's job: the library's sample_batch, one seed and one guidance scale per image."""
-    x = sample_batch(model, batch.labels, batch.seeds, sampler=batch.sampler, steps=batch.steps,
-                     cfg_scale=batch.scales, autoguidance=batch.autoguidance or 1.0,
-                     guidance_interval=guidance_interval, callback=batch.check_abandoned)
+def run_model_batch(model: LoadedModel, batch: Batch) -> np.ndarray:
+    """The worker thread's job: the library's sample_batch with the batch's settings (one seed and one
+    pair of guidance scales per image)."""
+    prompts = batch.prompts
+    if prompts is None and not batch.pieces and getattr(model, "text_encoder", None) is not None:
+        prompts = [PROBE_PROMPT] * len(batch)  # a text model's warm-up or health probe (no request)
+    x = sample_batch(model, batch.labels, batch.seeds, batch.settings, prompts=prompts,
+                     callback=batch.check_abandoned)
     return to_uint8(x)  # (B, H, W, C) uint8
 
 
@@ -523,6 +569,7 @@ class _Admission:
     future: asyncio.Future
     t0: float  # monotonic arrival time
     seed: int  # the request's seed (given or drawn)
+    prompt_truncated: bool = False  # a text model's prompt was cut to its encoder's max tokens
 
 
 class Service:
@@ -535,6 +582,7 @@ class Service:
         self.ckpt = ckpt
         self.info: Optional[ModelInfo] = ModelInfo.of(model, settings) if model is not None else None
         self.metrics = ServeMetrics()
+        self.metrics.registry.register(PromptCacheCollector(lambda: self.model))
         self.limiter = RateLimiter(settings.rate_limit, settings.burst)
         self.api_keys = ApiKeys(settings.api_keys)
         self.batcher = Batcher(self._run_batch, max_batch_size=settings.max_batch_size,
@@ -546,7 +594,7 @@ class Service:
         self._startup: Optional[asyncio.Task] = None
 
     def _run_batch(self, batch: Batch) -> np.ndarray:
-        return run_model_batch(self.model, batch, self.settings.guidance_interval)
+        return run_model_batch(self.model, batch)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -561,11 +609,8 @@ class Service:
             if not self.info.samplers:
                 raise DitkitError("no fixed-grid sampler supports this model's objective")
             if self.settings.warmup:  # the first batch pays for lazy initialisation; not a client
-                K = self.info.num_classes
-                batch = Batch([0 if K else -1], [0], [2.0 if K else 1.0], _default_sampler(self.info.samplers),
-                              min(2, self.info.max_steps), pieces=[])
                 t0 = time.perf_counter()
-                await self.batcher.run_direct(batch)
+                await self.batcher.run_direct(probe_batch(self.info, guidance_scale=2.0))
                 log.info("warm-up batch took %.2f s", time.perf_counter() - t0)
         except Exception as e:  # readiness says why; liveness stays up so the operator can look
             log.exception("model loading failed")
@@ -667,6 +712,19 @@ class Service:
                                        "retry later"), self.batcher.batch_seconds_ewma or 1.0
         return None
 
+    def sampling_settings(self, req: BaseModel) -> SamplingSettings:
+        """The request's one SamplingSettings (the server's guidance interval included), validated against
+        the model; a SettingsError becomes a 422 at the JSON field it names."""
+        try:
+            return SamplingSettings(sampler=req.sampler, steps=req.steps, cfg_scale=float(req.guidance_scale),
+                                    autoguidance=float(req.autoguidance),
+                                    guidance_interval=self.settings.guidance_interval).validate(self.model)
+        except SettingsError as e:
+            name = JSON_FIELDS.get(e.field, e.field)
+            if name not in type(req).model_fields:  # a server setting the model refuses: not the client's doing
+                raise
+            raise self.invalid((name,), e.message, getattr(req, name)) from None
+
     def admit(self, req: BaseModel) -> _Admission:
         """Validate against the model and queue the work; raises the HTTP answer when refused."""
         t0 = time.monotonic()
@@ -674,21 +732,13 @@ class Service:
             raise self.reject(503, "draining", "the server is shutting down; retry on another replica", 1)
         if self.state != "ready":
             raise self.reject(503, "not_ready", self.detail or "the model is not ready", 1)
-        labels = self.resolve_labels(req)
+        prompts, truncated = self.resolve_prompts(req)
+        labels = self.resolve_labels(req) if prompts is None else [-1] * len(prompts)
         if req.sampler not in self.info.samplers:
             raise self.invalid(("sampler",), f"allowed: {', '.join(self.info.samplers)}", req.sampler)
-        try:
-            validate_sampling(self.model, sampler=req.sampler, steps=req.steps, cfg_scale=req.guidance_scale, autoguidance=req.autoguidance)
-        except UsageError as e:
-            field_name = ("guidance_scale" if "cfg-scale" in str(e) else
-                          "autoguidance" if "autoguidance" in str(e) else "steps")
-            raise self.invalid((field_name,), str(e).replace("--cfg-scale", "guidance_scale")
-                               .replace("--autoguidance", "autoguidance").replace("--steps", "steps"),
-                               getattr(req, field_name)) from None
+        sampling = self.sampling_settings(req)
         seed = req.seed if req.seed is not None else secrets.randbits(RANDOM_SEED_BITS)
-        n = len(labels)
-        job = Job(labels, image_seeds(seed, n), [float(req.guidance_scale)] * n, req.sampler, req.steps,
-                  autoguidance=[float(req.autoguidance)] * n)
+        job = Job(labels, image_seeds(seed, len(labels)), sampling, prompts=prompts)
         try:
             future = self.batcher.submit(job)
         except QueueFull:
@@ -697,7 +747,20 @@ class Service:
                               "waiting; retry later", wait) from None
         except ServiceStopping:
             raise self.reject(503, "draining", "the server is shutting down; retry on another replica", 1) from None
-        return _Admission(job, future, t0, seed)
+        return _Admission(job, future, t0, seed, truncated)
+
+    def resolve_prompts(self, req: BaseModel) -> tuple[Optional[list[str]], bool]:
+        """A text model's (MM-DiT) prompt, repeated to num_samples, and whether it was truncated to the encoder's
+        max tokens (answered, not refused); (None, False) for a class model, whose prompt names a class."""
+        encoder = getattr(self.model, "text_encoder", None)
+        if encoder is None:
+            return None, False
+        if req.labels is not None:
+            raise self.invalid(("labels",), "this model draws from text: give a prompt, not labels", req.labels)
+        if req.prompt is None or not req.prompt.strip():
+            raise self.invalid(("prompt",), "this model draws from text: give a non-empty prompt", req.prompt)
+        truncated = encoder.inspect([req.prompt])[0]["truncated"]
+        return [req.prompt] * (req.num_samples or 1), truncated
 
     async def generate(self, req: BaseModel, request: Request) -> Response:
         adm = self.admit(req)
@@ -743,13 +806,16 @@ class Service:
             headers = {"X-Seed": str(seed), "X-Image-Seeds": ",".join(map(str, job.seeds)),
                        "X-Labels": ",".join(map(str, job.labels)), "X-Latency-Ms": f"{latency_ms:.1f}",
                        "X-Queue-Ms": f"{(job.queue_wait_s or 0) * 1000:.1f}", "Cache-Control": "no-store"}
+            if adm.prompt_truncated:
+                headers["X-Prompt-Truncated"] = "true"
             return Response(body, media_type="image/png", headers=headers)
         encoded = await asyncio.to_thread(lambda: [base64.b64encode(png_bytes(im)).decode() for im in images])
         latency_ms = (time.monotonic() - adm.t0) * 1000
         self.metrics.images.inc(job.n)
-        out = GenerateResponse(images=encoded, labels=job.labels, seed=seed, seeds=job.seeds, sampler=job.sampler,
-                               steps=job.steps, guidance_scale=job.scales[0],
-                               autoguidance=job.autoguidance[0], latency_ms=round(latency_ms, 3),
+        out = GenerateResponse(images=encoded, labels=job.labels, seed=seed, seeds=job.seeds,
+                               sampler=job.settings.sampler, steps=job.settings.steps, guidance_scale=job.scales[0],
+                               autoguidance=job.autoguidance[0], prompt_truncated=adm.prompt_truncated,
+                               latency_ms=round(latency_ms, 3),
                                queue_ms=round((job.queue_wait_s or 0) * 1000, 3))
         return JSONResponse(out.model_dump(), headers={"Cache-Control": "no-store"})
 

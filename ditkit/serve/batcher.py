@@ -3,9 +3,10 @@
 One asyncio task forms batches; one worker thread runs them (torch releases the GIL, so the event loop
 keeps answering probes and admitting requests meanwhile). The rules:
 
-- A batch holds images of requests with the same *key* (sampler, steps); labels, guidance scales and
-  seeds mix freely, because image b of a batch depends only on its own (label, seed, scale) (DESIGN.md
-  contract 3). Requests with another key wait for a later batch, oldest first.
+- A batch holds images of requests with the same *key*: their sampling settings but for the guidance
+  scales (sampler, steps, spacing, options, schedule, interval). Labels, guidance scales and seeds mix
+  freely, because image b of a batch depends only on its own (label, seed, scales) (DESIGN.md contract
+  3). Requests with another key wait for a later batch, oldest first.
 - A batch waits at most `max_wait_ms` for companions, counted from the later of its oldest request's
   arrival and the end of the previous batch; it closes early once it has `max_batch_size` images.
   (Counting from the arrival alone, requests that queued up during a long batch would start the next
@@ -21,17 +22,20 @@ keeps answering probes and admitting requests meanwhile). The rules:
   behaviour deterministic; also usable by an operator).
 
 The batcher knows nothing of models or HTTP: `run_batch(Batch) -> uint8 (B, H, W, C)` does the work.
+A job's `settings` is a frozen dataclass with fields `cfg_scale` and `autoguidance` (ditkit's
+SamplingSettings), read here only to tell the per-image scales from what a batch shares.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
@@ -50,17 +54,25 @@ class BatchAborted(Exception):
     """Raised inside `run_batch` (through `Batch.check_abandoned`) when no one waits for the batch any more."""
 
 
+def _per_image(value: Any, n: int, name: str) -> list[float]:
+    """A guidance scale given once or once per image -> one float per image."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"a job needs one {name} per image ({n}), got {len(value)}")
+        return [float(v) for v in value]
+    return [float(value)] * n
+
+
 @dataclass(eq=False)
 class Job:
-    """One request: `n` images with their labels, seeds and guidance scales, run with one (sampler, steps)."""
+    """One request: `n` images with their labels and seeds, drawn with `settings` (a SamplingSettings;
+    its cfg_scale and autoguidance one value, or one per image)."""
 
     labels: list[int]
     seeds: list[int]
-    scales: list[float]
-    sampler: str
-    steps: int
+    settings: Any
+    prompts: Optional[list[str]] = None  # a text model's prompt per image (its labels are then -1)
     enqueued_at: float = field(default_factory=time.monotonic)
-    autoguidance: Optional[list[float]] = None  # per image; None = 1 (off) for every image
     started_at: Optional[float] = None  # when its first image entered a batch
     batch_sizes: list[int] = field(default_factory=list)  # the size of each batch its images ran in
     cancelled: bool = False  # read by the worker thread; only ever set to True
@@ -68,22 +80,21 @@ class Job:
     _images: Optional[np.ndarray] = None  # (n, H, W, C) filled piece by piece
     _handed_out: int = 0  # images given to batches so far
     _done: int = 0  # images finished
+    scales: list[float] = field(init=False)  # classifier-free guidance, per image
+    autoguidance: list[float] = field(init=False)  # per image (1 = off)
+    key: Any = field(init=False)  # what a batch shares: the settings but for the per-image scales
 
     def __post_init__(self) -> None:
-        if not (len(self.labels) == len(self.seeds) == len(self.scales) >= 1):
-            raise ValueError("a job needs as many labels, seeds and scales as images (at least one)")
-        if self.autoguidance is None:
-            self.autoguidance = [1.0] * len(self.seeds)
-        elif len(self.autoguidance) != len(self.seeds):
-            raise ValueError("a job needs one autoguidance scale per image")
+        if not len(self.labels) == len(self.seeds) >= 1:
+            raise ValueError("a job needs as many labels as seeds (at least one)")
+        n = len(self.seeds)
+        self.scales = _per_image(self.settings.cfg_scale, n, "cfg_scale")
+        self.autoguidance = _per_image(self.settings.autoguidance, n, "autoguidance")
+        self.key = dataclasses.replace(self.settings, cfg_scale=1.0, autoguidance=1.0)  # compared with ==
 
     @property
     def n(self) -> int:
         return len(self.seeds)
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.sampler, self.steps)
 
     @property
     def queue_wait_s(self) -> Optional[float]:
@@ -92,16 +103,15 @@ class Job:
 
 @dataclass
 class Batch:
-    """What the worker runs: images `labels[b], seeds[b], scales[b]` with one sampler and step count."""
+    """What the worker runs: images `labels[b], seeds[b]` drawn with `settings`, whose cfg_scale and
+    autoguidance hold one value per image."""
 
     labels: list[int]
     seeds: list[int]
-    scales: list[float]
-    sampler: str
-    steps: int
+    settings: Any
     pieces: list[tuple[Job, int, int]]  # (job, first image of the job, count), in batch order
     stopping: Callable[[], bool] = lambda: False
-    autoguidance: Optional[list[float]] = None  # per image (1 = off); None = off for every image
+    prompts: Optional[list[str]] = None  # a text model's prompt per image
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -328,10 +338,10 @@ class Batcher:
         except asyncio.TimeoutError:
             pass
 
-    def _images_waiting(self, key: tuple[str, int]) -> int:
+    def _images_waiting(self, key: Any) -> int:
         return sum(j.n - j._handed_out for j in self._queue if j.key == key)
 
-    def _take(self, key: tuple[str, int]) -> Batch:
+    def _take(self, key: Any) -> Batch:
         """Up to max_batch_size images of `key`, oldest requests first; a request may be split."""
         room = self.max_batch_size
         pieces: list[tuple[Job, int, int]] = []
@@ -351,15 +361,17 @@ class Batcher:
                 self._queue.remove(job)
         self._queue_changed()
         size = self.max_batch_size - room
-        labels, seeds, scales, ag = [], [], [], []
+        labels, seeds, scales, ag, prompts = [], [], [], [], []
         for job, start, count in pieces:
             job.batch_sizes.append(size)
             labels += job.labels[start:start + count]
             seeds += job.seeds[start:start + count]
             scales += job.scales[start:start + count]
             ag += job.autoguidance[start:start + count]
-        return Batch(labels, seeds, scales, key[0], key[1], pieces, stopping=lambda: self._stopping,
-                     autoguidance=ag)
+            if job.prompts is not None:  # one model per server: every job of a text model has prompts
+                prompts += job.prompts[start:start + count]
+        settings = dataclasses.replace(key, cfg_scale=tuple(scales), autoguidance=tuple(ag))
+        return Batch(labels, seeds, settings, pieces, stopping=lambda: self._stopping, prompts=prompts or None)
 
     async def _execute(self, batch: Batch) -> None:
         self.observer.batch_started(batch)
@@ -378,7 +390,7 @@ class Batcher:
                     job.future.set_exception(ServiceStopping("the server is shutting down"))
             raise
         except Exception as e:  # a model failure: every request of the batch gets it
-            log.exception("batch of %d images (%s, %d steps) failed", len(batch), batch.sampler, batch.steps)
+            log.exception("batch of %d images (%s) failed", len(batch), batch.settings)
             error = e
         finally:
             self._busy = False

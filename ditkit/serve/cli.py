@@ -61,6 +61,11 @@ def register(sub, parser_class=None) -> None:
     p.add_argument("--api-key", action="append", metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' or 'X-API-Key: KEY' on /v1/*; repeatable; "
                         f"${API_KEYS_ENV} (comma-separated) keeps keys off the command line")
+    p.add_argument("--forwarded-allow-ips", default="", metavar="ADDRS",
+                   help="comma-separated addresses or networks of reverse proxies whose X-Forwarded-For names "
+                        "the client (rate limits, logs); * = any peer; default: none, the TCP peer is the client")
+    p.add_argument("--max-header-bytes", type=_int_in("--max-header-bytes", 1024, 16 * 2**20), default=64 * 1024,
+                   help="largest request line plus headers (431 beyond)")
     p.add_argument("--timeout-s", type=_number("--timeout-s", 0, lo_open=True), default=60.0,
                    help="per-request deadline (504 past it)")
     p.add_argument("--grace-s", type=_number("--grace-s", 0), default=30.0,
@@ -80,7 +85,7 @@ def register(sub, parser_class=None) -> None:
     add_quantize_flag(p)
     p.add_argument("--threads", type=_int_in("--threads", 1, 1024), help="CPU threads for torch (default: torch's)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no line per request")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false", help="no JSON log line per request")
     g = p.add_argument_group("Ray Serve (an optional extra: pip install 'ditkit[ray]'; docs/SCALING.md)")
     g.add_argument("--ray", action="store_true",
                    help="serve replicas of this app behind Ray's HTTP proxy: a local Ray, or the cluster at $RAY_ADDRESS")
@@ -129,7 +134,8 @@ def _cmd_serve(args) -> int:
                              burst=args.burst, api_keys=keys, timeout_s=args.timeout_s, grace_s=args.grace_s,
                              max_steps=args.max_steps, weights=args.weights, device=args.device,
                              precision=args.precision, compile=args.compile, quantize=args.quantize,
-                             guidance_interval=args.guidance_interval)
+                             guidance_interval=args.guidance_interval,
+                             forwarded_allow_ips=args.forwarded_allow_ips, max_header_bytes=args.max_header_bytes)
     settings.validate()
     if args.ray:  # the replicas load the model; this process only starts Ray and waits
         from .ray_app import parse_autoscale, run_ray

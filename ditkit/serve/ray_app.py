@@ -203,12 +203,9 @@ class ReplicaHealth:
         idle_for = time.monotonic() - self.last_ok
         if self.failures_since_success == 0 and (idle_for < self.probe_idle_s or not svc.batcher.idle):
             return
-        from .app import _default_sampler
-        from .batcher import Batch
+        from .app import probe_batch
 
-        info = svc.info
-        probe = Batch([0 if info.num_classes else -1], [0], [1.0], _default_sampler(info.samplers),
-                      min(2, info.max_steps), pieces=[])
+        probe = probe_batch(svc.info)
         try:
             await asyncio.wait_for(svc.batcher.run_direct(probe), self.probe_timeout_s)
         except Exception as e:  # noqa: BLE001 - any failure of the model is the verdict
@@ -311,8 +308,7 @@ if serve is not None:
         def __serve_build_asgi_app__(self):
             import torch
 
-            from ..sampling import sample_batch
-            from .app import _default_sampler, create_app, serving_samplers
+            from .app import ModelInfo, create_app, probe_batch, run_model_batch
 
             cpus = self.threads or int(ray_assigned("CPU") or 0) or None
             if cpus:
@@ -320,9 +316,7 @@ if serve is not None:
             s = self.settings
             model = s.load(self.ckpt)
             if s.warmup:  # before Ray routes traffic here, so a new replica's first request is not slow
-                samplers = serving_samplers(model)
-                sample_batch(model, [0 if model.num_classes else -1], [0], sampler=_default_sampler(samplers),
-                             steps=2, cfg_scale=[2.0 if model.num_classes else 1.0])
+                run_model_batch(model, probe_batch(ModelInfo.of(model, s), guidance_scale=2.0))
             app = create_app(model=model, settings=dataclasses.replace(s, warmup=False))
             self.health = ReplicaHealth(app.state.service)
             log.info("replica %d: %s step %d ready", os.getpid(), model.config.get("model_name"), model.step)
