@@ -19,6 +19,16 @@ SMALL = dict(block_out_channels=(8, 16, 16), layers_per_block=1, attention=(Fals
              attention_head_dim=8, norm_num_groups=4)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """These networks are tiny: one thread runs them as fast as two on a quiet machine, and several times
+    faster on a busy one, where two threads wait on each other at every operation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small(**kw) -> UNet:
     torch.manual_seed(0)
     return UNet(UNetConfig(**{**SMALL, **kw})).eval()
@@ -187,3 +197,78 @@ def test_objectives_train_it_and_samplers_guide_it(objective):
     with torch.no_grad():
         x = get_sampler("euler")(denoiser, rng.randn((1, 28, 28)) * sigmas[0], sigmas, cond=labels(2, 7), rng=rng)
     assert x.shape == (2, 1, 28, 28) and bool(torch.isfinite(x).all())
+
+
+def test_family_presets_build_through_the_registry():
+    from ditkit.models.registry import get_family, preset_family
+
+    assert preset_family("UNet-T") == "unet" and preset_family("UNet-S") == "unet"
+    cfg = model_config("UNet-T", num_classes=0, input_size=32, in_channels=3)
+    assert isinstance(cfg, UNetConfig) and cfg.num_classes == 0 and cfg.input_size == 32
+    net = build_model(json.loads(json.dumps(cfg.to_dict())), "unet")
+    assert isinstance(net, UNet) and net.config == cfg
+    assert get_family("unet").net_cls is UNet
+    with pytest.raises(UsageError, match="patch_size"):  # a DiT field is not a U-Net's
+        model_config("UNet-T", patch_size=4)
+
+
+def test_muon_takes_the_hidden_kernels_and_steps_them():
+    from ditkit.train.optim import build_optimizer, muon_parameters
+
+    net = small().train()
+    names = muon_parameters(net)
+    params = dict(net.named_parameters())
+    assert names and all(params[n].ndim >= 2 for n in names)
+    assert any(params[n].ndim == 4 for n in names) and any(params[n].ndim == 2 for n in names)
+    assert not any(n.startswith(("unet.conv_in", "unet.conv_out", "unet.time_embedding", "unet.class_embedding"))
+                   or "time_emb_proj" in n for n in names)
+    opt = build_optimizer(net, "muon", lr=1e-3, beta2=0.99, weight_decay=0.1, device=torch.device("cpu"))
+    before = {n: params[n].detach().clone() for n in names}
+    net(torch.randn(2, 1, 28, 28), torch.tensor([3.0, 800.0]), labels(1, 10)).pow(2).mean().backward()
+    opt.step()
+    assert all(not torch.equal(before[n], params[n]) for n in names)
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory):
+    """UNet-T trained for 2 steps on real digits by `ditkit train`'s function: config.json + safetensors."""
+    from ditkit.train.config import TrainConfig
+    from ditkit.train.loop import train
+
+    out = tmp_path_factory.mktemp("runs") / "unet"
+    return train(TrainConfig(out=str(out), model="UNet-T", batch_size=8, max_steps=2, warmup_steps=1, log_every=1,
+                             ckpt_every=2, sample_every=0, sample_steps=1, progress=False, subset=200))
+
+
+def test_a_trained_unet_run_loads_samples_with_guidance_and_serves(unet_run):
+    import asyncio
+
+    import httpx
+
+    from ditkit.runs import load_model, read_run_config
+    from ditkit.sampling import generate
+    from ditkit.serve import ServeSettings, create_app
+
+    config = read_run_config(unet_run)
+    assert config["family"] == "unet" and config["model"]["block_out_channels"] == [32, 64, 64]
+    assert (unet_run / "checkpoints" / "step_0000002" / "ema.safetensors").exists()
+    model = load_model(unet_run, device="cpu")
+    assert isinstance(model.net, UNet) and model.family == "unet" and model.step == 2
+    out = generate(model, num=2, labels=[3, 7], steps=2, cfg_scale=2.0)
+    assert out["images"].shape == (2, 28, 28, 1) and out["images"].dtype.name == "uint8"
+    again = generate(model, num=2, labels=[3, 7], steps=2, cfg_scale=2.0)
+    assert (out["images"] == again["images"]).all()  # same seeds, same images
+
+    async def serve() -> httpx.Response:
+        app = create_app(model=model, settings=ServeSettings(rate_limit=0.0, timeout_s=60.0, grace_s=10.0))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=120) as c:
+                for _ in range(1200):  # the app warms its model up before it says ready
+                    if app.state.service.state in ("ready", "failed"):
+                        break
+                    await asyncio.sleep(0.05)
+                return await c.post("/v1/generate", json={"labels": [5], "steps": 2, "guidance_scale": 1.5})
+
+    r = asyncio.run(serve())
+    assert r.status_code == 200, r.text

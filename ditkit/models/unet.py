@@ -19,10 +19,10 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from diffusers import UNet2DModel
 
 from ..condition import Condition
 from ..errors import UsageError
+from .registry import Family
 
 
 @dataclass
@@ -39,8 +39,11 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         # JSON gives lists; the config compares and hashes as tuples
-        self.block_out_channels = tuple(self.block_out_channels)
-        self.attention = tuple(self.attention)
+        for name in ("block_out_channels", "attention"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise UsageError(f"{name}={value!r}: must be a list, one value per resolution level")
+            setattr(self, name, tuple(value))
 
     @property
     def levels(self) -> int:
@@ -108,6 +111,9 @@ class UNet(nn.Module):
     """
 
     def __init__(self, config: UNetConfig):
+        # imported here: the family registry imports this module to list presets, and diffusers takes seconds
+        from diffusers import UNet2DModel
+
         super().__init__()
         self.config = c = config.validate()
         down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in c.attention)
@@ -124,6 +130,16 @@ class UNet(nn.Module):
     @property
     def null_label(self) -> int | None:
         return self.config.num_classes if self.config.num_classes > 0 else None
+
+    def muon_parameters(self) -> list[str]:
+        """The hidden weights `--optimizer muon` takes (`train.optim.muon_parameters`): the conv kernels and
+        attention matrices of the down, middle and up blocks (a kernel taken as the matrix (out, in * 3 * 3),
+        as Jordan et al. 2024 ran Muon on convolutional networks). Not the first and last convolutions, the
+        time and class embeddings, each resnet's projection of the time embedding (a per-condition shift,
+        what a DiT's adaLN modulations are), biases or norms: those stay on AdamW."""
+        return [f"unet.{n}" for n, p in self.unet.named_parameters()
+                if p.ndim >= 2 and n.split(".")[0] in ("down_blocks", "mid_block", "up_blocks")
+                and "time_emb_proj" not in n]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Condition | None = None, *,
                 hidden_at: Optional[int] = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -177,3 +193,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "UNet-S": dict(block_out_channels=(96, 192, 352), layers_per_block=2, attention=(False, True, True),
                    mid_attention=True, attention_head_dim=32, norm_num_groups=32),
 }
+
+FAMILY = Family(name="unet", config_cls=UNetConfig, net_cls=UNet, presets=PRESETS,
+                description="diffusers' UNet2DModel, class-conditional: the convolutional baseline")
