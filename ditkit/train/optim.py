@@ -65,8 +65,9 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ns_steps=ns_steps))
         for group in self.param_groups:
             for p in group["params"]:
-                if p.ndim != 2:
-                    raise ValueError(f"Muon takes matrices only; got a parameter of shape {tuple(p.shape)}")
+                if p.ndim < 2:
+                    raise ValueError(f"Muon takes matrices only (a conv kernel counts as one); got a parameter "
+                                     f"of shape {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -85,19 +86,23 @@ class Muon(torch.optim.Optimizer):
             m = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - m)  # buf = m buf + (1 - m) g
             updates = torch._foreach_lerp(grads, bufs, m)  # Nesterov: (1 - m) g + m buf
+            # a conv kernel (out, in, kh, kw) is orthogonalised as the matrix (out, in * kh * kw), as in Jordan
+            # et al.'s convolutional networks; a matrix is itself
+            updates = [u.reshape(u.shape[0], -1) for u in updates]
             # the matrices of one shape, tall ones transposed (the iteration runs on the wide form), together
             by_shape: dict[tuple, list[int]] = defaultdict(list)
-            for i, p in enumerate(params):
-                by_shape[tuple(sorted(p.shape))].append(i)
+            for i, u in enumerate(updates):
+                by_shape[tuple(sorted(u.shape))].append(i)
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
             for shape, idx in by_shape.items():
-                tall = [params[i].shape[0] > params[i].shape[1] for i in idx]
+                tall = [updates[i].shape[0] > updates[i].shape[1] for i in idx]
                 ortho = zeropower_newton_schulz(torch.stack([updates[i].mT if t else updates[i]
                                                              for i, t in zip(idx, tall)]), group["ns_steps"])
                 scale = -group["lr"] * 0.2 * max(shape) ** 0.5
                 torch._foreach_add_([params[i] for i in idx],
-                                    [(o.mT if t else o).to(params[i].dtype) for i, o, t in zip(idx, ortho.unbind(0), tall)],
+                                    [(o.mT if t else o).reshape(params[i].shape).to(params[i].dtype)
+                                     for i, o, t in zip(idx, ortho.unbind(0), tall)],
                                     alpha=scale)
         return None
 
@@ -105,7 +110,11 @@ class Muon(torch.optim.Optimizer):
 def muon_parameters(model: nn.Module) -> list[str]:
     """The names of the parameters Muon takes: the 2-D weights inside the transformer blocks (attention
     and MLP), not their adaLN modulations (which start at zero and act as per-condition gains), nor the
-    embeddings, the output layer, biases or norms."""
+    embeddings, the output layer, biases or norms. A network that is not a DiT names its own hidden
+    matrices (and conv kernels) with a `muon_parameters()` method (e.g. `models.unet.UNet`)."""
+    own = getattr(model, "muon_parameters", None)
+    if callable(own):
+        return list(own())
     return [n for n, p in model.named_parameters()
             if p.ndim == 2 and n.startswith("blocks.") and "adaLN" not in n]
 
