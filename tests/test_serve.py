@@ -462,7 +462,7 @@ def test_client_disconnect_cancels_the_work_then_the_server_recovers(model):
 
 def test_same_seed_same_image_under_concurrent_load(model):
     """Each request alone, then all at once (batched together, with mixed labels, guidance and seeds,
-    plus duplicates): every request gets exactly its images back, byte for byte (DESIGN.md contract 3;
+    plus duplicates): every request gets exactly its images back, byte for byte (docs/DESIGN.md contract 3;
     the layers keep CPU GEMMs batch-invariant)."""
     requests = [{"labels": [d % 10], "num_samples": 1 + d % 3, "seed": 1000 + d,
                  "guidance_scale": [1.0, 2.5, 4.0][d % 3], "autoguidance": [1.0, 2.0][d % 2 if d < 6 else 0],

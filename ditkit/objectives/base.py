@@ -1,4 +1,4 @@
-"""The objective contract and the denoiser contract (DESIGN.md contract 1).
+"""The objective contract and the denoiser contract (docs/DESIGN.md contract 1).
 
 An objective owns the forward process and the loss, and turns a trained network into a
 `Denoiser`: D(x, sigma, cond) -> x0_hat in sigma-space (the EDM / k-diffusion convention), where

@@ -5,7 +5,7 @@ keeps answering probes and admitting requests meanwhile). The rules:
 
 - A batch holds images of requests with the same *key*: their sampling settings but for the guidance
   scales (sampler, steps, spacing, options, schedule, interval). Labels, guidance scales and seeds mix
-  freely, because image b of a batch depends only on its own (label, seed, scales) (DESIGN.md contract
+  freely, because image b of a batch depends only on its own (label, seed, scales) (docs/DESIGN.md contract
   3). Requests with another key wait for a later batch, oldest first.
 - A batch waits at most `max_wait_ms` for companions, counted from the later of its oldest request's
   arrival and the end of the previous batch; it closes early once it has `max_batch_size` images.
