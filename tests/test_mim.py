@@ -227,7 +227,7 @@ def train_mim(vq_run, out, **kw):
 
     cfg = dict(out=str(out), model="MIM-T", tokenizer=str(vq_run), depth=1, width=32, heads=2, batch_size=16,
                max_steps=4, warmup_steps=2, log_every=2, ckpt_every=2, sample_every=0, progress=False, subset=256,
-               compile=False, guide_at=0.0, sample_sampler="maskgit", sample_steps=2)  # the final grid: 2 steps
+               compile=False, guide_at=0.0, sample_sampler="maskgit", sample_steps=1)  # the final grid: 1 step
     cfg.update(kw)
     return train(TrainConfig(**cfg))
 
