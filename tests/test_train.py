@@ -254,7 +254,7 @@ def test_lr_auto_scales_with_the_square_root_of_the_batch():
 @pytest.mark.parametrize("step_s,want", [
     (lambda b: 0.02, 64),  # a fast host: 30,000 steps in 10 minutes at 64
     (lambda b: 0.19, 64),  # 3,150 steps at 64
-    (lambda b: {64: 0.375, 32: 0.22}[b], 32),  # round 28's AVX2 host: ~1,600 and ~2,700 steps
+    (lambda b: {64: 0.375, 32: 0.22}[b], 32),  # a slow AVX2 host: ~1,600 and ~2,700 steps
     (lambda b: 5.0, 32),  # too slow for either: the smaller
 ])
 def test_auto_batch_is_the_first_whose_measured_speed_buys_enough_steps(monkeypatch, step_s, want):

@@ -57,7 +57,7 @@ class TrainConfig:
     logit_mean: float = 0.0  # the logit-normal time distribution's location (interpolants)
     stratified_time: bool = False  # one training time per stratum of the batch (objectives.base.stratified_uniforms)
     # interpolants: reference images a step for a stable target (objectives.base.stable_target_x0); 0 = off,
-    # None = auto: STABLE_TARGET_REFS for the interpolants, off for ddpm (docs/BENCHMARKS.md, "Round 34")
+    # None = auto: STABLE_TARGET_REFS for the interpolants (measured better per CPU-minute), off for ddpm
     stable_target: Optional[int] = None
     center: str = "none"  # "mean": model x0 minus the training images' mean (objectives.base.DataMean)
     # model guidance (interpolants): learn the CFG-guided prediction at this scale; sample it with no CFG
@@ -72,11 +72,11 @@ class TrainConfig:
     batch_size: Optional[int] = None
     lr: Optional[float] = None  # None = 2.8e-3 at batch 64, scaled by sqrt(batch / 64) (loop.lr_for_batch)
     # "muon": Muon on the blocks' hidden matrices, AdamW on the rest (train.optim), at the same lr; or "adamw".
-    # Muon with its weight decay measured better after 10 and 30 minutes (docs/BENCHMARKS.md, "Round 39" to
-    # "Round 41"): the default since round 41 (a run from before, with no "optimizer" recorded, used AdamW)
+    # Muon with its weight decay measured better after 10 and 30 minutes (docs/BENCHMARKS.md); a run recorded
+    # with no "optimizer" predates it and used AdamW (FORMER_DEFAULTS)
     optimizer: str = "muon"
     # None = auto: the optimiser's own (optim.DEFAULT_WEIGHT_DECAY: 0 for AdamW, 0.1 for Muon, whose runs
-    # without it drew worse digits the longer they trained: "Round 40")
+    # without it drew worse digits the longer they trained)
     weight_decay: Optional[float] = None
     beta2: float = 0.99
     warmup_steps: int = 200

@@ -12,7 +12,7 @@ block, so `Muon` here runs the iteration on each shape's matrices stacked (tall 
 batched product per step of the iteration instead of one per matrix, the same arithmetic per matrix (bf16
 products, as the reference; tested against `torch.optim.Muon`). DiT-T/4's 16 matrices make 3 stacks: a
 compiled bf16 training step at batch 64 runs ~8-10% slower than with fused AdamW, against ~21% with
-`torch.optim.Muon` (docs/BENCHMARKS.md, "Round 39").
+`torch.optim.Muon` (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ OPTIMIZERS = ("adamw", "muon")
 # --weight-decay auto (decoupled: each step scales the weights by 1 - lr * wd). Muon's 0.1 is Liu et al.
 # 2025's: without it a 30-minute run's samples got worse from ~10,000 steps on while its held-out loss still
 # fell (3.70x the FID floor under make demo's setting; five runs with it 0.79-1.10x); after 10 minutes
-# both read alike (docs/BENCHMARKS.md, "Round 40"). AdamW's 0: DiT's and SiT's recipe (round 13's 0.03 was
-# no better).
+# both read alike (docs/BENCHMARKS.md). AdamW's 0: DiT's and SiT's recipe (0.03 measured no better).
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.0, "muon": 0.1}
 # the quintic Newton-Schulz coefficients of Jordan et al. (and torch.optim.Muon): steepest slope at zero,
 # singular values brought into ~[0.7, 1.2] in 5 steps rather than exactly to 1

@@ -8,7 +8,6 @@ setting is checked first, so a refused run leaves nothing behind that would bloc
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from ..errors import DitkitError, UsageError
 from ..models import DiTConfig, build_model, model_config
 from ..models.registry import get_family, preset_family
 from ..objectives import DataMean, build_objective
-from ..runs import clean_partial, latest_checkpoint
+from ..runs import clean_partial, latest_checkpoint, read_run_config
 from ..utils import compile_failed, pick_device, resolve_precision
 from .config import TrainConfig
 from .optim import DEFAULT_WEIGHT_DECAY, build_optimizer
@@ -132,7 +131,10 @@ def _recorded_config(run_dir: Path) -> dict[str, Any]:
     """The config.json of the run that --resume continues."""
     if not (run_dir / "config.json").exists():
         raise DitkitError(f"--resume: {run_dir} is not a run folder (no config.json); start without --resume")
-    return json.loads((run_dir / "config.json").read_text())
+    old = read_run_config(run_dir)
+    if not isinstance(old.get("train"), dict):
+        raise DitkitError(f"--resume: {run_dir}/config.json has no 'train' section; it was not written by ditkit train")
+    return old
 
 
 def resolve_auto_settings(cfg: TrainConfig, config: dict[str, Any], device: torch.device, world_size: int,

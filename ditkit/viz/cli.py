@@ -5,27 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_args import finite_float, nonneg_int, positive_int, seed_int
 
-def _int_at_least(name: str, lo: int):
+
+def _at_least_5(name: str):
+    """An integer >= 5 (a t-SNE of fewer points has no neighbourhoods to keep)."""
+    parse_int = positive_int(name)
+
     def parse(v: str) -> int:
-        try:
-            x = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}") from None
-        if x < lo:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {lo}, got {x}")
-        return x
-    return parse
-
-
-def _nonneg_float(name: str):
-    def parse(v: str) -> float:
-        try:
-            x = float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {v!r}") from None
-        if not (x >= 0 and x != float("inf")):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0, got {v!r}")
+        x = parse_int(v)
+        if x < 5:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 5, got {x}")
         return x
     return parse
 
@@ -54,36 +44,36 @@ def register(sub, parser_class) -> None:
     p.add_argument("--out", help="report file (default: RUN/report.html; figures go to report_files/ beside it)")
     g = p.add_argument_group("sampling (checkpoint grid, trajectory)")
     g.add_argument("--sampler", default=d.sampler, choices=list(SAMPLERS), help="default: %(default)s")
-    g.add_argument("--steps", type=_int_at_least("--steps", 1), default=d.steps,
+    g.add_argument("--steps", type=positive_int("--steps"), default=d.steps,
                    help="sampler steps of the checkpoint grid and the trajectory (default: %(default)s)")
-    g.add_argument("--cfg-scale", type=_nonneg_float("--cfg-scale"),
+    g.add_argument("--cfg-scale", type=finite_float("--cfg-scale", 0),
                    help="guidance scale, 1 = off (default: the run's training-time sample_cfg_scale)")
-    g.add_argument("--num-per-ckpt", type=_int_at_least("--num-per-ckpt", 1), default=d.num_per_ckpt,
+    g.add_argument("--num-per-ckpt", type=positive_int("--num-per-ckpt"), default=d.num_per_ckpt,
                    help="images per checkpoint row (default: %(default)s)")
-    g.add_argument("--max-checkpoints", type=_int_at_least("--max-checkpoints", 1), default=d.max_checkpoints,
+    g.add_argument("--max-checkpoints", type=positive_int("--max-checkpoints"), default=d.max_checkpoints,
                    help="rows at most: evenly spaced checkpoints, first and last included (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    g.add_argument("--seed", type=seed_int("--seed"), default=d.seed, help="default: %(default)s")
     g.add_argument("--weights", default=d.weights, choices=["ema", "model"], help="default: %(default)s")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (default: %(default)s)")
-    g.add_argument("--threads", type=_int_at_least("--threads", 1),
+    g.add_argument("--threads", type=positive_int("--threads"),
                    help="CPU threads for torch and the t-SNE (default: the libraries' own choice)")
     g.add_argument("--traj-steps", type=_int_list("--traj-steps"),
                    help="sampler steps shown in the trajectory, e.g. 0,3,6,9 (default: evenly spaced)")
     a = p.add_argument_group("attention and features (newest checkpoint)")
-    a.add_argument("--image", type=_int_at_least("--image", 0), default=d.image,
+    a.add_argument("--image", type=nonneg_int("--image"), default=d.image,
                    help="which image of the newest row (0 .. num-per-ckpt-1) the trajectory and attention show "
                         "(default: %(default)s)")
-    a.add_argument("--layer", type=_int_at_least("--layer", 0), help="attention layer (default: the last)")
-    a.add_argument("--head", type=_int_at_least("--head", 0), default=d.head,
+    a.add_argument("--layer", type=nonneg_int("--layer"), help="attention layer (default: the last)")
+    a.add_argument("--head", type=nonneg_int("--head"), default=d.head,
                    help="attention head drawn as chosen (all heads and their mean are drawn; default: %(default)s)")
-    a.add_argument("--query", type=_int_at_least("--query", 0),
+    a.add_argument("--query", type=nonneg_int("--query"),
                    help="query patch, row-major on the patch grid (default: the patch with the most ink)")
-    a.add_argument("--attn-sigma", type=_nonneg_float("--attn-sigma"), default=d.attn_sigma,
+    a.add_argument("--attn-sigma", type=finite_float("--attn-sigma", 0, True), default=d.attn_sigma,
                    help="noise level at which the network looks at the image (default: %(default)s)")
     a.add_argument("--no-tsne", dest="tsne", action="store_false", help="skip the t-SNE")
     a.add_argument("--tsne-features", default=d.tsne_features, choices=list(FEATURE_KINDS),
                    help="final: pooled tokens before the final layer; patch: patch embeddings (default: %(default)s)")
-    a.add_argument("--tsne-points", type=_int_at_least("--tsne-points", 5), default=d.tsne_points,
+    a.add_argument("--tsne-points", type=_at_least_5("--tsne-points"), default=d.tsne_points,
                    help="images in the t-SNE (default: %(default)s)")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the result line")
     p.set_defaults(func=_cmd_report)

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..errors import DitkitError, UsageError
 from ..evaluate import image_settings
-from ..runs import list_checkpoints
+from ..runs import list_checkpoints, read_run_config
 from ..utils import atomic_write_bytes, image_seeds, pick_device
 from .plots import save_figure
 from .attention import DEFAULT_ATTN_SIGMA
@@ -409,12 +409,9 @@ def _read_config(b: _Build) -> None:
                        "and t-SNE are skipped")
         return
     try:
-        cfg = json.loads((b.run / "config.json").read_text())
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
-        b.cfg = cfg
-    except (OSError, ValueError) as e:
-        b.notes.append(f"config.json is unreadable ({str(e)[:100]}): the model cannot be rebuilt, so samples, "
+        b.cfg = read_run_config(b.run)  # the one validated reading of a run folder (ditkit.runs)
+    except DitkitError as e:
+        b.notes.append(f"config.json is unusable ({str(e)[:160]}): the model cannot be rebuilt, so samples, "
                        "trajectory, attention maps and t-SNE are skipped")
 
 
