@@ -349,15 +349,17 @@ def test_rate_limit_429_per_client(model):
         app = create_app(model=model, settings=settings(rate_limit=10, burst=5))
         async with asgi_client(app, client_addr=("10.1.1.1", 1)) as a:
             b = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.1.1.2", 1)), base_url="http://t")
-            async with b:
+            a2 = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.1.1.1", 2)),
+                                   base_url="http://t")  # the same address, another connection
+            async with b, a2:
                 codes = [(await a.post("/v1/generate", json={})).status_code for _ in range(6)]
                 assert codes[:5] == [422] * 5 and codes[5] == 429, codes
-                r = await a.post("/v1/generate", json={})
+                r = await a2.post("/v1/generate", json={})  # the address's bucket
                 assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
                 assert (await b.post("/v1/generate", json={})).status_code == 422  # its own bucket
                 assert (await a.get("/healthz")).status_code == 200  # probes are never limited
                 await asyncio.sleep(0.25)  # two tokens back at 10/s
-                assert (await a.post("/v1/generate", json={})).status_code == 422
+                assert (await b.post("/v1/generate", json={})).status_code == 422
                 text = (await a.get("/metrics")).text
                 assert metric(text, "ditkit_rejections_total", reason="rate_limited") == 2
 
@@ -372,7 +374,7 @@ def test_queue_full_is_503_then_the_queue_drains(model):
     async def main():
         app = create_app(model=model, settings=settings(max_queue=4))
         svc = app.state.service
-        async with asgi_client(app) as c:
+        async with asgi_client(app, client_addr=("127.0.0.1", 0)) as c:  # no port: no hold (see below)
             svc.batcher.pause()  # hold the worker: nothing leaves the queue
             queued = [asyncio.create_task(c.post("/v1/generate", json={"labels": [i], "seed": i, **FAST}))
                       for i in range(4)]
@@ -1124,7 +1126,7 @@ def test_refusals_are_cheap_before_the_body_and_not_a_log_storm(model, caplog):
     async def main():
         app = create_app(model=model, settings=settings(max_queue=1))
         svc = app.state.service
-        async with asgi_client(app) as c:
+        async with asgi_client(app, client_addr=("127.0.0.1", 0)) as c:  # no port: no hold (see below)
             svc.batcher.pause()
             held = asyncio.create_task(c.post("/v1/generate", json={"labels": [1], **FAST}))
             await wait_for(lambda: svc.batcher.queue_depth == 1, what="queued")
@@ -1147,6 +1149,40 @@ def test_refusals_are_cheap_before_the_body_and_not_a_log_storm(model, caplog):
     refused = [x for x in lines if x["status"] == 503]
     assert len(refused) < 60, len(refused)  # 10 a second at most, plus the budget's first 10
     assert sum(1 + x.get("refusals_not_logged", 0) for x in refused) <= 201
+
+
+def test_a_connection_ignoring_retry_after_is_held_until_then(model):
+    """A connection that comes back before the Retry-After of its last 503 has the next answer held until
+    then, and is looked at again: refused if the queue is still full, admitted if there is room now.
+    Another connection, or the same one after waiting, is answered at once."""
+    async def main():
+        app = create_app(model=model, settings=settings(max_queue=1))
+        svc = app.state.service
+        async with asgi_client(app, client_addr=("127.0.0.1", 5000)) as c:
+            other = httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("127.0.0.1", 5001)),
+                                      base_url="http://t")
+            svc.batcher.pause()
+            queued = asyncio.create_task(other.post("/v1/generate", json={"labels": [1], **FAST}))
+            await wait_for(lambda: svc.batcher.queue_depth == 1, what="queued")
+            body = {"labels": [2], **FAST}
+            t0 = time.monotonic()
+            r = await c.post("/v1/generate", json=body)
+            assert r.status_code == 503 and time.monotonic() - t0 < 0.9
+            retry_s = int(r.headers["retry-after"])
+            t0 = time.monotonic()
+            r = await c.post("/v1/generate", json=body)  # at once: held, then refused again
+            assert r.status_code == 503 and time.monotonic() - t0 >= retry_s - 0.05
+            t0 = time.monotonic()
+            assert (await other.post("/v1/generate", json=body)).status_code == 503  # answered at once
+            assert time.monotonic() - t0 < 0.9
+            again = asyncio.create_task(c.post("/v1/generate", json=body))  # at once again ...
+            await asyncio.sleep(0.2)
+            svc.batcher.resume()  # ... and the queue drains meanwhile: admitted after its hold
+            assert (await again).status_code == 200 and (await queued).status_code == 200
+            text = (await c.get("/metrics")).text
+            assert metric(text, "ditkit_rejections_total", reason="queue_full") == 3
+            await other.aclose()
+    asyncio.run(main())
 
 
 def test_fuzz_generate_bodies_never_5xx(model):

@@ -12,8 +12,10 @@ detection) placed in front of the FastAPI app. For every request it checks, in t
 3. the body, read here (at most `max_body_bytes + 1` bytes of it; 413) and handed on to the app.
 
 Probes (`/healthz`, `/readyz`), `/metrics`, the playground page and the docs stay open. Every refusal
-before the body is a few dictionary lookups and one small pre-encoded answer: a client that ignores
-`Retry-After` and retries at once costs the server little (measured: benchmarks/serve_storm.py).
+before the body is a few dictionary lookups and one small answer. A connection that comes back before
+the Retry-After it was given (a client that ignores it, in a tight loop) has its next 429/503 held until
+then, and is looked at again first: under such a storm the server answers about one refusal per client
+per Retry-After, and keeps its CPU (and the GIL) for the model (benchmarks/serve_storm.py).
 
 Clients are told apart by their API key when keys are configured (each key is one client), and by their
 IP address otherwise. The address is the TCP peer's: `X-Forwarded-For` counts only from the proxies that
@@ -22,6 +24,7 @@ IP address otherwise. The address is the TCP peer's: `X-Forwarded-For` counts on
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -178,6 +181,8 @@ class FailedAuthThrottle:
 
 # (status, reason, detail, retry_after_s or None): what `refuse_early` answers for a request it refuses
 Refusal = tuple[int, str, str, Optional[float]]
+HOLD_MAX_S = 2.0  # the longest a refusal to a client that ignores Retry-After is held back
+MAX_HELD_PEERS = 100_000  # connections whose Retry-After time is remembered (least recent forgotten)
 
 
 class GuardMiddleware:
@@ -201,6 +206,7 @@ class GuardMiddleware:
         self.on_reject = on_reject
         self.auth_throttle = auth_throttle or FailedAuthThrottle()
         self.refuse_early = refuse_early
+        self._retry_at: OrderedDict[tuple, float] = OrderedDict()  # (address, port) -> its Retry-After time
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -239,19 +245,30 @@ class GuardMiddleware:
                 await _reply(send, 401, "missing or invalid API key: send 'Authorization: Bearer KEY' or "
                              "'X-API-Key: KEY'", [(b"www-authenticate", b"Bearer")])
                 return
-            wait_s = self.limiter.acquire(client)
-            if wait_s > 0:
-                self.on_reject("rate_limited")
-                await _reply(send, 429, f"rate limit of {self.limiter.rate_per_s:g} requests/s "
-                             f"(burst {self.limiter.burst}) exceeded; retry in {wait_s:.2f} s",
-                             [(b"retry-after", retry_after_header(wait_s).encode())])
-                return
-            refusal = self.refuse_early(scope)
-            if refusal is not None:
+            held = False
+            while True:
+                refusal = self._refusal(client, scope)
+                if refusal is None:
+                    break
                 status, reason, detail, retry_after_s = refusal
+                peer = scope.get("client")
+                now = time.monotonic()
+                if not held and peer and peer[1] and now < self._retry_at.get(peer, 0.0):
+                    # This connection was refused and told Retry-After, and is back before it: it ignores
+                    # Retry-After. Its answer waits until then (a sleeping task; no work), and the request
+                    # is looked at again: there may be room by then. A client retrying in a tight loop
+                    # thus costs one refusal per Retry-After, not thousands a second.
+                    held = True
+                    await asyncio.sleep(min(self._retry_at[peer] - now, HOLD_MAX_S))
+                    continue
+                headers = []
+                if retry_after_s is not None:
+                    header = retry_after_header(retry_after_s)
+                    headers.append((b"retry-after", header.encode()))
+                    if peer and peer[1]:
+                        self._remember_retry(peer, now + int(header))
                 self.on_reject(reason)
-                await _reply(send, status, detail, [] if retry_after_s is None else
-                             [(b"retry-after", retry_after_header(retry_after_s).encode())])
+                await _reply(send, status, detail, headers)
                 return
 
         if scope.get("method") in ("POST", "PUT", "PATCH"):
@@ -268,6 +285,21 @@ class GuardMiddleware:
                     break
             receive = _replay(bytes(body), receive)
         await self.app(scope, receive, send)
+
+    def _refusal(self, client: str, scope: Scope) -> Optional[Refusal]:
+        """The client's token bucket (429), then the app's cheap admission check (`refuse_early`)."""
+        wait_s = self.limiter.acquire(client)
+        if wait_s > 0:
+            return (429, "rate_limited", f"rate limit of {self.limiter.rate_per_s:g} requests/s (burst "
+                    f"{self.limiter.burst}) exceeded; retry in {wait_s:.2f} s", wait_s)
+        return self.refuse_early(scope)
+
+    def _remember_retry(self, peer: tuple, retry_at: float) -> None:
+        """When the connection `peer` (address, port) was told it may retry; at most MAX_HELD_PEERS kept."""
+        self._retry_at[peer] = retry_at
+        self._retry_at.move_to_end(peer)
+        while len(self._retry_at) > MAX_HELD_PEERS:
+            self._retry_at.popitem(last=False)
 
     async def _too_large(self, send: Send) -> None:
         self.on_reject("body_too_large")
