@@ -191,6 +191,7 @@ def test_compile_auto_decides_by_run_length_and_falls_back_to_eager(tmp_path, mo
     assert losses(fallback) == losses(short)  # the failed attempt left the run's state alone
     with pytest.raises(DitkitError, match="--compile: torch.compile failed"):  # asked for: an error
         train(TrainConfig(out=str(tmp_path / "asked"), compile=True, **kw))
+    assert not (tmp_path / "asked").exists()  # it failed before the run folder was written: a retry is free
     with pytest.raises(UsageError, match="trained without compilation.*--no-compile"):
         train(TrainConfig(out=str(tmp_path / "short"), compile=True, **dict(kw, max_steps=4)), resume=True)
     train(TrainConfig(out=str(tmp_path / "short"), **dict(kw, max_steps=4)), resume=True)  # auto keeps eager
