@@ -2,12 +2,15 @@
 process (its peak resident set is its own).
 
     python benchmarks/grad_checkpoint.py [--model DiT-B/2] [--batch 64] [--steps 2] [--precision auto]
+    python benchmarks/grad_checkpoint.py --batch 64 --measure-batch 4   # RSS and time at 4, the ledger at 64
 
 A step is the training loss's forward and backward and the optimiser's step (ditkit train's default
 optimiser), on MNIST-shaped random images. Peak memory: the process's maximum resident set
 (getrusage) minus its resident set once the model and optimiser exist, i.e. what the steps add
 (activations, gradients, optimiser state); the total is printed too. Step time: the fastest step after
-the first.
+the first. The ledger (train.memory: the tensors autograd keeps, each storage once, and the weights,
+gradients, EMA and optimiser state) predicts each setting's bytes at `--batch` from a probe at batches 2
+and 4; with `--measure-batch` smaller than `--batch` (a slow machine) the processes run at that batch.
 """
 
 from __future__ import annotations
@@ -60,21 +63,48 @@ def child(model: str, batch: int, steps: int, checkpoint: bool, precision: str) 
             "step_s": min(times[1:] or times), "loss": float(loss)}
 
 
+def ledger(model: str, batch: int, precision: str) -> dict:
+    """The memory ledger's prediction of a step at `batch`, without and with checkpointing (GiB)."""
+    import torch
+
+    from ditkit.models import model_config
+    from ditkit.objectives import build_objective
+    from ditkit.train.memory import memory_plan
+    from ditkit.utils import resolve_precision
+
+    objective = build_objective({"name": "linear", "prediction": "velocity", "time_sampling": "logit-normal",
+                                 "logit_mean": 0.0, "label_dropout": 0.1})
+    amp = resolve_precision(precision, torch.device("cpu")) == "bf16"
+    out = {"ledger_batch": batch}
+    for on in (False, True):
+        p = memory_plan(model_config(model).to_dict(), objective, (1, 28, 28), "muon", torch.device("cpu"), amp,
+                        2**50, grad_checkpoint=on)
+        tag = "on" if on else "off"
+        out[f"ledger_{tag}_activations_gib"] = (p["base_bytes"] + batch * p["per_image_bytes"]) / 2**30
+        out[f"ledger_{tag}_total_gib"] = out[f"ledger_{tag}_activations_gib"] + p["fixed_bytes"] / 2**30
+    out["ledger_total_saved"] = 1 - out["ledger_on_total_gib"] / out["ledger_off_total_gib"]
+    out["ledger_activations_saved"] = 1 - out["ledger_on_activations_gib"] / out["ledger_off_activations_gib"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="DiT-B/2")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--measure-batch", type=int, default=None, help="the batch of the measured steps (default --batch)")
     ap.add_argument("--child", choices=("on", "off"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(args.model, args.batch, args.steps, args.child == "on", args.precision)))
         return
     res = {}
+    print(json.dumps(ledger(args.model, args.batch, args.precision)), flush=True)
     for setting in ("off", "on"):
         out = subprocess.run([sys.executable, __file__, "--child", setting, "--model", args.model, "--batch",
-                              str(args.batch), "--steps", str(args.steps), "--precision", args.precision],
+                              str(args.measure_batch or args.batch), "--steps", str(args.steps),
+                              "--precision", args.precision],
                              capture_output=True, text=True, check=True)
         res[setting] = json.loads(out.stdout.strip().splitlines()[-1])
         print(json.dumps(res[setting]), flush=True)

@@ -221,8 +221,9 @@ def add_quantize_flag(p: argparse.ArgumentParser) -> None:
     """--quantize: INT8 inference of the network's per-token linear maps (`ditkit.quantize`)."""
     p.add_argument("--quantize", default="none", choices=["none", "int8"],
                    help="int8: PyTorch's dynamic INT8 for the network's token maps (CPU, fp32 weights, no "
-                        "--compile); smaller and faster in batches, images differ slightly; fp32 with a warning "
-                        "where the CPU has no INT8 kernels")
+                        "--compile): half the weight bytes, faster where the maps are wide (DiT-S and up; none at "
+                        "DiT-T's width 128); images differ slightly; fp32 with a warning where the CPU has no "
+                        "INT8 kernels")
 
 
 def add_compile_flag(p: argparse.ArgumentParser) -> None:

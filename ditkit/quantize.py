@@ -8,11 +8,12 @@ the result comes back in fp32. The condition path (time and class embedders, ada
 fp32: a sampler's (t, class) memo (`models.dit.ModulationCache`) computes it once per noise level, so
 quantising it would cost accuracy and save no time.
 
-Why torch.ao and not torchao's int8-dynamic-activation/int8-weight: on this project's CPU (AVX-512 VNNI, 2
-threads) the MLP of DiT-S/2 at batch 64 took 251 ms with torch.ao's kernel against 474 ms in fp32, while
-torchao's tensor subclass ran 1,388 ms eagerly and 299 ms under `torch.compile` (no faster than a compiled
-fp32 MLP): its CPU path is a dequantise-and-matmul reference unless inductor fuses it
-(`benchmarks/int8.py` measures the whole network).
+Why torch.ao and not torchao's int8-dynamic-activation/int8-weight: on this project's CPU (Xeon, AVX-512
+VNNI, 2 shared threads) the MLP of DiT-S/2 at batch 64 took 251 ms with torch.ao's kernel against 474 ms in
+fp32, while torchao 0.18's tensor subclass ran 1,388 ms eagerly and 299 ms under `torch.compile` (no faster
+than a compiled fp32 MLP): on the CPU it dequantises and multiplies unless inductor fuses it, and it needs
+an extra package. INT8 pays where the maps are wide: at DiT-T's width 128 the quantise / dequantise passes
+cost what the int8 products save (`benchmarks/int8.py` measures whole networks).
 
 The activation scale is the call's, so unlike fp32 and bf16 an int8 image depends in its last bits on
 the images drawn beside it (the batch's largest activation sets every image's rounding step); at a
