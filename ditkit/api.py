@@ -71,6 +71,8 @@ class Model:
 
 
 def load(run: str | os.PathLike, *, weights: str = "ema", device: str = "auto", precision: str = "fp32",
-         guide: Optional[str | os.PathLike] = None, compile: bool = False) -> Model:
-    """Load a run folder (its latest checkpoint) or one checkpoint folder for sampling."""
-    return Model(load_model(run, weights=weights, device=device, precision=precision, guide=guide, compile=compile))
+         guide: Optional[str | os.PathLike] = None, compile: bool = False, quantize: str = "none") -> Model:
+    """Load a run folder (its latest checkpoint) or one checkpoint folder for sampling; quantize="int8" runs
+    the network's token maps in INT8 (`ditkit.quantize`)."""
+    return Model(load_model(run, weights=weights, device=device, precision=precision, guide=guide, compile=compile,
+                            quantize=quantize))
