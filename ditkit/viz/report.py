@@ -466,13 +466,32 @@ def _samples(b: _Build) -> None:
             validate_sampling(m, sampler=opts.sampler, steps=opts.steps, cfg_scale=b.cfg_scale)  # a bad flag: stop here
             b.labels = parse_labels(None, opts.num_per_ckpt, m.num_classes)
             b.seeds = image_seeds(opts.seed, opts.num_per_ckpt)
-        res = generate(m, num=opts.num_per_ckpt, labels=b.labels if m.num_classes else None, seed=opts.seed,
-                       batch_size=opts.num_per_ckpt, sampler=opts.sampler, steps=opts.steps, cfg_scale=b.cfg_scale)
+        prompts = _prompts(m, b.cfg, opts.num_per_ckpt)
+        if prompts == []:
+            b.notes.append("a text model trained on a caption file: the report has no prompts to draw it with; "
+                           "sample it with `ditkit sample --prompt TEXT`")
+            return
+        res = generate(m, num=opts.num_per_ckpt, labels=b.labels if m.num_classes else None, prompts=prompts,
+                       seed=opts.seed, batch_size=opts.num_per_ckpt, sampler=opts.sampler, steps=opts.steps,
+                       cfg_scale=b.cfg_scale)
         b.rows.append((m.step, res["images"]))
         b.model = m  # the newest loaded checkpoint serves the sections below
     if b.rows:
         class_names = b.model.class_names if b.model.num_classes else []
         b.rep.figures["samples"] = _plot_checkpoint_rows(b.rows, b.labels, class_names, b.files / "samples.png")
+
+
+def _prompts(model, cfg: dict, n: int) -> Optional[list[str]]:
+    """What a text model's sample row draws: for MNIST captions, one held-out prompt per digit 0, 1, 2, ...
+    (captions the model never trained on); [] for a caption file (no prompt the report could know); None
+    for a class or unconditional model."""
+    if getattr(model, "text_encoder", None) is None:
+        return None
+    if (cfg.get("data") or {}).get("captions") != "mnist":
+        return []
+    from ..text.captions import HELD_OUT_TEMPLATES, compose
+
+    return [compose(HELD_OUT_TEMPLATES[0], i % 10, word=False) for i in range(n)]
 
 
 def _trajectory(b: _Build) -> None:
