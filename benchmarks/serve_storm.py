@@ -1,10 +1,11 @@
 """A retry storm against `ditkit serve` on loopback: does refusing cost the server its throughput?
 
-    flock /tmp/ditkit-cpu.lock python benchmarks/serve_storm.py --ckpt runs/mnist --duration-s 20
+    flock /tmp/ditkit-cpu.lock python benchmarks/serve_storm.py --ckpt runs/mnist --rounds 3 --duration-s 8
 
 The script starts its own server (`python -m ditkit serve --max-queue 8 --rate-limit 0`, no access log)
-on a free 127.0.0.1 port and runs two closed loops of clients against it, each for `--duration-s` after a
-short warm-up:
+on a free 127.0.0.1 port and runs two closed loops of clients against it, taking turns `--rounds` times
+(so that load from other processes on a shared machine falls on both alike), each turn `--duration-s`
+after a short warm-up:
 
 - polite: `--polite-clients` (16) clients; a refused client (503) sleeps its Retry-After, then retries;
 - storm: `--storm-clients` (64) clients that ignore Retry-After and retry the moment they are refused.
@@ -12,10 +13,12 @@ short warm-up:
 Every client sends one-image requests (`--steps` steps, a random digit and seed) over one keep-alive
 connection, through a raw asyncio HTTP/1.1 client (pre-built request bytes, minimal parsing), so the
 load generator itself takes little of the CPU the server shares it with. Reported: successful requests
-a second in each loop, refusals a second, and the ratio storm / polite (issue 51 asks >= 0.8).
+a second in each loop (over all its turns), refusals a second, and the ratio storm / polite (issue 51
+asks >= 0.8).
 
 `--server-path DIR` runs the server from another source tree (e.g. an older checkout) for a before /
-after comparison. Bounded: two loops of `--duration-s` plus warm-ups and the server's start; loopback only.
+after comparison. Bounded: 2 x `--rounds` turns of `--duration-s` plus warm-ups and the server's start;
+loopback only.
 """
 
 from __future__ import annotations
@@ -144,11 +147,7 @@ async def run_loop(port: int, clients: int, polite: bool, args: argparse.Namespa
     tally: dict[str, int] = {}
     await asyncio.gather(*(client(port, polite, args.steps, 1000 * clients + i, stop_at, count_from, tally)
                            for i in range(clients)))
-    ok = tally.get("200", 0)
-    refused = sum(n for code, n in tally.items() if code in ("429", "503"))
-    return {"clients": clients, "polite": polite, "seconds": args.duration_s, "status_counts": tally,
-            "ok_per_s": ok / args.duration_s, "refused_per_s": refused / args.duration_s,
-            "server_errors": sum(n for code, n in tally.items() if code.startswith("5") and code != "503")}
+    return {"clients": clients, "polite": polite, "seconds": args.duration_s, "status_counts": tally}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -162,12 +161,27 @@ async def main_async(args: argparse.Namespace, ckpt: Path) -> dict:
     proc = start_server(ckpt, port, args)
     try:
         await wait_ready(port, proc)
-        results = {}
-        for name, clients, polite in (("polite", args.polite_clients, True), ("storm", args.storm_clients, False)):
-            c0 = cpu_seconds(proc.pid)
-            results[name] = await run_loop(port, clients, polite, args)
-            results[name]["server_cpu_cores"] = (cpu_seconds(proc.pid) - c0) / (args.duration_s + args.warmup_s)
-            print(f"{name}: {json.dumps(results[name])}", file=sys.stderr, flush=True)
+        results: dict[str, dict] = {}
+        for turn in range(args.rounds):
+            for name, clients, polite in (("polite", args.polite_clients, True),
+                                          ("storm", args.storm_clients, False)):
+                c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+                r = await run_loop(port, clients, polite, args)
+                r["server_cpu_s"], r["wall_s"] = cpu_seconds(proc.pid) - c0, time.monotonic() - t0
+                print(f"turn {turn} {name}: {json.dumps(r)}", file=sys.stderr, flush=True)
+                total = results.setdefault(name, {"clients": clients, "polite": polite, "seconds": 0.0,
+                                                  "status_counts": {}, "server_cpu_s": 0.0, "wall_s": 0.0})
+                total["seconds"] += r["seconds"]
+                total["server_cpu_s"] += r["server_cpu_s"]
+                total["wall_s"] += r["wall_s"]  # the turn's end waits for the answers in flight
+                for code, n in r["status_counts"].items():
+                    total["status_counts"][code] = total["status_counts"].get(code, 0) + n
+        for total in results.values():
+            counts, seconds = total["status_counts"], total["seconds"]
+            total["ok_per_s"] = counts.get("200", 0) / seconds
+            total["refused_per_s"] = sum(n for code, n in counts.items() if code in ("429", "503")) / seconds
+            total["server_errors"] = sum(n for code, n in counts.items() if code.startswith("5") and code != "503")
+            total["server_cpu_cores"] = total["server_cpu_s"] / total["wall_s"]
         return results
     finally:
         proc.terminate()
@@ -185,14 +199,16 @@ def main() -> None:
     p.add_argument("--storm-clients", type=int, default=64)
     p.add_argument("--max-queue", type=int, default=8)
     p.add_argument("--steps", type=int, default=10, help="sampler steps per request")
-    p.add_argument("--duration-s", type=float, default=20.0)
-    p.add_argument("--warmup-s", type=float, default=3.0)
+    p.add_argument("--duration-s", type=float, default=8.0, help="measured seconds of each turn")
+    p.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured seconds before each turn")
+    p.add_argument("--rounds", type=int, default=3, help="turns of each loop, alternating")
     p.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     p.add_argument("--server-path", help="run the server from this source tree (a before/after comparison)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
-    if not (1 <= args.duration_s <= 300 and 1 <= args.polite_clients <= 1024 and 1 <= args.storm_clients <= 1024):
-        p.error("--duration-s must be in 1..300 and the client counts in 1..1024")
+    if not (1 <= args.duration_s <= 300 and 1 <= args.rounds <= 20 and 1 <= args.polite_clients <= 1024
+            and 1 <= args.storm_clients <= 1024):
+        p.error("--duration-s must be in 1..300, --rounds in 1..20 and the client counts in 1..1024")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.ckpt) if args.ckpt else tiny_run(Path(tmp) / "tiny")
         results = asyncio.run(main_async(args, ckpt))

@@ -261,14 +261,14 @@ class GuardMiddleware:
                     held = True
                     await asyncio.sleep(min(self._retry_at[peer] - now, HOLD_MAX_S))
                     continue
-                headers = []
+                extra = []
                 if retry_after_s is not None:
-                    header = retry_after_header(retry_after_s)
-                    headers.append((b"retry-after", header.encode()))
+                    retry_after = retry_after_header(retry_after_s)
+                    extra.append((b"retry-after", retry_after.encode()))
                     if peer and peer[1]:
-                        self._remember_retry(peer, now + int(header))
+                        self._remember_retry(peer, now + int(retry_after))
                 self.on_reject(reason)
-                await _reply(send, status, detail, headers)
+                await _reply(send, status, detail, extra)
                 return
 
         if scope.get("method") in ("POST", "PUT", "PATCH"):
