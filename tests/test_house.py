@@ -228,3 +228,35 @@ def test_the_guide_ladder_keeps_the_snapshot_nearest_its_fraction_of_the_steps()
     step, w = ladder.choose(100)
     assert abs(step - 30) <= ladder.interval / 2 + 1 and float(w["weight"][0, 0]) == step
     assert GuideLadder(0.3, kept_step=30).choose(100) is None  # nothing nearer than the guide on disk
+
+
+def test_the_server_defaults_to_the_runs_tuned_setting(tiny_run, tmp_path):
+    import asyncio
+
+    import httpx
+
+    from ditkit.serve import ServeSettings, create_app
+
+    run = _broken_copy(tiny_run, tmp_path, lambda c: c)
+    write_tuned_setting(run, {"settings": SamplingSettings(sampler="dpm++2m", steps=3, cfg_scale=1.5,
+                                                           guidance_interval=(0.5, float("inf"))).to_dict()})
+    model = load_model(run)
+
+    async def main():
+        app = create_app(model=model, settings=ServeSettings(rate_limit=0.0, timeout_s=30.0, grace_s=5.0))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+                for _ in range(200):
+                    if app.state.service.state == "ready":
+                        break
+                    await asyncio.sleep(0.05)
+                info = (await c.get("/v1/model")).json()
+                assert info["default_sampler"] == "dpm++2m" and info["default_steps"] == 3
+                body = (await c.get("/openapi.json")).json()["components"]["schemas"]["GenerateRequest"]
+                assert body["properties"]["guidance_scale"]["default"] == 1.5
+                r = await c.post("/v1/generate", json={"labels": [3], "seed": 4, "format": "json"})
+                assert r.status_code == 200, r.text
+                got = r.json()
+                assert got["sampler"] == "dpm++2m" and got["steps"] == 3
+    asyncio.run(main())

@@ -30,7 +30,7 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional, Sequence
@@ -43,7 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from ..errors import DitkitError, UsageError
-from ..runs import PRECISIONS, LoadedModel, load_model
+from ..runs import PRECISIONS, LoadedModel, load_model, read_tuned_setting
 from ..sampling import default_settings, sample_batch, to_uint8
 from ..samplers import SAMPLERS
 from ..samplers.guidance import parse_interval
@@ -201,14 +201,17 @@ class ModelInfo:
     quantize: str = "none"  # "int8": the token maps run in INT8 (its images are its own too)
     default_sampler: str = SamplingSettings.sampler  # the model's own default (sampling.default_settings) ...
     default_steps: int = SamplingSettings.steps  # ... where the server offers it
+    # what a request that names no sampling field gets: the run's tuned setting (RUN/sampling.json, `ditkit
+    # tune`) where it has one, else its family's default; rejection, a redraw loop, stays with the CLI
+    defaults: SamplingSettings = field(default_factory=SamplingSettings)
 
     @staticmethod
     def of(model: LoadedModel, settings: ServeSettings) -> "ModelInfo":
         limit = getattr(model.objective, "num_timesteps", None)
         samplers = serving_samplers(model)
         max_steps = min(settings.max_steps, limit) if limit else settings.max_steps
-        own = default_settings(model)
-        return ModelInfo(name=str(model.config.get("model_name", "DiT")), step=model.step,
+        own = (read_tuned_setting(model.run_dir) if model.run_dir is not None else None) or default_settings(model)
+        return ModelInfo(defaults=own, name=str(model.config.get("model_name", "DiT")), step=model.step,
                          num_classes=model.num_classes, class_names=model.class_names if model.num_classes else [],
                          image_shape=tuple(model.image_shape), samplers=samplers, max_steps=max_steps,
                          autoguidance=model.guide is not None, precision=model.precision,
@@ -325,6 +328,10 @@ def build_request_model(settings: ServeSettings, info: Optional[ModelInfo]) -> t
     guide_max = settings.max_guidance_scale if info is None or info.num_classes > 0 else 1.0
     ag_max = settings.max_guidance_scale if info is None or info.autoguidance else 1.0
     n_max = settings.max_num_samples
+    own = info.defaults if info is not None else SamplingSettings()
+    default_cfg = float(own.cfg_scale) if isinstance(own.cfg_scale, (int, float)) and own.cfg_scale <= guide_max else 1.0
+    default_ag = float(own.autoguidance) if isinstance(own.autoguidance, (int, float)) and own.autoguidance <= ag_max \
+        else 1.0
     Label = json_int(ge=0, le=label_max)
     schema_extra: dict[str, Any] = {"examples": [{"prompt": "seven", "num_samples": 4, "steps": 20,
                                                   "guidance_scale": 4.0, "seed": 1, "format": "json"}]}
@@ -350,10 +357,10 @@ def build_request_model(settings: ServeSettings, info: Optional[ModelInfo]) -> t
         sampler: sampler_type = Field(default_sampler, description="the sampling method")
         steps: json_int(ge=1, le=max_steps) = Field(default_steps, description="sampler steps")
         guidance_scale: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
-            1.0, ge=1.0 if guide_max == 1.0 else 0.0, le=guide_max,
+            default_cfg, ge=1.0 if guide_max == 1.0 else 0.0, le=guide_max,
             description="classifier-free guidance (1 = off, 0 = unconditional)")
         autoguidance: Annotated[float, Field(strict=True, allow_inf_nan=False)] = Field(
-            1.0, ge=1.0 if ag_max == 1.0 else 0.0, le=ag_max,
+            default_ag, ge=1.0 if ag_max == 1.0 else 0.0, le=ag_max,
             description="autoguidance by the run's early weights (Karras et al. 2024; 1 = off)")
         seed: Optional[json_int(ge=0, le=MAX_SEED)] = Field(
             None, description="the same seed gives the same images; drawn at random if absent")
@@ -718,7 +725,8 @@ class Service:
         try:
             return SamplingSettings(sampler=req.sampler, steps=req.steps, cfg_scale=float(req.guidance_scale),
                                     autoguidance=float(req.autoguidance),
-                                    guidance_interval=self.settings.guidance_interval).validate(self.model)
+                                    guidance_interval=self.settings.guidance_interval or self.info.defaults.guidance_interval,
+                                    ).validate(self.model)
         except SettingsError as e:
             name = JSON_FIELDS.get(e.field, e.field)
             if name not in type(req).model_fields:  # a server setting the model refuses: not the client's doing
