@@ -1,9 +1,10 @@
-"""The shape of the training code and its command line, as figures: the flags in `ditkit train --help`'s
-main group, the longest functions in ditkit/train and ditkit/viz, train/'s imports of viz/, and (with
---compare BEFORE AFTER) whether two runs of the same recipe logged the same losses and saved the same weights.
+"""The shape of the house, as figures: README and BENCHMARKS line counts, the flags in `ditkit train --help`'s
+main group, the longest functions in ditkit/, the imports across floors that must not exist (sampling or
+runs from train/, train/ from viz/), and (with --compare BEFORE AFTER) whether two runs of the same recipe
+logged the same losses and saved the same weights.
 
-    python benchmarks/train_house.py
-    python benchmarks/train_house.py --compare /tmp/before /tmp/after   # runs of: ditkit train --out DIR
+    python benchmarks/house.py
+    python benchmarks/house.py --compare /tmp/before /tmp/after   # runs of: ditkit train --out DIR
         --max-steps 40 --seed 0 --no-compile --log-every 1 --no-progress (the old code through a worktree)
 """
 
@@ -32,7 +33,7 @@ def main_group_flags() -> list[str]:
 
 def longest_functions(package: str, n: int = 3) -> list[tuple[int, str]]:
     found = []
-    for path in sorted((ROOT / "ditkit" / package).rglob("*.py")):
+    for path in sorted((ROOT / "ditkit" / package).rglob("*.py")) if package else sorted((ROOT / "ditkit").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 found.append((node.end_lineno - node.lineno + 1, f"{path.relative_to(ROOT)}:{node.name}"))
@@ -42,11 +43,13 @@ def longest_functions(package: str, n: int = 3) -> list[tuple[int, str]]:
 def imports_of(package: str, target: str) -> list[str]:
     """Modules of ditkit/<package> that import ditkit.<target> (absolute or relative)."""
     hits = []
-    for path in sorted((ROOT / "ditkit" / package).rglob("*.py")):
+    paths = [ROOT / "ditkit" / package] if package.endswith(".py") else sorted((ROOT / "ditkit" / package).rglob("*.py"))
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom):
                 mod = ("." * node.level) + (node.module or "")
-                if mod in (f"..{target}", f"ditkit.{target}") or mod.startswith((f"..{target}.", f"ditkit.{target}.")):
+                names = (f"..{target}", f".{target}", f"ditkit.{target}")
+                if mod in names or mod.startswith(tuple(n + "." for n in names)):
                     hits.append(f"{path.relative_to(ROOT)}: from {mod} import ...")
     return hits
 
@@ -68,14 +71,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), type=Path)
     args = ap.parse_args()
+    lines = {f: len((ROOT / f).read_text().splitlines()) for f in ("README.md", "docs/BENCHMARKS.md")}
+    print(", ".join(f"{f}: {n} lines" for f, n in lines.items()))
     flags = main_group_flags()
     print(f"ditkit train --help: {len(flags)} flags in the main group ({' '.join(flags)})")
-    for package in ("train", "viz"):
-        print(f"longest functions in ditkit/{package}: "
-              + ", ".join(f"{name} {lines} lines" for lines, name in longest_functions(package)))
-    hits = imports_of("train", "viz")
-    print(f"ditkit/train imports of ditkit.viz: {len(hits)}" + "".join(f"\n  {h}" for h in hits))
-    ok = len(flags) <= 35 and not hits and all(n <= 100 for p in ("train", "viz") for n, _ in longest_functions(p, 1))
+    longest = longest_functions("", 3)
+    print("longest functions in ditkit/: " + ", ".join(f"{name} {n} lines" for n, name in longest))
+    hits = imports_of("train", "viz") + imports_of("sampling.py", "train") + imports_of("runs.py", "train")
+    print(f"imports that cross a floor the wrong way (train/ -> viz/, sampling or runs -> train/): {len(hits)}"
+          + "".join(f"\n  {h}" for h in hits))
+    ok = len(flags) <= 35 and not hits and longest[0][0] <= 100 and lines["README.md"] <= 150 \
+        and lines["docs/BENCHMARKS.md"] <= 400
     if args.compare:
         ok = compare(*args.compare) and ok
     return 0 if ok else 1
