@@ -195,8 +195,8 @@ def _tune_after_training(run, mode: str) -> None:
     if mode == "auto":
         trained = training_seconds(model) or 0.0
         if trained < AUTO_TUNE_MIN_S or model.config.get("data", {}).get("shape") != [1, 28, 28] \
-                or model.config.get("world_size", 1) != 1:
-            return
+                or model.config.get("world_size", 1) != 1 or model.text_encoder is not None:
+            return  # (a text model: tuning reads class labels)
     print("choosing the run's sampling setting (ditkit tune; --tune off skips it) ...")
     rec = tune_model(model, log_fn=print)
     write_tuned_setting(run, rec)
