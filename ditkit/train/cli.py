@@ -187,9 +187,9 @@ def _tune_after_training(run, mode: str) -> None:
     """`--tune`: the run chooses its own sampling setting (ditkit.tune) once training is done."""
     if mode == "off":
         return
-    from ..runs import load_model
+    from ..errors import DitkitError
+    from ..runs import load_model, write_tuned_setting
     from ..tune import training_seconds, tune_model
-    from ..runs import write_tuned_setting
 
     model = load_model(run)
     if mode == "auto":
@@ -198,6 +198,12 @@ def _tune_after_training(run, mode: str) -> None:
                 or model.config.get("world_size", 1) != 1 or model.text_encoder is not None:
             return  # (a text model: tuning reads class labels)
     print("choosing the run's sampling setting (ditkit tune; --tune off skips it) ...")
-    rec = tune_model(model, log_fn=print)
+    try:
+        rec = tune_model(model, log_fn=print)
+    except DitkitError as e:  # the run itself is trained and saved: say why it has no tuned setting, and go on
+        if mode == "on":
+            raise
+        print(f"note: the run samples with the untuned default ({e})")
+        return
     write_tuned_setting(run, rec)
     print(f"sampling setting: {rec['name']} (kept in {run}/sampling.json; `ditkit sample` uses it)")
