@@ -1,7 +1,7 @@
 """A training set's captions, encoded once: the text conditions of the training loop.
 
 MNIST's 60,000 captions hold ~5,400 distinct texts (templates x digit forms x attribute words), so each
-distinct caption is encoded once (~9 ms each on one core: ~50 s) into a table, (U, L, 384) float32 with
+distinct caption is encoded once (~10 ms each on one core: ~1 minute) into a table, (U, L, 384) float32 with
 L the longest caption's tokens, and a batch's condition is an index into it: nothing runs the encoder
 during training. The table is kept on disk under $DITKIT_CACHE/text, keyed by the encoder, the token
 budget and the captions, so a second run on the same captions starts at once. Encodings are those of
@@ -73,7 +73,15 @@ class CaptionTable:
             except (OSError, ValueError, KeyError) as e:
                 log.warning("caption cache %s unreadable (%s): encoding again", path, e)
         t0 = time.perf_counter()
-        encs = [encoder._run(t) for t in texts]  # not through the LRU cache: the table is the cache here
+        # One thread: a prompt of ~10 tokens gives a second thread nothing to share, and on a busy CPU two
+        # threads spin against each other (5,402 captions: 875 s with two on a shared 2-core host, where
+        # one encodes a caption in ~10-17 ms)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            encs = [encoder._run(t) for t in texts]  # not through the LRU cache: the table is the cache here
+        finally:
+            torch.set_num_threads(threads)
         longest = max((e.tokens.shape[0] for e in encs), default=2)
         e = stack_encodings(encs, longest)
         truncated = sum(e["truncated"])
