@@ -133,8 +133,10 @@ def test_caption_table_encodes_each_distinct_caption_once_and_reads_back_from_di
     ref = enc.encode(["a bold 7", "a thin zero, slanted left"])
     L = cond.tokens.shape[1]  # trimmed to the longest caption
     assert L == int(ref["mask"].sum(1).max())
-    assert torch.equal(cond.tokens, ref["tokens"][:, :L]) and torch.equal(cond.mask, ref["mask"][:, :L])
-    assert torch.equal(cond.pooled, ref["pooled"]) and torch.equal(cond.null().pooled[0], enc.null().pooled)
+    # the table encodes on one thread: the same encodings, up to the float rounding of another thread count
+    torch.testing.assert_close(cond.tokens, ref["tokens"][:, :L], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cond.pooled, ref["pooled"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(cond.mask, ref["mask"][:, :L]) and torch.equal(cond.null().pooled[0], enc.null().pooled)
     monkeypatch.setattr(enc, "_run", lambda p: (_ for _ in ()).throw(AssertionError("encoded again")))
     again = CaptionTable.build(caps, enc, cache_dir=tmp_path)  # from the disk cache
     assert torch.equal(again.tokens, table.tokens) and again.texts == table.texts

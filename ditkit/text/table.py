@@ -5,7 +5,7 @@ distinct caption is encoded once (~10 ms each on one core: ~1 minute) into a tab
 L the longest caption's tokens, and a batch's condition is an index into it: nothing runs the encoder
 during training. The table is kept on disk under $DITKIT_CACHE/text, keyed by the encoder, the token
 budget and the captions, so a second run on the same captions starts at once. Encodings are those of
-`TextEncoder` (one prompt at a time), so training sees the same bits as sampling.
+`TextEncoder` (one prompt at a time, no padding), up to the float rounding of the thread count.
 
 Tokens are stored trimmed to the longest caption: the network masks padding out, so a text condition
 padded to L or to the sampling-time max_tokens is the same function (tests/test_mmdit.py).
