@@ -49,15 +49,16 @@ def folder_arrays(root: Path) -> tuple[np.ndarray, np.ndarray]:
     return f.images[:, 0], f.labels
 
 
-def train_judge(work: Path, seed: int = 0) -> tuple[MnistClassifier, dict]:
+def train_judge(work: Path, per_class: int = 300, seed: int = 0) -> tuple[MnistClassifier, dict]:
     """11-way classifier: letters A-J (glyphs of other seeds than the fine-tuning set) and MNIST digits."""
     from ditkit.data.mnist import load_mnist
 
-    make_glyphs(work / "judge_train", per_class=300, seed=1001)
-    make_glyphs(work / "judge_test", per_class=50, seed=1002)
+    for name, n, s in (("judge_train", per_class, 1001), ("judge_test", 50, 1002)):
+        if not (work / name).exists():
+            make_glyphs(work / name, per_class=n, seed=s)
     xl, yl = folder_arrays(work / "judge_train")
     xd, _ = load_mnist("train")
-    xd = xd[:3000]
+    xd = xd[:len(xl)]
     x = torch.from_numpy(np.concatenate([xl, xd])).float().div(255).unsqueeze(1)
     y = torch.from_numpy(np.concatenate([yl, np.full(len(xd), NOT_A_LETTER)]))
     torch.manual_seed(seed)
@@ -117,18 +118,20 @@ def score(run: Path, model_judge: MnistClassifier, per_letter: int, cfg_scale: f
 
 
 def run_facts(run: Path) -> dict:
-    ck = latest_checkpoint(run)
-    st = read_state(ck)
-    steps = int(st["step"])
-    return {"steps": steps, "seconds": st.get("elapsed_s"), "step_ms": 1000 * st.get("elapsed_s", 0) / max(steps, 1),
-            "batch": read_run_config(run)["train"]["batch_size"], "trainable": trainable_params(run)}
+    """Steps, the training step's time (median over the logged windows: img/s at the run's batch) and the
+    trainable parameters."""
+    st = read_state(latest_checkpoint(run))
+    batch = read_run_config(run)["train"]["batch_size"]
+    rates = [json.loads(line)["img_per_s"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = rates[1:] or rates  # the first window holds the warm-up; a short run may have no other
+    return {"steps": int(st["step"]), "seconds": st.get("elapsed_s"), "batch": batch,
+            "step_ms": 1000 * batch / float(np.median(rates)) if rates else None, "trainable": trainable_params(run)}
 
 
-def round_trip(base: Path, glyphs: Path, work: Path, minutes: float) -> dict:
+def round_trip(base: Path, glyphs: Path, work: Path, quiet: dict) -> dict:
     from ditkit.interop.diffusers import export_diffusers, import_diffusers
 
-    run = finetune(base, glyphs, work / "rt_full", time_freq_shift=1, max_minutes=minutes, progress=False,
-                   sample_every=0, ckpt_every=0)
+    run = finetune(base, glyphs, work / "rt_full", time_freq_shift=1, **quiet)
     exp = export_diffusers(run, work / "rt_diffusers")
     imp = import_diffusers(work / "rt_diffusers", work / "rt_import")
     a, b = load_model(run, device="cpu"), load_model(work / "rt_import", device="cpu")
@@ -147,6 +150,9 @@ def main() -> None:
     ap.add_argument("--work", default="runs/ft_bench", help="folder for the set, the runs and the exports")
     ap.add_argument("--per-letter", type=int, default=20, help="samples drawn for each letter")
     ap.add_argument("--round-trip-minutes", type=float, default=0.5)
+    ap.add_argument("--judge-per-class", type=int, default=300, help="glyphs per letter the judge trains on")
+    ap.add_argument("--grid-steps", type=int, default=2, help="sampler steps of each run's end-of-run grid "
+                                                               "(not measured here: kept cheap)")
     ap.add_argument("--json", default="docs/bench/finetune.json")
     args = ap.parse_args()
     work, base = Path(args.work), Path(args.base)
@@ -155,9 +161,9 @@ def main() -> None:
     if not glyphs.exists():
         make_glyphs(glyphs, per_class=40, seed=0)
     t0 = time.time()
-    model_judge, judge_acc = train_judge(work)
+    model_judge, judge_acc = train_judge(work, args.judge_per_class)
     print(f"judge: {judge_acc} ({time.time() - t0:.0f} s)", flush=True)
-    quiet = dict(progress=False, sample_every=0, ckpt_every=0, max_minutes=args.minutes)
+    quiet = dict(progress=False, sample_every=0, ckpt_every=0, sample_steps=args.grid_steps, max_minutes=args.minutes)
     runs = {
         "full": lambda out: finetune(base, glyphs, out, **quiet),
         "freeze 2 blocks": lambda out: finetune(base, glyphs, out, freeze_blocks=2, **quiet),
@@ -165,22 +171,28 @@ def main() -> None:
             base, glyphs, out, lora=lora_section(8, 16.0, ("qkv", "proj", "fc1", "fc2", "adaln")), **quiet),
         "from scratch (ditkit train defaults)": lambda out: train(TrainConfig(
             out=str(out), dataset=str(glyphs), image_size=28, channels=1, progress=False, sample_every=0,
-            ckpt_every=0, max_minutes=args.minutes)),
+            ckpt_every=0, sample_steps=args.grid_steps, max_minutes=args.minutes)),
     }
     results = {}
     for i, (name, go) in enumerate(runs.items()):
         out = work / f"run{i}"
-        if not (out / "config.json").exists():
-            go(out)
-        facts = run_facts(out)
-        facts.update({f"read_as_asked_cfg{s:g}": score(out, model_judge, args.per_letter, s) for s in (1.0, 2.0)})
+        try:
+            if not (out / "config.json").exists():
+                go(out)
+            facts = run_facts(out)
+            facts.update({f"read_as_asked_cfg{s:g}": score(out, model_judge, args.per_letter, s) for s in (1.0, 2.0)})
+        except Exception as e:  # one failed run is reported, the others still measured
+            facts = {"error": f"{type(e).__name__}: {e}"}
         results[name] = facts
         print(name, facts, flush=True)
-    rt = round_trip(base, glyphs, work, args.round_trip_minutes)
+    rt = round_trip(base, glyphs, work, {**quiet, "max_minutes": args.round_trip_minutes})
     print("round trip", rt, flush=True)
     print("\n| run | trainable params | steps | ms/step | read as asked (cfg 1) | (cfg 2) |\n|---|---|---|---|---|---|")
     for name, f in results.items():
-        print(f"| {name} | {f['trainable']:,} | {f['steps']:,} | {f['step_ms']:.0f} | "
+        if "error" in f:
+            print(f"| {name} | failed: {f['error']} |")
+            continue
+        print(f"| {name} | {f['trainable']:,} | {f['steps']:,} | {f['step_ms'] or float('nan'):.0f} | "
               f"{100 * f['read_as_asked_cfg1']:.1f}% | {100 * f['read_as_asked_cfg2']:.1f}% |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"minutes": args.minutes, "judge": judge_acc, "runs": results,
