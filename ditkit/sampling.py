@@ -33,6 +33,13 @@ def settings_of(settings: SettingsLike = None, **changes: Any) -> SamplingSettin
     return base.replace(**changes) if changes else base
 
 
+def default_settings(model: Any) -> SamplingSettings:
+    """The untuned default for `model`: SamplingSettings(), or, for a family that samples its own way, its
+    objective's `default_sampling` (a masked image model: maskgit, 12 steps)."""
+    own = getattr(getattr(model, "objective", None), "default_sampling", None)
+    return SamplingSettings(**own) if own else SamplingSettings()
+
+
 def stratified_labels(counts: Sequence[int], num: int) -> list[int]:
     """`num` labels in the proportions of `counts` (images per class in the training data).
 
@@ -89,7 +96,7 @@ def parse_labels(spec: str | Sequence[int] | None, num: int, num_classes: int,
 
 def validate_sampling(model: LoadedModel, settings: SettingsLike = None, **changes: Any) -> SamplingSettings:
     """The settings, checked against the model (see `SamplingSettings.validate`)."""
-    return settings_of(settings, **changes).validate(model)
+    return settings_of(settings if settings is not None else default_settings(model), **changes).validate(model)
 
 
 def make_condition(model: LoadedModel, labels: Sequence[int], prompts: Optional[Sequence[str]],
@@ -241,7 +248,7 @@ def generate(model: LoadedModel, settings: SettingsLike = None, *, num: int,
         raise UsageError(f"--num {num}: must be an integer >= 1")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be an integer >= 1")
-    st = settings_of(settings, **changes).validate(model)
+    st = settings_of(settings if settings is not None else default_settings(model), **changes).validate(model)
     prompt_list = _parse_prompts(prompts, num)
     if st.reject is not None and prompt_list is not None:
         raise UsageError("--reject: rejection reads the model's class evidence; it does not apply to prompts")
