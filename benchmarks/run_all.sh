@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every figure of docs/BENCHMARKS.md, in sequence, on a quiet machine: about 4 hours on 2 cores (the
-# 30-minute run 30 min, DDPM's 1,000-step reference in the samplers figure ~40 min, the serving soak 10 min).
+# The figures of docs/BENCHMARKS.md, in sequence, on a quiet machine: about 5 hours on 2 cores (the 30-minute
+# run, DDPM's 1,000-step reference in the samplers figure ~40 min, the serving soak 10 min, a 15-minute
+# text-to-image run, a 5-minute fine-tuning base). Each command is the one its section of BENCHMARKS.md gives.
 #   bash benchmarks/run_all.sh              results and logs under docs/bench/rerun/
 #   LONG=0 bash benchmarks/run_all.sh       without the 30-minute run
 # One-off measurements behind past decisions live in benchmarks/probes/ and are not run here.
@@ -60,6 +61,33 @@ $PY benchmarks/serve_load.py --ckpt $RUNS/m10 --levels 32 --duration-s 15 --guid
 $PY benchmarks/serve_load.py --ckpt $RUNS/m10 --levels 32 --duration-s 15 --soak-minutes 10 \
   --out $OUT/serve_soak10.json 2>&1 | grep -v Warning | tee $OUT/serve_soak10.txt
 $PY benchmarks/serve_ceiling.py --ckpt $RUNS/m10 --cfg-scale 1.35 2>&1 | grep -v Warning | tee $OUT/serve_ceiling.txt
+
+log "training code and its command line"
+$PY benchmarks/house.py 2>&1 | tee $OUT/house.txt
+
+log "cost levers: INT8, gradient checkpointing, dynamic compute, best-of-N"
+$PY benchmarks/int8.py --preset DiT-S/2 2>&1 | tee $OUT/int8_dit_s2.txt
+$PY benchmarks/int8.py --preset DiT-T/4 2>&1 | tee $OUT/int8_dit_t4.txt
+$PY benchmarks/int8.py --ckpt $RUNS/m10 2>&1 | tee $OUT/int8_trained.txt
+$PY benchmarks/grad_checkpoint.py 2>&1 | tee $OUT/grad_checkpoint.txt
+$PY benchmarks/dynamic_compute.py --ckpt $RUNS/m10 2>&1 | tee $OUT/dynamic_compute.txt
+$PY benchmarks/best_of.py --ckpt $RUNS/m10 --out $OUT/best_of 2>&1 | tee $OUT/best_of.txt
+
+log "text to image: a 15-minute MMDiT-T/4, then prompt adherence, the prompt cache, word-to-patch attention"
+rm -rf $RUNS/t2i
+$DITKIT train --model MMDiT-T/4 --captions mnist --max-minutes 15 --precision fp32 --out $RUNS/t2i --no-progress
+$PY benchmarks/text_to_image.py quality $RUNS/t2i --per-prompt 1 --steps 12 --sampler dpm++2m --cfg-scale 3 2>&1 | tee $OUT/t2i_quality.txt
+$PY benchmarks/text_to_image.py cache 2>&1 | tee $OUT/t2i_cache.txt
+$PY benchmarks/text_to_image.py attention $RUNS/t2i --out $OUT/t2i_attention.png 2>&1 | tail -n 3
+
+log "server robustness: schemathesis over the API, a retry storm"
+$PY benchmarks/serve_fuzz.py --ckpt $RUNS/m10 --max-time-s 180 --out $OUT/serve_fuzz.json 2>&1 | tail -n 5
+$PY benchmarks/serve_storm.py --ckpt $RUNS/m10 --rounds 3 --duration-s 8 --out $OUT/serve_storm.json 2>&1 | tee $OUT/serve_storm.txt
+
+log "fine-tuning and diffusers interop: a 5-minute base, then 2-minute fine-tunes"
+rm -rf $RUNS/ft_base
+$DITKIT train --out $RUNS/ft_base --max-minutes 5 --no-compile --tune off --no-progress
+$PY benchmarks/finetune.py --base $RUNS/ft_base --minutes 2 --work $RUNS/ft --json $OUT/finetune.json 2>&1 | tee $OUT/finetune.txt
 
 log "scaling out: DDP, Ray Serve"
 $PY benchmarks/ddp_throughput.py --out $OUT/ddp.json 2>&1 | tee $OUT/ddp.txt
