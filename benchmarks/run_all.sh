@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The figures of docs/BENCHMARKS.md, in sequence, on a quiet machine: about 5 hours on 2 cores (the 30-minute
 # run, DDPM's 1,000-step reference in the samplers figure ~40 min, the serving soak 10 min, a 15-minute
-# text-to-image run, a 5-minute fine-tuning base). Each command is the one its section of BENCHMARKS.md gives.
+# text-to-image run, a 5-minute fine-tuning base, an 11-minute masked image model). Each command is the one its
+# section of BENCHMARKS.md gives.
 #   bash benchmarks/run_all.sh              results and logs under docs/bench/rerun/
 #   LONG=0 bash benchmarks/run_all.sh       without the 30-minute run
 # One-off measurements behind past decisions live in benchmarks/probes/ and are not run here.
@@ -88,6 +89,16 @@ log "fine-tuning and diffusers interop: a 5-minute base, then 2-minute fine-tune
 rm -rf $RUNS/ft_base
 $DITKIT train --out $RUNS/ft_base --max-minutes 5 --no-compile --tune off --no-progress
 $PY benchmarks/finetune.py --base $RUNS/ft_base --minutes 2 --work $RUNS/ft --json $OUT/finetune.json 2>&1 | tee $OUT/finetune.txt
+
+log "DiT against U-Net: the speed columns (the quality curves: --quality-configs, see BENCHMARKS.md)"
+$PY benchmarks/compare.py --out $OUT/compare --runs $RUNS/compare --configs all --minutes 0 --threads 1 2>&1 | tail -n 20
+
+log "masked image model: a 5-minute tokenizer, a 6-minute MIM-T, then against DiT-T/4"
+rm -rf $RUNS/vq $RUNS/mim
+$DITKIT train-tokenizer --out $RUNS/vq --max-minutes 5 --batch-size 32 --threads 1 --no-progress
+$DITKIT train --model MIM-T --tokenizer $RUNS/vq --max-minutes 6 --batch-size 32 --threads 1 --no-compile \
+  --out $RUNS/mim --no-progress
+$PY benchmarks/mim_vs_dit.py --mim $RUNS/mim --num 400 --json $OUT/mim_vs_dit.json 2>&1 | tee $OUT/mim_vs_dit.txt
 
 log "scaling out: DDP, Ray Serve"
 $PY benchmarks/ddp_throughput.py --out $OUT/ddp.json 2>&1 | tee $OUT/ddp.txt
