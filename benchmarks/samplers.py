@@ -39,7 +39,7 @@ def run_one(model, sampler: str, steps: int, args) -> dict:
     name, options = VARIANTS.get(sampler, (sampler, None))
     ev, _ = evaluate_model(model, num=args.num, labels="all", seed=args.seed, batch_size=args.batch_size, sampler=name,
                            steps=steps, cfg_scale=args.cfg_scale, autoguidance=args.autoguidance,
-                           sampler_options=options, n_boot=50)
+                           options=options or {}, n_boot=50)
     wall = ev["sample_seconds"]
     row = dict(sampler=sampler, steps=steps, nfe=ev["nfe"], fid=ev["fid"]["value"], fid_ci=ev["fid_ci"],
                floor=ev["fid_floor"], accuracy=ev["class_accuracy"]["value"], seconds=wall,

@@ -126,7 +126,8 @@ def draw(seeds, shape=(4, 1, 1), dtype=F64) -> tuple[torch.Tensor, ImageRNG]:
 
 def test_registry_names_and_unknown_name():
     assert set(SAMPLERS) == {"ddpm", "ddim", "dpm++1", "dpm++2m", "dpm++2m-sde", "dpm++2s", "euler", "heun",
-                             "euler-maruyama", "adaptive"}
+                             "euler-maruyama", "adaptive", "maskgit"}
+    assert {n for n, s in SAMPLERS.items() if s.kind == "discrete"} == {"maskgit"}  # over token logits
     with pytest.raises(UsageError, match="allowed: ddpm, ddim"):
         get_sampler("dpm-3m")
     assert get_sampler("heun").nfe(10) == 19 and get_sampler("dpm++2s").nfe(10) == 19
@@ -136,7 +137,10 @@ def test_registry_names_and_unknown_name():
     assert get_sampler("dpm++2m-sde").stochastic and get_sampler("dpm++2m-sde").nfe(10) == 10
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
+CONTINUOUS = [n for n, s in SAMPLERS.items() if s.kind == "continuous"]  # the denoiser contract's samplers
+
+
+@pytest.mark.parametrize("name", CONTINUOUS)
 @pytest.mark.parametrize("steps", [1, 2, 7])
 def test_measured_nfe_and_callback(name, steps):
     spec = get_sampler(name)
