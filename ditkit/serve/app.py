@@ -919,6 +919,17 @@ def create_app(model: Optional[LoadedModel] = None, ckpt: Optional[str | Path] =
 
     app.openapi = openapi  # type: ignore[method-assign]
 
+    _add_read_routes(app, service, settings)
+    routes = frozenset(r.path for r in app.routes)
+    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_keys=service.api_keys,
+                       limiter=service.limiter, refuse_early=service.refuse_early,
+                       on_reject=lambda reason: service.metrics.rejections.labels(reason).inc())
+    app.add_middleware(AccessMiddleware, metrics=service.metrics, routes=routes)
+    return app
+
+
+def _add_read_routes(app: FastAPI, service: "Service", settings: ServeSettings) -> None:
+    """The GET routes: what the model accepts, the probes, the metrics and the playground page."""
     @app.get("/v1/model", tags=["generate"], summary="What the model accepts",
              responses={503: {"model": ErrorResponse, "description": "the model is not loaded yet"}})
     async def model_info() -> dict[str, Any]:
@@ -951,13 +962,6 @@ def create_app(model: Optional[LoadedModel] = None, ckpt: Optional[str | Path] =
             "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                                        "img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'",
             "Cache-Control": "no-store"})
-
-    routes = frozenset(r.path for r in app.routes)
-    app.add_middleware(GuardMiddleware, max_body_bytes=settings.max_body_bytes, api_keys=service.api_keys,
-                       limiter=service.limiter, refuse_early=service.refuse_early,
-                       on_reject=lambda reason: service.metrics.rejections.labels(reason).inc())
-    app.add_middleware(AccessMiddleware, metrics=service.metrics, routes=routes)
-    return app
 
 
 def _playground_template() -> str:
