@@ -195,7 +195,7 @@ def held_out_loss(model, images: Any, labels: Any = None, *, repeats: int = 2, b
     the model's range; labels: (N,) or None (an unconditional model).
 
     A training-side change can be compared on this at a matched step or time with far less noise than
-    through FID (docs/BENCHMARKS.md, "Round 39"); it does not see guidance or the sampler.
+    through FID (docs/BENCHMARKS.md, the held-out loss); it does not see guidance or the sampler.
     Returns loss (the mean), its standard error over images, n, and `bins` equal-count bins of the
     training time, each with its t range and mean loss."""
     import torch

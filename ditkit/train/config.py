@@ -13,7 +13,8 @@ from .optim import OPTIMIZERS
 
 SEED_MAX = 2 ** 63 - 1  # torch generators take a signed 64-bit seed
 
-# The demo recipe, chosen by measurement (docs/BENCHMARKS.md, "Choosing the default recipe").
+# The demo recipe, chosen by measurement (docs/BENCHMARKS.md, "The recipe"; how it was chosen:
+# docs/history/BENCHMARKS-rounds.md).
 DEFAULT_MODEL = "DiT-T/4"
 DEFAULT_OBJECTIVE = "linear"
 # --stable-target auto: reference images a step (1,024: ~100 of each digit; 40% of the target's noise left
@@ -67,8 +68,8 @@ class TrainConfig:
     dispersive: float = 0.0
     dispersive_block: Optional[int] = None
     # optimisation
-    # None = auto: 64 (better per CPU-minute than 32 where a run makes 5,000+ steps: docs/BENCHMARKS.md,
-    # "Batch size"), smaller for a run limited by time alone on a CPU too slow for that (loop.auto_batch_size)
+    # None = auto: 64 (better per CPU-minute than 32 where a run makes 5,000+ steps: docs/history/
+    # BENCHMARKS-rounds.md), smaller for a run limited by time alone on a CPU too slow for that (loop.auto_batch_size)
     batch_size: Optional[int] = None
     lr: Optional[float] = None  # None = 2.8e-3 at batch 64, scaled by sqrt(batch / 64) (loop.lr_for_batch)
     # "muon": Muon on the blocks' hidden matrices, AdamW on the rest (train.optim), at the same lr; or "adamw".

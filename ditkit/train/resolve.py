@@ -40,7 +40,7 @@ AUTO_COMPILE_MIN_STEPS = 3000
 # compilation (empty inductor cache) cost ~50 s, 8% of a 10-minute run (docs/BENCHMARKS.md).
 AUTO_COMPILE_SKIP_CPUS = ("AVX2",)
 # --batch-size auto (the default) is 64, with lr 2.8e-3: better per CPU-minute than 32 where a 10-minute run
-# makes 5,000+ steps (docs/BENCHMARKS.md, "Batch size"). A run limited by time alone first measures a
+# makes 5,000+ steps (docs/history/BENCHMARKS-rounds.md). A run limited by time alone first measures a
 # training step here at each of these batches, and takes the first one at which its budget buys at least
 # AUTO_BATCH_MIN_STEPS steps (else the last): on a host that made ~1,600 steps at 64 in 10 minutes, batch
 # 32's ~2,700 were better in two pairs of two (~3.3x the FID floor against ~4.0x), and batch 16's ~4,500
