@@ -63,8 +63,10 @@ $PY benchmarks/serve_load.py --ckpt $RUNS/m10 --levels 32 --duration-s 15 --soak
   --out $OUT/serve_soak10.json 2>&1 | grep -v Warning | tee $OUT/serve_soak10.txt
 $PY benchmarks/serve_ceiling.py --ckpt $RUNS/m10 --cfg-scale 1.35 2>&1 | grep -v Warning | tee $OUT/serve_ceiling.txt
 
-log "training code and its command line"
+log "the house, and the run's own sampling setting"
 $PY benchmarks/house.py 2>&1 | tee $OUT/house.txt
+$PY benchmarks/tune_robustness.py --out $RUNS/tune_bench --steps 3000 5000 7500 10000 --num 3000 2>&1 \
+  | tee $OUT/tune_robustness.txt
 
 log "cost levers: INT8, gradient checkpointing, dynamic compute, best-of-N"
 $PY benchmarks/int8.py --preset DiT-S/2 2>&1 | tee $OUT/int8_dit_s2.txt
