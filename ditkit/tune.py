@@ -119,6 +119,19 @@ def plan_images(costs: dict[str, float], budget_s: float, probe_s: float) -> tup
     return MIN_IMAGES, kept
 
 
+def not_judged(config: dict[str, Any]) -> Optional[str]:
+    """Why ditkit's judge (its MNIST classifier and FID features) cannot rate this run's images, or None: it
+    reads the ten MNIST digits, so a run on another image set (a user's folder of 28x28 letters, say) is not
+    rated by it, whatever its shape."""
+    data = config.get("data", {})
+    if data.get("shape", [1, 28, 28]) != [1, 28, 28]:
+        return f"ditkit's judge reads MNIST digits (1x28x28); this run's data is {data['shape']}"
+    if not str(data.get("name", "mnist")).startswith("mnist") or \
+            data.get("class_names", [str(i) for i in range(10)]) != [str(i) for i in range(10)]:
+        return f"ditkit's judge reads MNIST digits; this run was trained on {data.get('name', 'another set')!r}"
+    return None
+
+
 def tune_model(model: Any, *, budget_s: Optional[float] = None, num: Optional[int] = None, seed: int = 10_000,
                log_fn: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Evaluate the applicable candidates on the model and return the record `write_tuned_setting` keeps:
@@ -128,9 +141,9 @@ def tune_model(model: Any, *, budget_s: Optional[float] = None, num: Optional[in
     the evaluations' (0), so the choice is not made on the images it is then judged by."""
     from .evaluate import evaluate_model
 
-    if model.config.get("data", {}).get("shape", [1, 28, 28]) != [1, 28, 28]:
-        raise UsageError("tune: ditkit's judge reads MNIST-shaped digits (1x28x28); this run's data is "
-                         f"{model.config['data']['shape']}: pass sampling flags to `ditkit sample` instead")
+    why = not_judged(model.config)
+    if why:
+        raise UsageError(f"tune: {why}: pass sampling flags to `ditkit sample` instead")
     if num is not None and num < MIN_IMAGES // 4:
         raise UsageError(f"--num {num}: at least {MIN_IMAGES // 4} images per candidate (FID means little below)")
     cands = applicable(model)

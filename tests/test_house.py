@@ -214,6 +214,16 @@ def test_tune_rule_is_accuracy_first_then_fid_then_cost():
     assert n == 1000 and kept == ["x", "y"]
 
 
+def test_tune_refuses_runs_its_judge_cannot_read():
+    from ditkit.tune import not_judged
+
+    digits = [str(i) for i in range(10)]
+    assert not_judged({"data": {"name": "mnist-train", "shape": [1, 28, 28], "class_names": digits}}) is None
+    letters = {"data": {"name": "glyphs", "shape": [1, 28, 28], "class_names": list("ABCDEFGHIJ")}}
+    assert "'glyphs'" in not_judged(letters)  # 28x28 like MNIST, but not digits: the judge would misread it
+    assert "[3, 32, 32]" in not_judged({"data": {"name": "mnist-train", "shape": [3, 32, 32]}})
+
+
 def test_the_guide_ladder_keeps_the_snapshot_nearest_its_fraction_of_the_steps():
     import torch
 

@@ -189,12 +189,12 @@ def _tune_after_training(run, mode: str) -> None:
         return
     from ..errors import DitkitError
     from ..runs import load_model, write_tuned_setting
-    from ..tune import training_seconds, tune_model
+    from ..tune import not_judged, training_seconds, tune_model
 
     model = load_model(run)
     if mode == "auto":
         trained = training_seconds(model) or 0.0
-        if trained < AUTO_TUNE_MIN_S or model.config.get("data", {}).get("shape") != [1, 28, 28] \
+        if trained < AUTO_TUNE_MIN_S or not_judged(model.config) \
                 or model.config.get("world_size", 1) != 1 or model.text_encoder is not None:
             return  # (a text model: tuning reads class labels)
     print("choosing the run's sampling setting (ditkit tune; --tune off skips it) ...")
