@@ -216,6 +216,13 @@ def test_server_takes_free_text_for_a_text_model_and_exports_the_prompt_cache(te
         again = c.post("/v1/generate", json={"prompt": "a thin zero, slanted left", "num_samples": 2, "steps": 2,
                                              "format": "json", "seed": 3})
         assert again.json()["images"] == body["images"]
+        info = c.get("/v1/model").json()
+        assert info["text"] is True and info["guidance"] is True and info["max_guidance_scale"] > 1
+        guided = c.post("/v1/generate", json={"prompt": "a bold seven", "steps": 2, "guidance_scale": 3.0,
+                                              "format": "json", "seed": 3})
+        assert guided.status_code == 200, guided.text
+        page = c.get("/").text
+        assert 'id="promptbox"' in page and '"text": true' in page
         long = c.post("/v1/generate", json={"prompt": "7 " * 45, "steps": 2})
         assert long.status_code == 200 and long.headers["X-Prompt-Truncated"] == "true"
         for bad, field in (({"prompt": "   "}, "prompt"), ({"labels": [3]}, "labels"), ({}, "prompt")):

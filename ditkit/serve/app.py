@@ -199,6 +199,7 @@ class ModelInfo:
     precision: str = "fp32"  # the network's arithmetic (each precision gives its own images)
     compiled: bool = False  # the network runs through torch.compile (its images are its own too)
     quantize: str = "none"  # "int8": the token maps run in INT8 (its images are its own too)
+    text: bool = False  # a text model (MM-DiT): draws from a free-text prompt, guided against the empty prompt
     default_sampler: str = SamplingSettings.sampler  # the model's own default (sampling.default_settings) ...
     default_steps: int = SamplingSettings.steps  # ... where the server offers it
     # what a request that names no sampling field gets: the run's tuned setting (RUN/sampling.json, `ditkit
@@ -216,16 +217,22 @@ class ModelInfo:
                          image_shape=tuple(model.image_shape), samplers=samplers, max_steps=max_steps,
                          autoguidance=model.guide is not None, precision=model.precision,
                          compiled=model.compiled, quantize=getattr(model, "quantize", "none"),
+                         text=getattr(model, "text_encoder", None) is not None,
                          default_sampler=_default_sampler(samplers, own.sampler),
                          default_steps=min(own.steps, max_steps))
+
+    @property
+    def conditional(self) -> bool:
+        """Whether guidance applies: a class or a text model (an unconditional one has nothing to guide by)."""
+        return self.num_classes > 0 or self.text
 
     def as_json(self, settings: ServeSettings) -> dict[str, Any]:
         return {"model": self.name, "step": self.step, "num_classes": self.num_classes,
                 "class_names": self.class_names, "image_shape": list(self.image_shape), "samplers": self.samplers,
                 "default_sampler": self.default_sampler, "default_steps": self.default_steps,
                 "max_steps": self.max_steps, "max_num_samples": settings.max_num_samples,
-                "max_guidance_scale": settings.max_guidance_scale if self.num_classes else 1.0,
-                "guidance": self.num_classes > 0, "autoguidance": self.autoguidance, "precision": self.precision,
+                "max_guidance_scale": settings.max_guidance_scale if self.conditional else 1.0,
+                "guidance": self.conditional, "text": self.text, "autoguidance": self.autoguidance, "precision": self.precision,
                 "compiled": self.compiled, "quantize": self.quantize,
                 # [lo, hi] in sigma (hi null: no upper bound), or null: guidance at every step
                 "guidance_interval": None if settings.guidance_interval is None else
@@ -243,10 +250,10 @@ PROBE_PROMPT = "a picture"  # what a text model's probe batch draws (run_model_b
 def probe_batch(info: ModelInfo, guidance_scale: float = 1.0) -> Batch:
     """One image, two steps of the default sampler, in no request: the warm-up batch (the first batch
     pays for lazy initialisation) and a Ray replica's health probe."""
-    guided = info.num_classes > 0
+    guided = info.conditional
     settings = SamplingSettings(sampler=info.default_sampler, steps=min(2, info.max_steps),
                                 cfg_scale=(guidance_scale if guided else 1.0,), autoguidance=(1.0,))
-    return Batch([0 if guided else -1], [0], settings, pieces=[])
+    return Batch([0 if info.num_classes > 0 else -1], [0], settings, pieces=[])
 
 
 def parse_prompt(prompt: str, class_names: Sequence[str]) -> Optional[int]:
@@ -325,7 +332,7 @@ def build_request_model(settings: ServeSettings, info: Optional[ModelInfo]) -> t
     max_steps = info.max_steps if info is not None else settings.max_steps
     default_sampler = info.default_sampler if info is not None else _default_sampler(samplers)
     default_steps = info.default_steps if info is not None else min(SamplingSettings.steps, max_steps)
-    guide_max = settings.max_guidance_scale if info is None or info.num_classes > 0 else 1.0
+    guide_max = settings.max_guidance_scale if info is None or info.conditional else 1.0
     ag_max = settings.max_guidance_scale if info is None or info.autoguidance else 1.0
     n_max = settings.max_num_samples
     own = info.defaults if info is not None else SamplingSettings()
