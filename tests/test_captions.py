@@ -108,3 +108,23 @@ def test_caption_file_loads_and_refuses_bad_lines(tmp_path):
         cap.read_caption_file(tmp_path / "none.jsonl")
     with pytest.raises(UsageError, match="--captions 'foo'"):
         cap.check_captions_spec("foo")
+
+
+def test_prompt_matched_fid_rewards_digits_that_match_their_prompts():
+    """Prompts that all ask for bold digits: real bold digits sit near the prompt-matched floor (while the
+    plain MNIST yardstick, which expects every thickness, ranks them far from real); thin ones do not."""
+    from ditkit.data.mnist import load_mnist
+    from ditkit.text.adherence import prompt_matched_fid
+
+    x, y = load_mnist("train")
+    bins = cap.AttributeBins.fit(cap.measure(x), y).bins(cap.measure(x), y)
+    rng = np.random.default_rng(1)
+    prompts, bold, thin = [], [], []
+    for d in range(10):
+        for b, out in ((2, bold), (0, thin)):
+            out.extend(x[rng.choice(np.flatnonzero((y == d) & (bins["thickness"] == b)), 60, replace=False)])
+        prompts += [{"digit": d, "thickness": "bold", "slant": None}] * 60
+    match = prompt_matched_fid(np.stack(bold)[..., None], prompts)
+    wrong = prompt_matched_fid(np.stack(thin)[..., None], prompts)
+    assert match["fid_ratio_prompt_matched"] < 1.5
+    assert wrong["fid_ratio_prompt_matched"] > 3 * match["fid_ratio_prompt_matched"]
