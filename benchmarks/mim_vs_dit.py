@@ -6,7 +6,9 @@ against a DiT with its default sampler, on the same CPU.
 For each model: parameters (the MIM's tokenizer counted apart), training time per epoch (from the run's
 metrics.jsonl: elapsed seconds over epochs done), the time to draw 16 images at batch 16 and at batch 1
 (the best of --repeats runs, after one warm-up), NFE, and on --num images (balanced labels, guided):
-FID as a ratio to the real-data floor at the same n, and class accuracy (ditkit.eval). Without --dit, the
+FID as a ratio to the real-data floor at the same n, and class accuracy (ditkit.eval). With --dit, the DiT
+is drawn with its default sampler, what `ditkit sample --ckpt RUN` uses with no sampling flag (the run's own
+setting where `ditkit tune` chose one, rejection included), and with the untuned default at --dit-cfg. Without --dit, the
 DiT column times the default recipe's network (DiT-T/4) freshly initialised: its sampling time does not
 depend on its weights, but it has no FID or accuracy (shown as "-").
 """
@@ -21,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from ditkit.runs import LoadedModel, load_model
+from ditkit.runs import LoadedModel, load_model, read_tuned_setting
 from ditkit.sampling import generate
 from ditkit.settings import SamplingSettings
 
@@ -98,8 +100,14 @@ def main() -> None:
     rows = [measure("MIM", mim, SamplingSettings(sampler="maskgit", steps=int(s), cfg_scale=args.mim_cfg),
                     Path(args.mim), args.num, args.repeats, True) for s in args.mim_steps.split(",")]
     dit = load_model(args.dit, device="cpu") if args.dit else fresh_dit()
-    rows.append(measure("DiT", dit, SamplingSettings(cfg_scale=args.dit_cfg), Path(args.dit) if args.dit else None,
-                        args.num, args.repeats, bool(args.dit)))
+    dit_dir = Path(args.dit) if args.dit else None
+    # the DiT's default sampler: what `ditkit sample --ckpt RUN` draws with no sampling flag (the run's own
+    # setting, RUN/sampling.json, where `ditkit tune` chose one); and the untuned default with CFG beside it
+    own = read_tuned_setting(dit_dir) if dit_dir is not None else None
+    if own is not None:
+        rows.append(measure("DiT (its own setting)", dit, own, dit_dir, args.num, args.repeats, True))
+    rows.append(measure("DiT", dit, SamplingSettings(cfg_scale=args.dit_cfg), dit_dir, args.num, args.repeats,
+                        bool(args.dit)))
 
     def f(v: Any, fmt: str, unit: str = "") -> str:
         return "-" if v is None else format(v, fmt) + unit
@@ -113,9 +121,12 @@ def main() -> None:
         print(f"| {r['model']} | {r['settings']} | {params} | {f(r['train_s_per_epoch'], '.0f')} | "
               f"{r['sample16_b16_s']:.3f} | {r['sample16_b1_s']:.3f} | {r['nfe']} | {f(r.get('fid_ratio'), '.2f', 'x')} | "
               f"{f(acc, '.1f', '%')} |")
-    m, d = rows[0], rows[-1]
-    print(f"MIM sampling speed-up over the DiT: {d['sample16_b16_s'] / m['sample16_b16_s']:.1f}x at batch 16, "
-          f"{d['sample16_b1_s'] / m['sample16_b1_s']:.1f}x at batch 1")
+    m = rows[0]
+    for d in rows:
+        if d["model"].startswith("DiT"):
+            print(f"MIM ({m['settings']}) sampling speed-up over {d['model']} ({d['settings']}): "
+                  f"{d['sample16_b16_s'] / m['sample16_b16_s']:.1f}x at batch 16, "
+                  f"{d['sample16_b1_s'] / m['sample16_b1_s']:.1f}x at batch 1")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
