@@ -148,7 +148,7 @@ def test_needs_a_text_condition_and_bad_configs_are_refused():
         MMDiTConfig(num_classes=10).validate()
     with pytest.raises(UsageError, match="divisible by num_heads"):
         MMDiTConfig(hidden_size=30, num_heads=4).validate()
-    with pytest.raises(UsageError, match="unknown MM-DiT config keys"):
+    with pytest.raises(UsageError, match="unknown MM-DiT config field"):
         MMDiTConfig.from_dict({"depth": 2, "rope": True})
     with pytest.raises(UsageError, match="unknown model"):
         model_config("MMDiT-XL/9")

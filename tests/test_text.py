@@ -101,7 +101,7 @@ def test_text_spec_validation_names_the_field():
         TextSpec(max_tokens=300).validate()
     with pytest.raises(UsageError, match="text.cache_size"):
         TextSpec(cache_size=-1).validate()
-    with pytest.raises(UsageError, match="unknown text config keys"):
+    with pytest.raises(UsageError, match="unknown text config field"):
         TextSpec.from_dict({"encoder": "all-MiniLM-L6-v2", "colour": 1})
     assert TextSpec.from_dict(TextSpec().to_dict()) == TextSpec()
 

@@ -9,13 +9,14 @@ objective's business.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from ..condition import Condition
+from ..config_base import ConfigBase
 from ..errors import UsageError
 from .registry import Family
 from .layers import (MLPS, NORMS, AdaLNZeroBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder,
@@ -23,7 +24,8 @@ from .layers import (MLPS, NORMS, AdaLNZeroBlock, FinalLayer, LabelEmbedder, Pat
 
 
 @dataclass
-class DiTConfig:
+class DiTConfig(ConfigBase):
+    KIND = "DiT"
     input_size: int = 28  # square images, H = W
     in_channels: int = 1
     patch_size: int = 4
@@ -68,17 +70,6 @@ class DiTConfig:
         if self.num_classes < 0:
             raise UsageError(f"num_classes={self.num_classes} must be >= 0 (0 = unconditional)")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DiTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UsageError(f"unknown DiT config keys {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**d).validate()
 
 
 class DiT(nn.Module):

@@ -13,20 +13,22 @@ token. The null class (id num_classes) is the unconditional model for classifier
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..condition import Condition
+from ..config_base import ConfigBase
 from ..errors import UsageError
 from .layers import MLPS, NORMS, AdaLNZeroBlock, FinalLayer, LabelEmbedder, rope_2d, sincos_pos_embed_2d
 from .registry import Family
 
 
 @dataclass
-class MIMConfig:
+class MIMConfig(ConfigBase):
+    KIND = "mim"
     input_size: int = 28  # the decoded images' side (the tokenizer's); the network sees grid_size^2 tokens
     in_channels: int = 1
     num_classes: int = 10  # 0 = unconditional; the null (guidance) class id is num_classes
@@ -71,17 +73,6 @@ class MIMConfig:
     @property
     def mask_id(self) -> int:
         return self.codebook_size
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MIMConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"mim model config: unknown field(s) {', '.join(unknown)}; allowed {', '.join(sorted(known))}")
-        return cls(**d).validate()
 
 
 class MaskedTokenTransformer(nn.Module):

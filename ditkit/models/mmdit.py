@@ -19,7 +19,7 @@ Shapes: B batch, L text tokens, N image tokens, T = L + N, D width, H heads, Dh 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..condition import Condition
+from ..config_base import ConfigBase
 from ..errors import UsageError
 from .layers import (FinalLayer, Linear, Mlp, PatchEmbed, RMSNorm, TimestepEmbedder, _one_plus_scale, make_norm,
                      sincos_pos_embed_2d, unpatchify)
@@ -35,7 +36,8 @@ TEXT_DIM = 384  # all-MiniLM-L6-v2's width (ditkit.text.TEXT_DIM; kept here so t
 
 
 @dataclass
-class MMDiTConfig:
+class MMDiTConfig(ConfigBase):
+    KIND = "MM-DiT"
     input_size: int = 28  # square images, H = W
     in_channels: int = 1
     patch_size: int = 4
@@ -65,17 +67,6 @@ class MMDiTConfig:
         if self.mlp_ratio <= 0:
             raise UsageError(f"mlp_ratio={self.mlp_ratio}: must be > 0")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MMDiTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UsageError(f"unknown MM-DiT config keys {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**d).validate()
 
 
 # depth, width, heads, patch: DiT's Tiny / S / B shapes (Peebles & Xie, table 1) with two streams

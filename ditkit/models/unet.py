@@ -14,19 +14,21 @@ level would need 28 padded to 32 and cropped back, which these presets do not us
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
 from ..condition import Condition
+from ..config_base import ConfigBase
 from ..errors import UsageError
 from .registry import Family
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(ConfigBase):
+    KIND = "U-Net"
     input_size: int = 28  # square images, H = W; must divide by 2 ** (levels - 1)
     in_channels: int = 1
     num_classes: int = 10  # 0 = unconditional; the null (guidance) class id is num_classes
@@ -87,19 +89,6 @@ class UNetConfig:
             raise UsageError(f"attention_head_dim={self.attention_head_dim}: must divide the channels of every "
                              f"level with attention {attended}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["block_out_channels"], d["attention"] = list(self.block_out_channels), list(self.attention)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UsageError(f"unknown U-Net config keys {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**d).validate()
 
 
 class UNet(nn.Module):

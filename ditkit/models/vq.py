@@ -17,13 +17,14 @@ library's default.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config_base import ConfigBase
 from ..errors import UsageError
 from .registry import Family
 
@@ -31,7 +32,8 @@ DOWNSAMPLES = (2, 4)
 
 
 @dataclass
-class VQConfig:
+class VQConfig(ConfigBase):
+    KIND = "vq"
     input_size: int = 28
     in_channels: int = 1
     num_classes: int = 0  # a tokenizer sees no labels
@@ -72,17 +74,6 @@ class VQConfig:
     @property
     def num_tokens(self) -> int:
         return self.grid_size ** 2
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VQConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UsageError(f"vq model config: unknown field(s) {', '.join(unknown)}; allowed {', '.join(sorted(known))}")
-        return cls(**d).validate()
 
 
 class ResBlock(nn.Module):

@@ -20,13 +20,14 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from ..condition import Condition, TextNull
+from ..config_base import ConfigBase
 from ..errors import DitkitError, UsageError
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,9 @@ DEFAULT_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True)
-class TextSpec:
+class TextSpec(ConfigBase):
     """The "text" section of a text model's config.json."""
+    KIND = "text"
     encoder: str = ENCODER_NAMES[0]
     max_tokens: int = DEFAULT_MAX_TOKENS  # prompts are truncated to this many tokens ([CLS], [SEP] included)
     cache_size: int = DEFAULT_CACHE_SIZE  # prompt encodings kept (least recently used go first)
@@ -57,17 +59,6 @@ class TextSpec:
         if isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int) or self.cache_size < 0:
             raise UsageError(f"text.cache_size {self.cache_size!r}: must be an integer >= 0 (0 = no cache)")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TextSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise UsageError(f"unknown text config keys {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**d).validate()
 
 
 def model_dir() -> Path:
