@@ -213,6 +213,9 @@ class SamplingSettings:
         if getattr(spec, "kind", "continuous") != kind:
             raise SettingsError("sampler", f"a {spec.kind} sampler; this model ({model.family}) needs a {kind} one",
                                 self.sampler)
+        own_check = getattr(obj, "check_settings", None)
+        if own_check is not None:  # a family that samples its own way refuses what it cannot honour, by field
+            own_check(self)
         unknown = sorted(set(self.options) - set(spec.options))
         if unknown:
             raise SettingsError("options", f"sampler {self.sampler!r} has no option {', '.join(unknown)}; "

@@ -107,3 +107,72 @@ def test_amused_is_a_ditkit_command():
 
     args = build_parser().parse_args(["amused", "--model-dir", "d", "--prompt", "a cat", "--steps", "12"])
     assert (args.command, args.prompt, args.steps) == ("amused", ["a cat"], 12)
+
+
+def test_the_pipeline_is_a_ditkit_text_model_whose_images_do_not_depend_on_their_batch(pipeline_dir):
+    import torch
+
+    from ditkit.amused import load_amused_model
+    from ditkit.sampling import sample_batch
+    from ditkit.settings import SamplingSettings, SettingsError
+
+    model = load_amused_model(pipeline_dir)
+    assert (model.num_classes, model.image_shape, model.family) == (0, (3, 4, 4), "amused")
+    st = SamplingSettings(sampler="maskgit", steps=2, cfg_scale=3.0).validate(model)
+    x = sample_batch(model, [-1, -1], [5, 6], st, prompts=["a cat", "a dog"])
+    assert x.shape == (2, 3, 4, 4) and x.dtype == torch.float32 and -1 <= float(x.min()) <= float(x.max()) <= 1
+    alone = sample_batch(model, [-1], [6], st, prompts=["a dog"])
+    assert torch.equal(x[1:], alone)  # one seed, one image, whatever its neighbours
+    assert model.text_encoder.inspect(["a cat", "abc " * 20]) == [{"tokens": 6, "truncated": False},
+                                                                   {"tokens": 16, "truncated": True}]
+    for bad, field in ((dict(cfg_scale=0.5), "cfg_scale"), (dict(sampler="euler"), "sampler"),
+                       (dict(autoguidance=2.0), "autoguidance")):
+        with pytest.raises(SettingsError) as e:
+            st.replace(**bad).validate(model)
+        assert e.value.field == field
+
+
+def test_serve_hosts_the_pipeline_as_a_text_model(pipeline_dir):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from ditkit.amused import load_amused_model
+    from ditkit.serve.app import ServeSettings, create_app
+
+    model = load_amused_model(pipeline_dir)
+    with TestClient(create_app(model=model, settings=ServeSettings(rate_limit=0.0))) as c:
+        end = time.monotonic() + 60
+        while c.get("/readyz").status_code != 200 and time.monotonic() < end:
+            time.sleep(0.05)
+        assert c.get("/readyz").status_code == 200, c.get("/readyz").text
+        info = c.get("/v1/model").json()
+        assert info["text"] is True and info["guidance"] is True and info["num_classes"] == 0
+        assert (info["samplers"], info["default_sampler"], info["default_steps"]) == (["maskgit"], "maskgit", 12)
+        assert info["image_shape"] == [3, 4, 4] and info["model"] == "aMUSEd-4"
+        req = {"prompt": "a cat", "num_samples": 2, "steps": 2, "seed": 1, "format": "json"}
+        ok = c.post("/v1/generate", json=req)
+        assert ok.status_code == 200, ok.text
+        body = ok.json()
+        assert len(body["images"]) == 2 and body["labels"] == [-1, -1] and body["sampler"] == "maskgit"
+        assert body["guidance_scale"] == 10.0 and body["prompt_truncated"] is False
+        assert c.post("/v1/generate", json=req).json()["images"] == body["images"]  # same seed, same images
+        long = c.post("/v1/generate", json={"prompt": "abc " * 20, "steps": 2})
+        assert long.status_code == 200 and long.headers["X-Prompt-Truncated"] == "true"
+        for bad, field in (({"prompt": "   "}, "prompt"), ({}, "prompt"), ({"labels": [0]}, "labels"),
+                           ({"prompt": "a cat", "guidance_scale": 0.5}, "guidance_scale")):
+            r = c.post("/v1/generate", json={**bad, "steps": 2})
+            assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == field, r.text
+
+
+def test_serve_amused_refuses_a_missing_folder_in_one_line(tmp_path, capsys):
+    from ditkit.cli import main
+
+    assert main(["serve", "--amused", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ditkit serve: error: --amused ") and "no such folder" in err
+    assert "\n" not in err and "Traceback" not in err
+    assert main(["serve", "--amused", str(tmp_path), "--quantize", "int8"]) == 2
+    assert "--quantize apply to a ditkit checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--amused", str(tmp_path), "--ckpt", str(tmp_path)])

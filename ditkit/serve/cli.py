@@ -44,9 +44,13 @@ def register(sub, parser_class=None) -> None:
     """Add the `serve` subcommand to the main CLI's subparsers."""
     p = sub.add_parser("serve", help="serve a trained run over HTTP (FastAPI + uvicorn)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="Serve a trained run: POST /v1/generate, a playground page at /, probes "
-                                   "/healthz and /readyz, Prometheus /metrics, API docs at /docs. SIGTERM drains.")
-    p.add_argument("--ckpt", required=True, help="run folder (its latest checkpoint) or a checkpoint folder")
+                       description="Serve a trained run (or an aMUSEd pipeline): POST /v1/generate, a playground "
+                                   "page at /, probes /healthz and /readyz, Prometheus /metrics, API docs at /docs. "
+                                   "SIGTERM drains.")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--ckpt", help="run folder (its latest checkpoint) or a checkpoint folder")
+    what.add_argument("--amused", metavar="DIR", help="instead of a run: a saved diffusers AmusedPipeline folder "
+                      "(text to image, loaded offline; see `ditkit amused`)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback by default)")
     p.add_argument("--port", type=_int_in("--port", 0, 65535), default=8000, help="0 = any free port")
     p.add_argument("--max-batch-size", type=_int_in("--max-batch-size", 1, 4096), default=64,
@@ -124,8 +128,25 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _checkpoint_only_flags(args) -> list[str]:
+    """The flags given that only a ditkit checkpoint (--ckpt) can honour."""
+    return [flag for flag, given in (("--ray", args.ray), ("--weights", args.weights != "ema"),
+                                     ("--precision", args.precision not in ("auto", "fp32")),
+                                     ("--compile", args.compile), ("--quantize", args.quantize != "none"),
+                                     ("--guidance-interval", args.guidance_interval is not None)) if given]
+
+
 def _cmd_serve(args) -> int:
     from .app import ServeSettings, create_app, make_server
+
+    if args.amused is not None:
+        from ..amused import check_model_dir
+
+        flags = _checkpoint_only_flags(args)
+        if flags:
+            raise UsageError(f"--amused: {', '.join(flags)} apply to a ditkit checkpoint (--ckpt), not to an "
+                             "aMUSEd pipeline")
+        check_model_dir(args.amused, flag="--amused")  # before any thread starts: one line, no traceback
 
     keys = tuple(args.api_key or ()) + tuple(k.strip() for k in os.environ.get(API_KEYS_ENV, "").split(",")
                                               if k.strip())
@@ -152,7 +173,12 @@ def _cmd_serve(args) -> int:
     from .batcher import model_thread
 
     worker = model_thread()  # the model loads on the thread that will run its batches: one OpenMP team
-    model = worker.submit(settings.load, args.ckpt).result()
+    if args.amused is not None:
+        from ..amused import load_amused_model
+
+        model = worker.submit(load_amused_model, args.amused, settings.device, "--amused").result()
+    else:
+        model = worker.submit(settings.load, args.ckpt).result()
     app = create_app(model=model, settings=settings, executor=worker)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
@@ -160,7 +186,8 @@ def _cmd_serve(args) -> int:
     if not _is_loopback(args.host) and not keys:
         print(f"ditkit serve: warning: listening on {args.host} without an API key: anyone who can reach it can "
               "use it (give --api-key)", file=sys.stderr)
-    print(f"ditkit serve: {model.config.get('model_name', 'model')} step {model.step} on http://{shown}:{port} "
+    step = f" step {model.step}" if model.checkpoint is not None else ""  # a pipeline has no training step
+    print(f"ditkit serve: {model.config.get('model_name', 'model')}{step} on http://{shown}:{port} "
           f"(playground /, API docs /docs; batching up to {settings.max_batch_size} images)", file=sys.stderr,
           flush=True)
     server = make_server(app, log_level=args.log_level, access_log=args.access_log)
