@@ -286,3 +286,17 @@ def test_word_attention_maps_each_word_of_the_prompt(text_run, tmp_path):
     assert res["image"].shape == (28, 28, 1)
     out = plot_word_attention([res], ["a bold, slanted seven"], tmp_path / "w.png")
     assert out.stat().st_size > 1000
+
+
+def test_report_of_a_text_run_maps_each_word_to_the_patches_that_read_it(text_run, tmp_path):
+    import shutil
+
+    from ditkit.viz.report import WORD_ATTENTION_PROMPTS, ReportOptions, build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(text_run, run)
+    rep = build_report(run, options=ReportOptions(num_per_ckpt=2, steps=2, tsne_points=20))
+    assert "attention" in rep.figures and (run / "report_files" / "attention.png").stat().st_size > 0
+    assert "attention_layers" not in rep.figures  # the query-patch maps are a class DiT's
+    page = rep.path.read_text()
+    assert "which image patches attend to it" in page and WORD_ATTENTION_PROMPTS[0] not in rep.notes

@@ -524,6 +524,9 @@ def _attention(b: _Build) -> None:
     """Where one query patch attends, in the chosen layer and head, then in every layer and head."""
     if b.model is None:
         return
+    if getattr(b.model, "text_encoder", None) is not None:
+        _word_attention(b)
+        return
     why_not = _not_for_this_model(b, "Attention maps")
     if why_not:
         b.captions["attention"] = why_not
@@ -554,6 +557,29 @@ def _attention(b: _Build) -> None:
         "Top row: where the query patch (cyan) attends; bottom row: the mean over all queries. Each map has its "
         f"own colour scale; its peak is written below it (a uniform map peaks at 1/{res_a.grid ** 2} = "
         f"{1 / res_a.grid ** 2:.2f}).")
+
+
+WORD_ATTENTION_PROMPTS = ("a bold seven", "a thin two, slanted left", "show me a small zero", "a picture of a 4")
+
+
+def _word_attention(b: _Build) -> None:
+    """A text model's attention section: which image patches read each word, for a few prompts."""
+    from .word_attention import plot_word_attention, word_attention
+
+    prompts = list(WORD_ATTENTION_PROMPTS) if (b.cfg.get("data") or {}).get("captions") == "mnist" \
+        else ["a picture"]
+    try:
+        results = [word_attention(b.model, p, seed=b.opts.seed, sigma=b.opts.attn_sigma, steps=b.opts.steps)
+                   for p in prompts]
+    except DitkitError as e:
+        b.notes.append(f"word attention skipped: {e}")
+        b.captions["attention"] = f"Skipped: {e}"
+        return
+    b.rep.figures["attention"] = plot_word_attention(results, prompts, b.files / "attention.png")
+    b.captions["attention"] = (
+        f"Text to image: for each prompt, the image drawn (step {b.model.step}), then, for each word, which image "
+        f"patches attend to it in the joint attention (mean over blocks and heads, at sigma={b.opts.attn_sigma:g}, "
+        "renormalised over the prompt's words).")
 
 
 def _tsne(b: _Build) -> None:
@@ -741,13 +767,14 @@ def _page_trajectory(b: _Build) -> None:
 def _page_attention(b: _Build) -> None:
     b.page.h2("Attention maps", "attention")
     caption = b.captions.get("attention")
-    if "attention" in b.rep.figures:
-        b.page.figure(b.rep.figures["attention"], caption or "", "attention maps of the chosen layer")
+    if "attention" not in b.rep.figures:
+        b.page.missing(caption or "No attention maps: no loadable checkpoint.")
+        return
+    b.page.figure(b.rep.figures["attention"], caption or "", "attention maps")
+    if "attention_layers" in b.rep.figures:
         b.page.figure(b.rep.figures["attention_layers"], "Every layer (rows) and head (columns, then the head mean), "
                       "for the same query patch: how the attention pattern changes with depth.",
                       "attention by layer and head")
-    else:
-        b.page.missing(caption or "No attention maps: no loadable checkpoint.")
 
 
 def _page_tsne(b: _Build) -> None:
