@@ -154,6 +154,9 @@ def main() -> None:
     ap.add_argument("--grid-steps", type=int, default=2, help="sampler steps of each run's end-of-run grid "
                                                                "(not measured here: kept cheap)")
     ap.add_argument("--json", default="docs/bench/finetune.json")
+    ap.add_argument("--only", default=None, help="comma list of run indexes to run (0 full, 1 frozen, 2 LoRA, 3 scratch; "
+                                                 "default all) and no round trip")
+    ap.add_argument("--freeze-lr", type=float, default=None, help="lr of the frozen-blocks fine-tune (default: its own)")
     args = ap.parse_args()
     work, base = Path(args.work), Path(args.base)
     work.mkdir(parents=True, exist_ok=True)
@@ -166,7 +169,8 @@ def main() -> None:
     quiet = dict(progress=False, sample_every=0, ckpt_every=0, sample_steps=args.grid_steps, max_minutes=args.minutes)
     runs = {
         "full": lambda out: finetune(base, glyphs, out, **quiet),
-        "freeze 2 blocks": lambda out: finetune(base, glyphs, out, freeze_blocks=2, **quiet),
+        "freeze 2 blocks": lambda out: finetune(base, glyphs, out, freeze_blocks=2, **quiet,
+                                                **({"lr": args.freeze_lr} if args.freeze_lr else {})),
         "LoRA r8 (qkv, proj, fc1, fc2, adaLN)": lambda out: finetune(
             base, glyphs, out, lora=lora_section(8, 16.0, ("qkv", "proj", "fc1", "fc2", "adaln")), **quiet),
         "from scratch (ditkit train defaults)": lambda out: train(TrainConfig(
@@ -174,8 +178,11 @@ def main() -> None:
             ckpt_every=0, sample_steps=args.grid_steps, max_minutes=args.minutes)),
     }
     results = {}
+    only = None if args.only is None else {int(k) for k in args.only.split(",")}
     for i, (name, go) in enumerate(runs.items()):
-        out = work / f"run{i}"
+        if only is not None and i not in only:
+            continue
+        out = work / (f"run{i}" if i != 1 or not args.freeze_lr else f"run{i}_lr{args.freeze_lr:g}")
         try:
             if not (out / "config.json").exists():
                 go(out)
@@ -185,7 +192,7 @@ def main() -> None:
             facts = {"error": f"{type(e).__name__}: {e}"}
         results[name] = facts
         print(name, facts, flush=True)
-    rt = round_trip(base, glyphs, work, {**quiet, "max_minutes": args.round_trip_minutes})
+    rt = None if only is not None else round_trip(base, glyphs, work, {**quiet, "max_minutes": args.round_trip_minutes})
     print("round trip", rt, flush=True)
     print("\n| run | trainable params | steps | ms/step | read as asked (cfg 1) | (cfg 2) |\n|---|---|---|---|---|---|")
     for name, f in results.items():
