@@ -36,7 +36,10 @@ def settings_of(settings: SettingsLike = None, **changes: Any) -> SamplingSettin
 def default_settings(model: Any) -> SamplingSettings:
     """The untuned default for `model`: SamplingSettings(), or, for a family that samples its own way, its
     objective's `default_sampling` (a masked image model: maskgit, 12 steps)."""
-    own = getattr(getattr(model, "objective", None), "default_sampling", None)
+    own = dict(getattr(getattr(model, "objective", None), "default_sampling", None) or {})
+    if own.get("cfg_scale", 1.0) != 1.0 and getattr(model, "num_classes", 0) == 0 \
+            and getattr(model, "text_encoder", None) is None:
+        own.pop("cfg_scale")  # an unconditional model has nothing to guide by
     return SamplingSettings(**own) if own else SamplingSettings()
 
 
