@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--mim", required=True, help="a trained mim run folder")
     ap.add_argument("--dit", help="a trained DiT run folder (else: sampling time of an untrained DiT-T/4 only)")
     ap.add_argument("--mim-steps", default="12,6", help="maskgit step counts, one MIM row each (the first is compared)")
-    ap.add_argument("--mim-cfg", type=float, default=3.0, help="guidance scale of the MIM (on logits)")
+    ap.add_argument("--mim-cfg", default="3", help="guidance scales of the MIM (on logits), one row each")
     ap.add_argument("--dit-cfg", type=float, default=1.5, help="guidance scale of the DiT")
     ap.add_argument("--num", type=int, default=2000, help="images for FID and accuracy (0 = skip)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -97,8 +97,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     mim = load_model(args.mim, device="cpu")
-    rows = [measure("MIM", mim, SamplingSettings(sampler="maskgit", steps=int(s), cfg_scale=args.mim_cfg),
-                    Path(args.mim), args.num, args.repeats, True) for s in args.mim_steps.split(",")]
+    rows = [measure("MIM", mim, SamplingSettings(sampler="maskgit", steps=int(s), cfg_scale=float(w)),
+                    Path(args.mim), args.num, args.repeats, True)
+            for w in args.mim_cfg.split(",") for s in args.mim_steps.split(",")]
     dit = load_model(args.dit, device="cpu") if args.dit else fresh_dit()
     dit_dir = Path(args.dit) if args.dit else None
     # the DiT's default sampler: what `ditkit sample --ckpt RUN` draws with no sampling flag (the run's own
