@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--mim", required=True, help="a trained mim run folder")
     ap.add_argument("--dit", help="a trained DiT run folder (else: sampling time of an untrained DiT-T/4 only)")
     ap.add_argument("--mim-steps", default="12,6", help="maskgit step counts, one MIM row each (the first is compared)")
-    ap.add_argument("--mim-cfg", default="3", help="guidance scales of the MIM (on logits), one row each")
+    ap.add_argument("--mim-cfg", default="1.5", help="guidance scales of the MIM (on logits), one row each")
     ap.add_argument("--dit-cfg", type=float, default=1.5, help="guidance scale of the DiT")
     ap.add_argument("--num", type=int, default=2000, help="images for FID and accuracy (0 = skip)")
     ap.add_argument("--repeats", type=int, default=3)
