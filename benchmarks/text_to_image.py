@@ -36,7 +36,6 @@ def cache_figures(distinct: int = 100, requests: int = 1000, zipf: float = 1.1, 
     prompts = [p["text"] for p in held_out_prompts()][:distinct]
     enc.condition([prompts[0]])  # warm-up (first-call allocations), then a clean cache
     enc._cache.clear()
-    enc.hits = enc.misses = 0
     miss_ms, hit_ms = [], []
     for p in prompts:
         t0 = time.perf_counter()
@@ -47,7 +46,6 @@ def cache_figures(distinct: int = 100, requests: int = 1000, zipf: float = 1.1, 
         enc.condition([p])
         hit_ms.append(1e3 * (time.perf_counter() - t0))
     enc._cache.clear()
-    enc.hits = enc.misses = 0
     rng = random.Random(seed)
     weights = [1 / (k + 1) ** zipf for k in range(distinct)]
     t0 = time.perf_counter()

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,6 +25,7 @@ from .condition import Condition, TextNull
 from .errors import DitkitError, UsageError
 from .runs import LoadedModel
 from .settings import SettingsError
+from .text.encoder import PromptCache
 
 PIPELINE_CLASS = "AmusedPipeline"
 # component -> the files (any one of each tuple) that its folder needs
@@ -110,11 +109,9 @@ class AmusedPrompts:
 
     def __init__(self, pipe: Any, cache_size: int = 1024):
         self.pipe = pipe
-        self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache = PromptCache(cache_size)
+        self._lock = self._cache.lock
         self._null: Optional[TextNull] = None
-        self.hits = self.misses = 0
 
     @property
     def max_tokens(self) -> int:
@@ -122,8 +119,7 @@ class AmusedPrompts:
         return int(self.pipe.tokenizer.model_max_length)
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            return dict(hits=self.hits, misses=self.misses, entries=len(self._cache), capacity=self.cache_size)
+        return self._cache.stats()
 
     def inspect(self, prompts: Sequence[str]) -> list[dict[str, Any]]:
         """Per prompt: {"tokens": its token count, "truncated": whether it exceeds max_tokens} (the tokenizer
@@ -144,19 +140,7 @@ class AmusedPrompts:
         return out.hidden_states[-2][0], out.text_embeds[0]
 
     def encode_one(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._lock:
-            hit = self._cache.get(prompt)
-            if hit is not None:
-                self._cache.move_to_end(prompt)
-                self.hits += 1
-                return hit
-            self.misses += 1
-            enc = self._run(prompt)
-            if self.cache_size > 0:
-                self._cache[prompt] = enc
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-            return enc
+        return self._cache.get(prompt, self._run)
 
     def null(self) -> TextNull:
         """The empty prompt's encoding: the pipeline's default negative prompt, which guidance pushes from."""

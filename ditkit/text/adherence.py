@@ -123,7 +123,8 @@ def prompt_matched_fid(images: np.ndarray, prompts: Sequence[dict[str, Any]], *,
         index.append(m)
         weight.append(np.full(len(m), k / len(m)))
     index, weight = np.concatenate(index), np.concatenate(weight)
-    ft = features(xt[index]).astype(np.float64)
+    uniq, back = np.unique(index, return_inverse=True)  # a plain prompt's group holds its attribute groups' digits
+    ft = features(xt[uniq]).astype(np.float64)[back]
     w = weight / weight.sum()
     mu = w @ ft
     d = ft - mu

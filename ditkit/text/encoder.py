@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -98,6 +98,52 @@ class Encoding:
     truncated: bool  # the prompt had more than max_tokens tokens
 
 
+class PromptCache:
+    """An LRU cache of prompt encodings with hit and miss counters, thread-safe: a prompt seen before runs no
+    encoder. `get(prompt, run)` gives the kept encoding or `run(prompt)`, then kept (capacity 0: none kept).
+    `lock` is held while `run` runs, so one encoder never runs twice at once; its owner may take it too."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._store: OrderedDict[str, Any] = OrderedDict()
+        self.lock = threading.RLock()
+        self.hits = self.misses = 0  # plain ints; the server exports them to /metrics
+
+    def get(self, prompt: str, run: Callable[[str], Any]) -> Any:
+        with self.lock:
+            hit = self._store.get(prompt)
+            if hit is not None:
+                self._store.move_to_end(prompt)
+                self.hits += 1
+                return hit
+            self.misses += 1
+            enc = run(prompt)
+            if self.capacity > 0:
+                self._store[prompt] = enc
+                while len(self._store) > self.capacity:
+                    self._store.popitem(last=False)
+            return enc
+
+    def __iter__(self):
+        """The prompts kept, least recently used first."""
+        with self.lock:
+            return iter(list(self._store))
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def stats(self) -> dict[str, int]:
+        """hits, misses, entries, capacity."""
+        with self.lock:
+            return dict(hits=self.hits, misses=self.misses, entries=len(self._store), capacity=self.capacity)
+
+    def clear(self) -> None:
+        """Forget every encoding and reset the counters."""
+        with self.lock:
+            self._store.clear()
+            self.hits = self.misses = 0
+
+
 class TextEncoder:
     """all-MiniLM-L6-v2, frozen, with an LRU cache of prompt encodings. Thread-safe (the server's
     request threads share one)."""
@@ -115,10 +161,8 @@ class TextEncoder:
         self.model.requires_grad_(False)
         if self.model.config.hidden_size != TEXT_DIM:
             raise DitkitError(f"{PACKAGE}: expected hidden size {TEXT_DIM}, got {self.model.config.hidden_size}")
-        self._cache: OrderedDict[str, Encoding] = OrderedDict()
-        self._lock = threading.Lock()
-        # counters (plain ints; the server exports them to /metrics)
-        self.hits = self.misses = 0
+        self._cache = PromptCache(spec.cache_size)
+        self._lock = self._cache.lock
         self.encode_seconds = 0.0  # time spent running the encoder (misses only)
         self._null: Optional[TextNull] = None
 
@@ -135,11 +179,18 @@ class TextEncoder:
     def max_tokens(self) -> int:
         return self.spec.max_tokens
 
+    @property
+    def hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self._cache.misses
+
     def stats(self) -> dict[str, Any]:
         """The cache's counters: hits, misses, entries, capacity, encoder seconds."""
         with self._lock:
-            return dict(hits=self.hits, misses=self.misses, entries=len(self._cache), capacity=self.spec.cache_size,
-                        encode_seconds=self.encode_seconds)
+            return dict(**self._cache.stats(), encode_seconds=self.encode_seconds)
 
     # -- encoding -----------------------------------------------------------------------------------
     def count_tokens(self, prompt: str) -> int:
@@ -169,19 +220,7 @@ class TextEncoder:
 
     def encode_one(self, prompt: str) -> Encoding:
         """One prompt's encoding, from the cache when it holds it (a hit runs no encoder)."""
-        with self._lock:
-            hit = self._cache.get(prompt)
-            if hit is not None:
-                self._cache.move_to_end(prompt)
-                self.hits += 1
-                return hit
-            self.misses += 1
-            enc = self._run(prompt)
-            if self.spec.cache_size > 0:
-                self._cache[prompt] = enc
-                while len(self._cache) > self.spec.cache_size:
-                    self._cache.popitem(last=False)
-            return enc
+        return self._cache.get(prompt, self._run)
 
     def encode(self, prompts: Sequence[str]) -> dict[str, Any]:
         """Prompts -> {"tokens": (B, max_tokens, D) float32, zero past each prompt's end, "mask": (B,
