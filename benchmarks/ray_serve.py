@@ -26,23 +26,15 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+from serverproc import HOST, free_port, stop, wait_ready  # benchmarks/serverproc.py
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"  # loopback only, by construction
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -50,20 +42,6 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     s = sorted(values)
     return s[max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))]
-
-
-def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} was not ready within {timeout_s:.0f} s")
 
 
 async def load(url: str, clients: int, args: argparse.Namespace) -> dict:
@@ -117,16 +95,6 @@ def plain(ckpt: str, threads: int, args: argparse.Namespace) -> tuple[subprocess
     url = f"http://{HOST}:{port}"
     wait_ready(url, args.start_timeout_s, proc)
     return proc, url
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def main() -> None:

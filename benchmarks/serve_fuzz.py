@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,17 +21,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import httpx
+from serverproc import HOST, free_port, stop, wait_ready  # benchmarks/serverproc.py
 
-HOST = "127.0.0.1"
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
           "negative_data_rejection")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def status_counts(ndjson: Path) -> Counter:
@@ -73,18 +65,7 @@ def main() -> None:
                               text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     url = f"http://{HOST}:{port}"
     try:
-        end = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"the server exited: {server.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > end:
-                raise SystemExit("the server did not become ready")
-            time.sleep(0.2)
+        wait_ready(url, 120, server)
         with tempfile.TemporaryDirectory() as tmp:
             events = Path(tmp) / "events.ndjson"
             st = Path(sys.executable).with_name("st")
@@ -96,12 +77,7 @@ def main() -> None:
             seconds = time.monotonic() - t0
             counts = status_counts(events) if events.exists() else Counter()
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server)
     summary = run.stdout.strip().splitlines()[-25:]
     server_errors = sum(n for code, n in counts.items() if code >= 500)
     result = {"seconds": round(seconds, 1), "responses": sum(counts.values()),

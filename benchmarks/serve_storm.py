@@ -28,7 +28,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,13 +35,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-HOST = "127.0.0.1"  # loopback only, by construction
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+from serverproc import HOST, free_port, stop  # benchmarks/serverproc.py
 
 
 def tiny_run(out: Path) -> Path:
@@ -189,12 +182,7 @@ async def main_async(args: argparse.Namespace, ckpt: Path) -> dict:
             total["server_cpu_cores"] = total["server_cpu_s"] / total["wall_s"]
         return results
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
 
 
 def main() -> None:
